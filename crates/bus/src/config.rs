@@ -1,0 +1,196 @@
+//! The `[kafka]` section of the scoresync configuration.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+/// Default change topic.
+pub const DEFAULT_CHANGE_TOPIC: &str = "scoresync.changes";
+/// Default dead-letter topic.
+pub const DEFAULT_DLQ_TOPIC: &str = "scoresync.dlq";
+/// Default state topic (the source's record of its pipeline: system id, confirmed LSN, snapshot).
+pub const DEFAULT_STATE_TOPIC: &str = "scoresync.state";
+/// Default partition count of the change topic.
+pub const DEFAULT_PARTITIONS: i32 = 12;
+/// Default replication factor of created topics (production clusters have three brokers or more).
+pub const DEFAULT_REPLICATION_FACTOR: i32 = 3;
+/// Default consumer group of the sink.
+pub const DEFAULT_CONSUMER_GROUP: &str = "scoresync-sink";
+/// Default upper bound for one message's delivery, retries included (librdkafka
+/// `delivery.timeout.ms`). A message not acknowledged by then fails, and the source restarts from
+/// the slot.
+pub const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 120_000;
+
+/// Kafka connection and topic settings.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Topic the source publishes change events to.
+    #[serde(default = "default_change_topic")]
+    pub change_topic: String,
+    /// Topic poison events go to, with their origin and error.
+    #[serde(default = "default_dlq_topic")]
+    pub dlq_topic: String,
+    /// Single-partition topic where the source records its pipeline state.
+    #[serde(default = "default_state_topic")]
+    pub state_topic: String,
+    /// Partitions of the change topic (fixed once created: scorecards map to partitions by key).
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor for topics `setup` creates.
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Consumer group of the sink.
+    #[serde(default = "default_consumer_group")]
+    pub consumer_group: String,
+    /// librdkafka `delivery.timeout.ms` of the producer.
+    #[serde(default = "default_delivery_timeout_ms")]
+    pub delivery_timeout_ms: u64,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
+    /// Values of keys that look secret are never printed.
+    #[serde(default)]
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+fn default_change_topic() -> String {
+    DEFAULT_CHANGE_TOPIC.into()
+}
+fn default_dlq_topic() -> String {
+    DEFAULT_DLQ_TOPIC.into()
+}
+fn default_state_topic() -> String {
+    DEFAULT_STATE_TOPIC.into()
+}
+fn default_partitions() -> i32 {
+    DEFAULT_PARTITIONS
+}
+fn default_replication_factor() -> i32 {
+    DEFAULT_REPLICATION_FACTOR
+}
+fn default_consumer_group() -> String {
+    DEFAULT_CONSUMER_GROUP.into()
+}
+fn default_delivery_timeout_ms() -> u64 {
+    DEFAULT_DELIVERY_TIMEOUT_MS
+}
+
+impl KafkaConfig {
+    /// Settings for `brokers` with every other field at its default.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            change_topic: default_change_topic(),
+            dlq_topic: default_dlq_topic(),
+            state_topic: default_state_topic(),
+            partitions: DEFAULT_PARTITIONS,
+            replication_factor: DEFAULT_REPLICATION_FACTOR,
+            consumer_group: default_consumer_group(),
+            delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
+            librdkafka: BTreeMap::new(),
+        }
+    }
+
+    /// Checks every field; the message names the field and the constraint it breaks.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.brokers.trim().is_empty() {
+            return Err("kafka.brokers must name at least one host:port".into());
+        }
+        for (field, topic) in [
+            ("kafka.change_topic", &self.change_topic),
+            ("kafka.dlq_topic", &self.dlq_topic),
+            ("kafka.state_topic", &self.state_topic),
+        ] {
+            let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if topic.is_empty() || topic.len() > 249 || !topic.chars().all(legal) {
+                return Err(format!(
+                    "{field} must be 1-249 characters of [a-zA-Z0-9._-] (got {topic:?})"
+                ));
+            }
+        }
+        if self.change_topic == self.dlq_topic
+            || self.change_topic == self.state_topic
+            || self.dlq_topic == self.state_topic
+        {
+            return Err(
+                "kafka.change_topic, kafka.dlq_topic and kafka.state_topic must differ".into()
+            );
+        }
+        if self.partitions < 1 {
+            return Err(format!("kafka.partitions must be at least 1 (got {})", self.partitions));
+        }
+        if self.replication_factor < 1 {
+            return Err(format!(
+                "kafka.replication_factor must be at least 1 (got {})",
+                self.replication_factor
+            ));
+        }
+        if self.consumer_group.is_empty() {
+            return Err("kafka.consumer_group must not be empty".into());
+        }
+        if self.delivery_timeout_ms < 1_000 {
+            return Err(format!(
+                "kafka.delivery_timeout_ms must be at least 1000 (got {})",
+                self.delivery_timeout_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// True for librdkafka property names whose values must never be printed.
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "key"].iter().any(|s| key.contains(s))
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let librdkafka: BTreeMap<&str, &str> = self
+            .librdkafka
+            .iter()
+            .map(|(k, v)| {
+                (k.as_str(), if is_secret_property(k) { "<redacted>" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("change_topic", &self.change_topic)
+            .field("dlq_topic", &self.dlq_topic)
+            .field("state_topic", &self.state_topic)
+            .field("partitions", &self.partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("consumer_group", &self.consumer_group)
+            .field("delivery_timeout_ms", &self.delivery_timeout_ms)
+            .field("librdkafka", &librdkafka)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_fields_are_named() {
+        let mut cfg = KafkaConfig::new("127.0.0.1:9092");
+        assert_eq!(cfg.validate(), Ok(()));
+        cfg.partitions = 0;
+        assert!(cfg.validate().expect_err("invalid").contains("kafka.partitions"));
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.dlq_topic = "bad topic".into();
+        assert!(cfg.validate().expect_err("invalid").contains("kafka.dlq_topic"));
+    }
+
+    #[test]
+    fn debug_redacts_secret_properties() {
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.librdkafka.insert("sasl.password".into(), "hunter2".into());
+        cfg.librdkafka.insert("security.protocol".into(), "SASL_SSL".into());
+        let printed = format!("{cfg:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("SASL_SSL"), "{printed}");
+    }
+}

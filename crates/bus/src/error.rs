@@ -1,0 +1,79 @@
+//! Errors of the Kafka layer.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+/// A Kafka operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Creating a producer, consumer or admin client failed (bad settings).
+    #[error("creating the kafka {role} client for {brokers} failed")]
+    Client {
+        /// Which client: producer, consumer, admin.
+        role: &'static str,
+        /// The bootstrap brokers.
+        brokers: String,
+        /// What librdkafka said.
+        #[source]
+        source: KafkaError,
+    },
+    /// Creating or inspecting a topic failed.
+    #[error("kafka topic {topic}: {action} failed")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What was attempted.
+        action: &'static str,
+        /// What the broker or librdkafka said.
+        #[source]
+        source: KafkaError,
+    },
+    /// A topic exists with a different partition count than configured.
+    #[error(
+        "kafka topic {topic} has {actual} partitions but the configuration says {expected}; \
+         scoresync never changes partition counts (that would move scorecards between partitions)"
+    )]
+    PartitionMismatch {
+        /// The topic.
+        topic: String,
+        /// Partitions configured.
+        expected: i32,
+        /// Partitions found.
+        actual: i32,
+    },
+}
+
+impl Error {
+    /// True when retrying the same operation later can succeed (broker unreachable, timeouts).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Client { .. } | Error::PartitionMismatch { .. } => false,
+            Error::Topic { source, .. } => kafka_error_is_transient(source),
+        }
+    }
+}
+
+/// True for librdkafka errors that a later retry can cure.
+pub fn kafka_error_is_transient(err: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    match err.rdkafka_error_code() {
+        Some(
+            C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::OperationTimedOut
+            | C::MessageTimedOut
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::NotCoordinator
+            | C::CoordinatorNotAvailable
+            | C::CoordinatorLoadInProgress
+            | C::QueueFull
+            | C::Resolve,
+        ) => true,
+        Some(_) => false,
+        None => matches!(err, KafkaError::Canceled),
+    }
+}

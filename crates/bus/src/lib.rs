@@ -1,0 +1,17 @@
+//! Kafka for scoresync: how the source produces, how sinks consume, and the topics they share.
+//!
+//! - [`config`]: the `[kafka]` section of the configuration.
+//! - [`client`]: librdkafka settings that keep the delivery rules of DESIGN.md section 5: the
+//!   producer is idempotent with `acks=all`; consumers never commit on their own and never jump to
+//!   the latest offset when a committed one is missing.
+//! - [`topics`]: creating the change, dead-letter and state topics, idempotently.
+//!
+//! Errors are [`Error`]; each one knows whether retrying can help ([`Error::is_transient`]).
+
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod topics;
+
+pub use config::KafkaConfig;
+pub use error::Error;

@@ -1,0 +1,155 @@
+//! The scoresync configuration: one TOML file (`--config FILE` or `SCORESYNC_CONFIG`) with
+//! environment overrides, validated before anything connects.
+//!
+//! Each section belongs to the crate that uses it: `[postgres]` to the source, `[kafka]` to the
+//! bus, `[clickhouse]` to the sink. An environment variable `SCORESYNC__SECTION__KEY=value`
+//! overrides `key` in `[section]`; the value is read as a TOML value when it parses as one (a
+//! number, a boolean, an array) and as a string otherwise. Secrets (the password in
+//! `postgres.url`, `clickhouse.password`, secret-looking `kafka.librdkafka` keys) never print.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use scoresync_bus::KafkaConfig;
+use scoresync_sink::ClickHouseConfig;
+use scoresync_source::PostgresConfig;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SCORESYNC__";
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// PostgreSQL source.
+    pub postgres: PostgresConfig,
+    /// Kafka bus.
+    pub kafka: KafkaConfig,
+    /// ClickHouse shards.
+    pub clickhouse: ClickHouseConfig,
+}
+
+impl Config {
+    /// Reads `path`, applies environment overrides from `env`, parses and validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text, env).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    /// Parses TOML text with environment overrides and validates the result.
+    pub fn parse(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Config> {
+        let mut doc: toml::Table = text.parse().context("config is not valid TOML")?;
+        apply_env_overrides(&mut doc, env)?;
+        let config: Config =
+            doc.try_into().context("config does not match the expected sections")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every section.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for result in [self.postgres.validate(), self.kafka.validate(), self.clickhouse.validate()]
+        {
+            if let Err(problem) = result {
+                bail!("invalid config: {problem}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies `SCORESYNC__SECTION__KEY=value` variables to the TOML document.
+fn apply_env_overrides(
+    doc: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+        let [section, key] = parts.as_slice() else {
+            bail!("environment override {name} must look like {ENV_PREFIX}SECTION__KEY");
+        };
+        let value = parse_env_value(&raw);
+        let table = doc
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .with_context(|| format!("environment override {name}: [{section}] is not a table"))?;
+        table.insert(key.clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let probe = format!("v = {raw}");
+    match probe.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [postgres]
+        url = "postgres://scoresync:s3cret@127.0.0.1:5432/director"
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        [clickhouse]
+        shards = ["http://127.0.0.1:8123"]
+        password = "chpass"
+    "#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_fill_the_rest_and_secrets_never_print() {
+        let cfg = Config::parse(MINIMAL, env(&[])).expect("valid");
+        assert_eq!(cfg.kafka.change_topic, "scoresync.changes");
+        assert_eq!(cfg.postgres.slot, "scoresync");
+        let printed = format!("{cfg:?}");
+        assert!(!printed.contains("s3cret") && !printed.contains("chpass"), "{printed}");
+    }
+
+    #[test]
+    fn env_overrides_typed_values() {
+        let cfg = Config::parse(
+            MINIMAL,
+            env(&[
+                ("SCORESYNC__KAFKA__PARTITIONS", "6"),
+                ("SCORESYNC__KAFKA__BROKERS", "10.0.0.1:9092"),
+                ("SCORESYNC__CLICKHOUSE__SHARDS", r#"["http://a:1", "http://b:2"]"#),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(cfg.kafka.partitions, 6);
+        assert_eq!(cfg.kafka.brokers, "10.0.0.1:9092");
+        assert_eq!(cfg.clickhouse.shards.len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_and_invalid_values_are_named() {
+        let err = Config::parse(&format!("{MINIMAL}\n[metrics]\nlisten = 1"), env(&[]))
+            .expect_err("unknown section");
+        assert!(format!("{err:#}").contains("metrics"), "{err:#}");
+        let err = Config::parse(MINIMAL, env(&[("SCORESYNC__KAFKA__PARTITIONS", "0")]))
+            .expect_err("invalid");
+        assert!(format!("{err:#}").contains("kafka.partitions"), "{err:#}");
+        let err = Config::parse(MINIMAL, env(&[("SCORESYNC__KAFKA", "x")])).expect_err("bad name");
+        assert!(format!("{err:#}").contains("SCORESYNC__KAFKA"), "{err:#}");
+    }
+}

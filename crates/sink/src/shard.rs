@@ -1,0 +1,26 @@
+//! One ClickHouse client per shard. The sink writes to shard-local tables directly, never through
+//! a Distributed table (inserts through Distributed can be lost on restart).
+
+use crate::config::ClickHouseConfig;
+
+/// The index of a shard: its position in `clickhouse.shards`.
+pub type ShardIndex = usize;
+
+/// A client for shard `index`. Validation is off: it needs column metadata queries that
+/// ClickHouse 18.16 does not answer, and the row types are checked by the tests instead.
+pub fn client(cfg: &ClickHouseConfig, index: ShardIndex) -> Option<clickhouse::Client> {
+    let url = cfg.shards.get(index)?;
+    Some(
+        clickhouse::Client::default()
+            .with_url(url)
+            .with_database(&cfg.database)
+            .with_user(&cfg.user)
+            .with_password(&cfg.password)
+            .with_validation(false),
+    )
+}
+
+/// Clients for every shard, in shard order.
+pub fn clients(cfg: &ClickHouseConfig) -> Vec<clickhouse::Client> {
+    (0..cfg.shards.len()).filter_map(|i| client(cfg, i)).collect()
+}

@@ -1,0 +1,267 @@
+//! One test's private slice of the stack, dropped when the test ends.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+
+use scoresync_bus::KafkaConfig;
+use scoresync_sink::ClickHouseConfig;
+use scoresync_source::PostgresConfig;
+use scoresync_source::connect::ConnectParams;
+
+use crate::stack::{Stack, repo_root, with_database};
+
+/// Password of the stack's least-privilege `scoresync` role (see deploy/local/stack).
+const SCORESYNC_PASSWORD: &str = "scoresync";
+
+/// The schema file that creates the cluster-wide role; `stack up` ran it once, and running it per
+/// test would race (ALTER ROLE from parallel tests conflicts).
+const CLUSTER_WIDE_SCHEMA_FILE: &str = "004_replication_role.sql";
+
+/// Partitions of each test's change topic.
+pub const TEST_PARTITIONS: i32 = 3;
+
+/// A test's own database, slot, publication, topics, consumer group and ClickHouse databases.
+pub struct TestEnv {
+    /// Unique name; also the PostgreSQL database, slot and ClickHouse database name.
+    pub name: String,
+    /// The stack it lives on.
+    pub stack: Stack,
+    /// `[postgres]` settings for the daemon (least-privilege role, own database and slot).
+    pub postgres: PostgresConfig,
+    /// `[kafka]` settings (own topics and consumer group).
+    pub kafka: KafkaConfig,
+    /// `[clickhouse]` settings (own database on every shard).
+    pub clickhouse: ClickHouseConfig,
+}
+
+impl TestEnv {
+    /// Creates the PostgreSQL database (director schema, publication, grants) and the ClickHouse
+    /// database (scoresync schema) on every shard. Topics are left to the test or to `setup`.
+    pub async fn new(label: &str) -> anyhow::Result<TestEnv> {
+        let stack = Stack::get().clone();
+        let name = unique_name(label);
+        let env = TestEnv {
+            postgres: {
+                let mut pg = PostgresConfig::new(with_database(&stack.pg_url, &name));
+                pg.slot = name.clone();
+                pg
+            },
+            kafka: {
+                let mut kafka = KafkaConfig::new(stack.kafka_brokers.clone());
+                kafka.change_topic = format!("{name}.changes");
+                kafka.dlq_topic = format!("{name}.dlq");
+                kafka.state_topic = format!("{name}.state");
+                kafka.consumer_group = format!("{name}.sink");
+                kafka.partitions = TEST_PARTITIONS;
+                kafka.replication_factor = 1;
+                kafka
+            },
+            clickhouse: {
+                let mut ch = ClickHouseConfig::new(stack.clickhouse_shards.clone());
+                ch.database = name.clone();
+                ch
+            },
+            name,
+            stack,
+        };
+        env.create_postgres().await?;
+        env.create_clickhouse().await?;
+        Ok(env)
+    }
+
+    /// Superuser URL of this test's database.
+    pub fn pg_admin_url(&self) -> String {
+        with_database(&self.stack.pg_admin_url, &self.name)
+    }
+
+    /// A superuser SQL session on this test's database.
+    pub async fn pg_admin(&self) -> anyhow::Result<tokio_postgres::Client> {
+        Ok(ConnectParams::parse(&self.pg_admin_url())?.connect_sql().await?)
+    }
+
+    /// A client for ClickHouse shard `index`, on this test's database.
+    pub fn shard(&self, index: usize) -> clickhouse::Client {
+        match scoresync_sink::shard::client(&self.clickhouse, index) {
+            Some(client) => client,
+            None => panic!("the stack has no ClickHouse shard {index}"),
+        }
+    }
+
+    /// The scoresync configuration file for this test, as TOML.
+    pub fn config_toml(&self) -> String {
+        let shards: Vec<String> = self.clickhouse.shards.iter().map(|s| format!("{s:?}")).collect();
+        format!(
+            "[postgres]\nurl = {url:?}\nslot = {slot:?}\npublication = {publication:?}\n\n\
+             [kafka]\nbrokers = {brokers:?}\nchange_topic = {change:?}\ndlq_topic = {dlq:?}\n\
+             state_topic = {state:?}\npartitions = {partitions}\nreplication_factor = 1\n\
+             consumer_group = {group:?}\n\n\
+             [clickhouse]\nshards = [{shards}]\ndatabase = {database:?}\n",
+            url = self.postgres.url,
+            slot = self.postgres.slot,
+            publication = self.postgres.publication,
+            brokers = self.kafka.brokers,
+            change = self.kafka.change_topic,
+            dlq = self.kafka.dlq_topic,
+            state = self.kafka.state_topic,
+            partitions = self.kafka.partitions,
+            group = self.kafka.consumer_group,
+            shards = shards.join(", "),
+            database = self.clickhouse.database,
+        )
+    }
+
+    async fn create_postgres(&self) -> anyhow::Result<()> {
+        let admin = ConnectParams::parse(&with_database(&self.stack.pg_admin_url, "postgres"))?
+            .connect_sql()
+            .await
+            .context("connecting to PostgreSQL as the stack superuser")?;
+        admin.batch_execute(&format!("CREATE DATABASE \"{}\"", self.name)).await?;
+        let mut files: Vec<_> = std::fs::read_dir(repo_root().join("schemas/postgres"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .filter(|p| !p.ends_with(CLUSTER_WIDE_SCHEMA_FILE))
+            .collect();
+        files.sort();
+        for file in files {
+            let out = Command::new("psql")
+                .arg(self.pg_admin_url())
+                .args(["-q", "-v", "ON_ERROR_STOP=1", "-v"])
+                .arg(format!("scoresync_password={SCORESYNC_PASSWORD}"))
+                .arg("-f")
+                .arg(&file)
+                .output()
+                .context("running psql")?;
+            if !out.status.success() {
+                bail!("applying {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_clickhouse(&self) -> anyhow::Result<()> {
+        let mut files: Vec<_> = std::fs::read_dir(repo_root().join("schemas/clickhouse"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .collect();
+        files.sort();
+        for index in 0..self.clickhouse.shards.len() {
+            let server = self.shard(index).with_database("default");
+            server.query(&format!("CREATE DATABASE {}", self.name)).execute().await?;
+            for file in &files {
+                let ddl = std::fs::read_to_string(file)?;
+                self.shard(index)
+                    .query(&ddl)
+                    .execute()
+                    .await
+                    .with_context(|| format!("applying {} on shard {index}", file.display()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a test made, handed to a cleanup thread when the test's [`TestEnv`] is dropped.
+struct Leftovers {
+    name: String,
+    stack: Stack,
+    kafka: KafkaConfig,
+    clickhouse: ClickHouseConfig,
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let leftovers = Leftovers {
+            name: self.name.clone(),
+            stack: self.stack.clone(),
+            kafka: self.kafka.clone(),
+            clickhouse: self.clickhouse.clone(),
+        };
+        // Drop runs inside the test's runtime, which cannot block on async work: clean up on a
+        // thread with a runtime of its own, and wait for it.
+        let cleanup =
+            std::thread::spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt.block_on(leftovers.remove()),
+                    Err(err) => eprintln!("harness: no runtime for cleanup: {err}"),
+                }
+            });
+        if cleanup.join().is_err() {
+            eprintln!("harness: cleanup of {} panicked", self.name);
+        }
+    }
+}
+
+impl Leftovers {
+    /// Drops everything the test made. Errors are printed, not raised: cleanup must not mask the
+    /// test's own result.
+    async fn remove(self) {
+        if let Err(err) = self.drop_postgres().await {
+            eprintln!("harness: cleaning up PostgreSQL database {}: {err:#}", self.name);
+        }
+        let topics = [&self.kafka.change_topic, &self.kafka.dlq_topic, &self.kafka.state_topic];
+        let topics: Vec<&str> = topics.iter().map(|t| t.as_str()).collect();
+        if let Err(err) = scoresync_bus::topics::delete_topics(&self.kafka, &topics).await {
+            eprintln!("harness: deleting topics of {}: {err:#}", self.name);
+        }
+        for server in scoresync_sink::shard::clients(&self.clickhouse) {
+            let sql = format!("DROP DATABASE IF EXISTS {}", self.name);
+            if let Err(err) = server.with_database("default").query(&sql).execute().await {
+                eprintln!("harness: dropping ClickHouse database {}: {err:#}", self.name);
+            }
+        }
+    }
+
+    async fn drop_postgres(&self) -> anyhow::Result<()> {
+        let admin = ConnectParams::parse(&with_database(&self.stack.pg_admin_url, "postgres"))?
+            .connect_sql()
+            .await?;
+        // A slot pins its database; an active one must lose its walsender before it can go.
+        let deadline = std::time::Duration::from_secs(10);
+        crate::wait::until("the test's replication slots to be dropped", deadline, || async {
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                     WHERE database = $1 AND active_pid IS NOT NULL",
+                    &[&self.name],
+                )
+                .await?;
+            admin
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE database = $1 AND NOT active",
+                    &[&self.name],
+                )
+                .await?;
+            let left: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE database = $1",
+                    &[&self.name],
+                )
+                .await?
+                .get(0);
+            Ok((left == 0).then_some(()))
+        })
+        .await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+            .await?;
+        Ok(())
+    }
+}
+
+/// A name unique to this test run: the label, the process id, a counter and the clock, lowercase
+/// and within PostgreSQL's 63-character identifier limit.
+fn unique_name(label: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let label: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .take(30)
+        .collect();
+    format!("t_{label}_{}_{n}_{:x}", std::process::id(), nanos & 0xfffff)
+}
