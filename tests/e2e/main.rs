@@ -2,3 +2,4 @@
 //! each test takes its own [`scoresync_tests::TestEnv`].
 
 mod smoke;
+mod stack;
