@@ -2,4 +2,5 @@
 //! each test takes its own [`scoresync_tests::TestEnv`].
 
 mod smoke;
+mod source;
 mod stack;

@@ -4,12 +4,18 @@
 //! shards): [`stack::Stack`] finds it from the environment that `deploy/local/stack env` prints, or
 //! starts it. Each test then takes a [`test_env::TestEnv`]: its own PostgreSQL database (with the
 //! director schema and publication), slot name, Kafka topics and consumer group, and ClickHouse
-//! database on every shard, all dropped when the value is dropped. Tests wait with
+//! database on every shard, all dropped when the value is dropped. [`daemon::Daemon`] runs the
+//! real `scoresync` binary; [`kafka`] reads and folds what it published; [`broker::PrivateBroker`]
+//! is a tansu of the test's own, for stopping Kafka without disturbing other tests. Tests wait with
 //! [`wait::until`], a polling helper with a deadline, never a bare sleep.
 
+pub mod broker;
+pub mod daemon;
+pub mod kafka;
 pub mod stack;
 pub mod test_env;
 pub mod wait;
 
+pub use daemon::Daemon;
 pub use stack::Stack;
 pub use test_env::TestEnv;

@@ -35,6 +35,8 @@ pub struct TestEnv {
     pub kafka: KafkaConfig,
     /// `[clickhouse]` settings (own database on every shard).
     pub clickhouse: ClickHouseConfig,
+    /// More TOML appended to the generated config (e.g. a `[source]` section).
+    pub extra_toml: String,
 }
 
 impl TestEnv {
@@ -66,7 +68,9 @@ impl TestEnv {
             },
             name,
             stack,
+            extra_toml: String::new(),
         };
+        std::fs::create_dir_all(env.dir())?;
         env.create_postgres().await?;
         env.create_clickhouse().await?;
         Ok(env)
@@ -90,16 +94,33 @@ impl TestEnv {
         }
     }
 
+    /// A scratch directory of this test (config, daemon logs); removed when the test passes.
+    pub fn dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join("scoresync-tests").join(&self.name)
+    }
+
+    /// Writes the configuration ([`TestEnv::config_toml`]) to the scratch directory; returns its
+    /// path. Call again after changing settings.
+    pub fn config_path(&self) -> anyhow::Result<std::path::PathBuf> {
+        let path = self.dir().join("scoresync.toml");
+        std::fs::write(&path, self.config_toml())?;
+        Ok(path)
+    }
+
     /// The scoresync configuration file for this test, as TOML.
     pub fn config_toml(&self) -> String {
         let shards: Vec<String> = self.clickhouse.shards.iter().map(|s| format!("{s:?}")).collect();
         format!(
-            "[postgres]\nurl = {url:?}\nslot = {slot:?}\npublication = {publication:?}\n\n\
+            "[postgres]\nurl = {url:?}\nslot = {slot:?}\npublication = {publication:?}\n\
+             heartbeat_interval_ms = {heartbeat}\nstatus_interval_ms = {status}\n\n\
              [kafka]\nbrokers = {brokers:?}\nchange_topic = {change:?}\ndlq_topic = {dlq:?}\n\
              state_topic = {state:?}\npartitions = {partitions}\nreplication_factor = 1\n\
              consumer_group = {group:?}\n\n\
-             [clickhouse]\nshards = [{shards}]\ndatabase = {database:?}\n",
+             [clickhouse]\nshards = [{shards}]\ndatabase = {database:?}\n\n{extra}\n",
             url = self.postgres.url,
+            heartbeat = self.postgres.heartbeat_interval_ms,
+            status = self.postgres.status_interval_ms,
+            extra = self.extra_toml,
             slot = self.postgres.slot,
             publication = self.postgres.publication,
             brokers = self.kafka.brokers,
@@ -167,7 +188,6 @@ impl TestEnv {
 struct Leftovers {
     name: String,
     stack: Stack,
-    kafka: KafkaConfig,
     clickhouse: ClickHouseConfig,
 }
 
@@ -176,7 +196,6 @@ impl Drop for TestEnv {
         let leftovers = Leftovers {
             name: self.name.clone(),
             stack: self.stack.clone(),
-            kafka: self.kafka.clone(),
             clickhouse: self.clickhouse.clone(),
         };
         // Drop runs inside the test's runtime, which cannot block on async work: clean up on a
@@ -191,6 +210,11 @@ impl Drop for TestEnv {
         if cleanup.join().is_err() {
             eprintln!("harness: cleanup of {} panicked", self.name);
         }
+        if std::thread::panicking() {
+            eprintln!("harness: test files kept in {}", self.dir().display());
+        } else {
+            let _ = std::fs::remove_dir_all(self.dir());
+        }
     }
 }
 
@@ -201,11 +225,9 @@ impl Leftovers {
         if let Err(err) = self.drop_postgres().await {
             eprintln!("harness: cleaning up PostgreSQL database {}: {err:#}", self.name);
         }
-        let topics = [&self.kafka.change_topic, &self.kafka.dlq_topic, &self.kafka.state_topic];
-        let topics: Vec<&str> = topics.iter().map(|t| t.as_str()).collect();
-        if let Err(err) = scoresync_bus::topics::delete_topics(&self.kafka, &topics).await {
-            eprintln!("harness: deleting topics of {}: {err:#}", self.name);
-        }
+        // Topics stay: their names are unique to the test, and tansu 0.6.0's DeleteTopics removes
+        // every topic of the cluster (its topic_delete_by.sql matches on the cluster, not the
+        // topic), which would pull the topics from under every other running test.
         for server in scoresync_sink::shard::clients(&self.clickhouse) {
             let sql = format!("DROP DATABASE IF EXISTS {}", self.name);
             if let Err(err) = server.with_database("default").query(&sql).execute().await {

@@ -61,6 +61,8 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("max.in.flight.requests.per.connection", "5")
         .set("delivery.timeout.ms", cfg.delivery_timeout_ms.to_string())
         .set("linger.ms", "5")
+        // Callers bound their own in-flight events far below this, so enqueueing never fails.
+        .set("queue.buffering.max.messages", "1000000")
         .set("partitioner", PARTITIONER);
     with_extras(c, cfg)
 }

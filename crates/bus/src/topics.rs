@@ -95,27 +95,3 @@ pub fn partition_count<C: rdkafka::client::ClientContext>(
         Some(_) => None,
     }))
 }
-
-/// Deletes topics (tests and `--purge` style cleanups). Missing topics are not an error.
-pub async fn delete_topics(cfg: &KafkaConfig, topics: &[&str]) -> Result<(), Error> {
-    let admin = crate::client::admin(cfg)?;
-    let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
-    let results = admin.delete_topics(topics, &opts).await.map_err(|source| Error::Topic {
-        topic: topics.join(","),
-        action: "delete",
-        source,
-    })?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-            Err((topic, code)) => {
-                return Err(Error::Topic {
-                    topic,
-                    action: "delete",
-                    source: KafkaError::AdminOp(code),
-                });
-            }
-        }
-    }
-    Ok(())
-}

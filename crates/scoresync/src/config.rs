@@ -29,6 +29,43 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// ClickHouse shards.
     pub clickhouse: ClickHouseConfig,
+    /// Limits of the source role.
+    #[serde(default)]
+    pub source: SourceLimits,
+}
+
+/// The `[source]` section: limits of the source role.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceLimits {
+    /// Most events awaiting Kafka acknowledgement before the source pauses reading.
+    pub max_in_flight_events: usize,
+    /// Rows per initial-snapshot chunk (each chunk is acknowledged and recorded before the next).
+    pub snapshot_chunk_rows: usize,
+}
+
+impl Default for SourceLimits {
+    fn default() -> Self {
+        SourceLimits {
+            max_in_flight_events: scoresync_source::DEFAULT_MAX_IN_FLIGHT,
+            snapshot_chunk_rows: scoresync_source::snapshot::DEFAULT_CHUNK_ROWS,
+        }
+    }
+}
+
+impl SourceLimits {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_in_flight_events == 0 || self.max_in_flight_events > 500_000 {
+            return Err(format!(
+                "source.max_in_flight_events must be between 1 and 500000 (got {})",
+                self.max_in_flight_events
+            ));
+        }
+        if self.snapshot_chunk_rows == 0 {
+            return Err("source.snapshot_chunk_rows must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -57,8 +94,12 @@ impl Config {
 
     /// Checks every section.
     pub fn validate(&self) -> anyhow::Result<()> {
-        for result in [self.postgres.validate(), self.kafka.validate(), self.clickhouse.validate()]
-        {
+        for result in [
+            self.postgres.validate(),
+            self.kafka.validate(),
+            self.clickhouse.validate(),
+            self.source.validate(),
+        ] {
             if let Err(problem) = result {
                 bail!("invalid config: {problem}");
             }

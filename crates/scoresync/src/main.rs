@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 /// Keeps a sharded ClickHouse cluster exactly in step with the director scorecard tables.
 #[derive(Parser, Debug)]
@@ -23,6 +24,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Create what the pipeline needs, idempotently: Kafka topics, the publication, the
+    /// replication slot with its pipeline record (and a pending initial snapshot), and the
+    /// ClickHouse tables on every shard. Reports what existed and what it created.
+    Setup {
+        /// Drop the replication slot if it exists and create it again, with a new pipeline record
+        /// and a fresh initial snapshot. Needed after the slot was lost or dropped; the source
+        /// never does this on its own.
+        #[arg(long)]
+        recreate_slot: bool,
+    },
+    /// Run the source role: publish the initial snapshot (once), then stream committed changes
+    /// from the slot to the change topic, confirming to PostgreSQL only what Kafka acknowledged.
+    /// SIGTERM or SIGINT stops it cleanly (exit 0); a permanent problem (slot missing or lost,
+    /// another cluster) exits 1 with a message naming it.
+    Source,
     /// Check the configuration and that PostgreSQL, Kafka and every ClickHouse shard answer.
     ///
     /// Prints the effective configuration (secrets redacted), then one line per check. Exits
@@ -38,6 +54,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -58,8 +75,27 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = load_config(cli.config.as_deref())?;
     match cli.command {
+        Command::Setup { recreate_slot } => commands::setup::run(&config, recreate_slot).await,
+        Command::Source => commands::source::run(&config, shutdown_on_signals()?).await,
         Command::Validate => commands::validate::run(&config).await,
     }
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+fn shutdown_on_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    Ok(token)
 }
 
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<config::Config> {

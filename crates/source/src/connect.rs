@@ -7,7 +7,11 @@
 use pgwire_replication::{Lsn as WireLsn, ReplicationConfig};
 use tokio_postgres::config::Host;
 
-/// The parts of a PostgreSQL URL that both connection kinds need.
+use crate::text::SESSION_OPTIONS;
+
+/// The parts of a PostgreSQL URL that both connection kinds need. Every session gets
+/// [`SESSION_OPTIONS`] (ISO dates, UTC) on top of the URL's own `options`, so values render the
+/// way [`crate::text`] parses them.
 #[derive(Clone)]
 pub struct ConnectParams {
     /// Host name or socket directory.
@@ -27,7 +31,12 @@ pub struct ConnectParams {
 impl ConnectParams {
     /// Parses `postgres://user:password@host:port/database[?options]`.
     pub fn parse(url: &str) -> Result<ConnectParams, tokio_postgres::Error> {
-        let sql: tokio_postgres::Config = url.parse()?;
+        let mut sql: tokio_postgres::Config = url.parse()?;
+        let options = match sql.get_options() {
+            Some(own) => format!("{own} {SESSION_OPTIONS}"),
+            None => SESSION_OPTIONS.to_owned(),
+        };
+        sql.options(&options);
         let host = match sql.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
@@ -54,6 +63,7 @@ impl ConnectParams {
         )
         .with_port(self.port)
         .with_start_lsn(start)
+        .with_options(self.sql.get_options().unwrap_or(SESSION_OPTIONS))
         .with_application_name("scoresync")
     }
 

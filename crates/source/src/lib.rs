@@ -1,9 +1,188 @@
 //! The PostgreSQL side of scoresync: from a logical replication slot to the change topic.
 //!
-//! - [`config`]: the `[postgres]` section of the configuration.
-//! - [`connect`]: SQL and replication connections built from one PostgreSQL URL.
+//! ```text
+//!  PostgreSQL slot (pgoutput v1)
+//!     | pgwire-replication: Begin / XLogData / Commit / KeepAlive / Message
+//!     v
+//!  decode ──> change::Mapper ──> publish::Publisher ──> change topic (idempotent, acks=all)
+//!     ^            (events keyed by scorecard;                 |
+//!     |             TRUNCATE to every partition)               | acknowledgements
+//!     |                                                        v
+//!  standby status <── update_applied_lsn <── state topic <── progress::Progress
+//!                      (after the record)     (record)        (confirmable LSN)
+//! ```
+//!
+//! # Progress tracking
+//!
+//! An LSN is confirmed to PostgreSQL only when Kafka has acknowledged every event of every
+//! transaction at or below it ([`progress`]): the end LSN of a transaction is confirmable once
+//! its Commit arrived and all its events, and all earlier transactions' events, are acknowledged.
+//! With nothing open or unacknowledged, keepalive and heartbeat positions are confirmable too, so
+//! an idle slot advances ([`heartbeat`]). Before confirming, the source writes the position to its
+//! pipeline record on the state topic and waits for that acknowledgement ([`state`]); the start-up
+//! checks ([`slot::check`]) rely on the slot never being ahead of the record.
+//!
+//! A delivery timeout or a fatal producer error never advances the LSN: the stage fails with a
+//! transient error and [`Source::run`] restarts it from the slot (events after the last confirmed
+//! LSN are published again; duplicates are harmless, loss is not).
+//!
+//! # Modules
+//!
+//! - [`config`], [`connect`]: settings and connections.
+//! - [`decode`], [`text`], [`change`]: pgoutput bytes to typed, keyed change events.
+//! - [`publish`], [`progress`], [`stream`]: the streaming stage.
+//! - [`slot`], [`state`], [`setup`]: slot checks, the pipeline record, `scoresync setup`.
+//! - [`snapshot`]: the initial snapshot, resumable, versioned below every streamed change.
+//! - [`heartbeat`]: keeps an idle slot moving.
 
+pub mod change;
 pub mod config;
 pub mod connect;
+pub mod decode;
+pub mod error;
+#[cfg(test)]
+mod fixtures;
+pub mod heartbeat;
+pub mod progress;
+pub mod publish;
+pub mod setup;
+pub mod slot;
+pub mod snapshot;
+pub mod state;
+pub mod stream;
+pub mod text;
+
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use scoresync_bus::KafkaConfig;
+use scoresync_bus::backoff::Backoff;
 
 pub use config::PostgresConfig;
+pub use error::Error;
+
+use connect::ConnectParams;
+use heartbeat::Heartbeat;
+use publish::Publisher;
+use snapshot::Snapshot;
+use state::StateStore;
+use stream::Stream;
+
+/// Default bound on events awaiting Kafka acknowledgement.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 20_000;
+/// A run that lasted this long before failing starts the retry schedule over.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// The source role: snapshot (once), then stream, restarting from the slot on transient errors.
+pub struct Source {
+    /// PostgreSQL settings.
+    pub postgres: PostgresConfig,
+    /// Kafka settings.
+    pub kafka: KafkaConfig,
+    /// Most events awaiting acknowledgement before reading pauses.
+    pub max_in_flight: usize,
+    /// Rows per snapshot chunk.
+    pub snapshot_chunk_rows: usize,
+}
+
+impl Source {
+    /// A source with default limits.
+    pub fn new(postgres: PostgresConfig, kafka: KafkaConfig) -> Self {
+        Source {
+            postgres,
+            kafka,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            snapshot_chunk_rows: snapshot::DEFAULT_CHUNK_ROWS,
+        }
+    }
+
+    /// Runs until `shutdown` (returns `Ok`) or a permanent error.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let params =
+            ConnectParams::parse(&self.postgres.url).map_err(Error::sql("parsing postgres.url"))?;
+        let heartbeat = (self.postgres.heartbeat_interval_ms > 0).then(|| {
+            let beat = Heartbeat {
+                params: params.clone(),
+                interval: Duration::from_millis(self.postgres.heartbeat_interval_ms),
+            };
+            tokio::spawn(beat.run(shutdown.child_token()))
+        });
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let result = loop {
+            let started = Instant::now();
+            match self.run_once(&params, &shutdown).await {
+                Ok(()) => break Ok(()),
+                Err(err) if err.is_transient() && !shutdown.is_cancelled() => {
+                    if started.elapsed() > HEALTHY_RUN {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %display_chain(&err), ?delay, slot = %self.postgres.slot, "source failed; restarting from the slot");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(err) => break Err(err),
+            }
+        };
+        shutdown.cancel();
+        if let Some(task) = heartbeat {
+            let _ = task.await;
+        }
+        result
+    }
+
+    async fn run_once(
+        &self,
+        params: &ConnectParams,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Error> {
+        let slot_name = &self.postgres.slot;
+        let sql = params.connect_sql().await.map_err(Error::sql("connecting"))?;
+        let state = StateStore::new(&self.kafka)?;
+        let mut record = state.load(slot_name).await?.ok_or_else(|| Error::NoRecord {
+            slot: slot_name.clone(),
+            topic: self.kafka.state_topic.clone(),
+        })?;
+        let info = slot::inspect(&sql, slot_name).await?;
+        let system_id =
+            slot::system_id(params.replication(slot_name, &self.postgres.publication, 0.into()))
+                .await?;
+        slot::check(slot_name, &params.database, info.as_ref(), &record, system_id)?;
+        let publisher = Publisher::new(&self.kafka)?;
+        if !record.snapshot.done {
+            let snapshot = Snapshot {
+                sql: &sql,
+                publisher: &publisher,
+                state: &state,
+                chunk_rows: self.snapshot_chunk_rows,
+            };
+            snapshot.run(&mut record, shutdown).await?;
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+        }
+        let stream = Stream {
+            cfg: &self.postgres,
+            params,
+            publisher: &publisher,
+            state: &state,
+            max_in_flight: self.max_in_flight,
+        };
+        stream.run(&mut record, shutdown).await
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+pub fn display_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

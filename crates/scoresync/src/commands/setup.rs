@@ -1,0 +1,46 @@
+//! `scoresync setup`: topics, publication, slot and pipeline record, ClickHouse tables. Every
+//! step is idempotent and reports whether it found or made each object.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use scoresync_bus::topics::{TopicOutcome, ensure_topics};
+use scoresync_source::setup::Outcome;
+
+use crate::config::Config;
+
+/// Runs every step in order; stops at the first failure.
+pub async fn run(config: &Config, recreate_slot: bool) -> anyhow::Result<ExitCode> {
+    for outcome in ensure_topics(&config.kafka).await.context("kafka topics")? {
+        match outcome {
+            TopicOutcome::Existed { topic, partitions } => {
+                println!("existed  kafka topic {topic} ({partitions} partitions)")
+            }
+            TopicOutcome::Created { topic, partitions } => {
+                println!("created  kafka topic {topic} ({partitions} partitions)")
+            }
+        }
+    }
+    let postgres = scoresync_source::setup::ensure(&config.postgres, &config.kafka, recreate_slot)
+        .await
+        .map_err(|e| anyhow::anyhow!(scoresync_source::display_chain(&e)))?;
+    for outcome in postgres {
+        match outcome {
+            Outcome::Existed(what) => println!("existed  {what}"),
+            Outcome::Created(what) => println!("created  {what}"),
+        }
+    }
+    for shard in
+        scoresync_sink::schema::ensure(&config.clickhouse).await.context("clickhouse schema")?
+    {
+        let db = &config.clickhouse.database;
+        for table in shard.existed {
+            println!("existed  clickhouse shard {} table {db}.{table}", shard.shard);
+        }
+        for table in shard.created {
+            println!("created  clickhouse shard {} table {db}.{table}", shard.shard);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,82 @@
+//! The per-shard ClickHouse schema (`schemas/clickhouse/*.sql`, embedded at build time) and
+//! `scoresync setup`'s ClickHouse part: create the database and any missing table on every
+//! shard; leave existing ones alone.
+
+use crate::config::ClickHouseConfig;
+use crate::shard::ShardIndex;
+
+/// The DDL files, in order: (table, statement).
+pub const TABLES: [(&str, &str); 4] = [
+    ("conversations", include_str!("../../../schemas/clickhouse/001_conversations.sql")),
+    ("scorecards", include_str!("../../../schemas/clickhouse/002_scorecards.sql")),
+    ("scores", include_str!("../../../schemas/clickhouse/003_scores.sql")),
+    (
+        "historic_scorecard_scores",
+        include_str!("../../../schemas/clickhouse/004_historic_scorecard_scores.sql"),
+    ),
+];
+
+/// What setup found or made on one shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardOutcome {
+    /// The shard.
+    pub shard: ShardIndex,
+    /// Tables that existed.
+    pub existed: Vec<String>,
+    /// Tables created.
+    pub created: Vec<String>,
+}
+
+/// A shard refused a schema statement.
+#[derive(Debug, thiserror::Error)]
+#[error("clickhouse shard {shard} ({url}): {action} failed")]
+pub struct SchemaError {
+    /// The shard.
+    pub shard: ShardIndex,
+    /// Its URL.
+    pub url: String,
+    /// What was attempted.
+    pub action: String,
+    /// The client error.
+    #[source]
+    pub source: clickhouse::error::Error,
+}
+
+/// Creates the database and the missing tables on every shard.
+pub async fn ensure(cfg: &ClickHouseConfig) -> Result<Vec<ShardOutcome>, SchemaError> {
+    let mut outcomes = Vec::new();
+    for (shard, url) in cfg.shards.iter().enumerate() {
+        let fail = |action: String| {
+            let url = url.clone();
+            move |source| SchemaError { shard, url, action, source }
+        };
+        let Some(client) = crate::shard::client(cfg, shard) else { continue };
+        let server = client.clone().with_database("default");
+        let db = &cfg.database;
+        server
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
+            .execute()
+            .await
+            .map_err(fail(format!("CREATE DATABASE {db}")))?;
+        let mut outcome = ShardOutcome { shard, existed: Vec::new(), created: Vec::new() };
+        for (table, ddl) in TABLES {
+            let exists: u8 = server
+                .query(&format!("EXISTS TABLE {db}.{table}"))
+                .fetch_one()
+                .await
+                .map_err(fail(format!("EXISTS TABLE {db}.{table}")))?;
+            if exists == 1 {
+                outcome.existed.push(table.into());
+                continue;
+            }
+            client
+                .query(ddl)
+                .execute()
+                .await
+                .map_err(fail(format!("CREATE TABLE {db}.{table}")))?;
+            outcome.created.push(table.into());
+        }
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}

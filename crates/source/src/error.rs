@@ -1,0 +1,221 @@
+//! Errors of the source, each one transient (retry from the slot after a backoff) or permanent
+//! (halt with a message that names the slot, table or position).
+
+use pgwire_replication::PgWireError;
+use rdkafka::error::KafkaError;
+use scoresync_event::Lsn;
+
+use crate::change::MapError;
+use crate::decode::DecodeError;
+
+/// A source failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A SQL statement failed.
+    #[error("postgres: {context}")]
+    Sql {
+        /// What was being done.
+        context: String,
+        /// The driver error (SQLSTATE inside).
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The replication connection failed.
+    #[error("replication stream of slot {slot}: {source}")]
+    Replication {
+        /// The slot.
+        slot: String,
+        /// The transport error.
+        #[source]
+        source: PgWireError,
+    },
+    /// The server ended the replication stream.
+    #[error("replication stream of slot {slot} ended unexpectedly")]
+    StreamEnded {
+        /// The slot.
+        slot: String,
+    },
+    /// The slot does not exist.
+    #[error(
+        "replication slot {slot} does not exist in database {database}; scoresync never recreates \
+         a slot on its own (changes since it was dropped are gone): run `scoresync setup \
+         --recreate-slot` to create it and publish a fresh snapshot"
+    )]
+    SlotMissing {
+        /// The slot.
+        slot: String,
+        /// The database it should be in.
+        database: String,
+    },
+    /// The slot exists but cannot be used as it is.
+    #[error("replication slot {slot}: {problem}")]
+    SlotUnusable {
+        /// The slot.
+        slot: String,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
+    /// The source has no record of the pipeline this slot belongs to.
+    #[error(
+        "no pipeline record for replication slot {slot} on the state topic {topic}; \
+         run `scoresync setup` first"
+    )]
+    NoRecord {
+        /// The slot.
+        slot: String,
+        /// The state topic.
+        topic: String,
+    },
+    /// The pipeline record does not match the server.
+    #[error("replication slot {slot}: {problem}")]
+    RecordMismatch {
+        /// The slot.
+        slot: String,
+        /// What differs, and what to do.
+        problem: String,
+    },
+    /// A pgoutput message could not be decoded.
+    #[error("slot {slot}: undecodable pgoutput message at {lsn}")]
+    Decode {
+        /// The slot.
+        slot: String,
+        /// WAL position of the message.
+        lsn: Lsn,
+        /// What was wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// A change could not be mapped to an event.
+    #[error("slot {slot}: change at {lsn} cannot be published")]
+    Map {
+        /// The slot.
+        slot: String,
+        /// WAL position of the change.
+        lsn: Lsn,
+        /// Why.
+        #[source]
+        source: MapError,
+    },
+    /// A Kafka client or topic operation failed.
+    #[error(transparent)]
+    Bus(Box<scoresync_bus::Error>),
+    /// Kafka did not acknowledge an event (delivery timeout or fatal producer error).
+    #[error("kafka did not acknowledge an event on {topic}; restarting from the slot")]
+    Delivery {
+        /// The topic.
+        topic: String,
+        /// What librdkafka said.
+        #[source]
+        source: KafkaError,
+    },
+    /// The pipeline record on the state topic is unreadable.
+    #[error("pipeline record for slot {slot} on {topic} is unreadable: {problem}")]
+    BadRecord {
+        /// The slot.
+        slot: String,
+        /// The state topic.
+        topic: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The publication is missing or incomplete.
+    #[error("publication {publication}: {problem}")]
+    Publication {
+        /// The publication.
+        publication: String,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
+}
+
+impl From<scoresync_bus::Error> for Error {
+    fn from(err: scoresync_bus::Error) -> Self {
+        Error::Bus(Box::new(err))
+    }
+}
+
+impl Error {
+    /// True when the source should retry from the slot after a backoff.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Sql { source, .. } => sql_error_is_transient(source),
+            Error::Replication { source, .. } => replication_error_is_transient(source),
+            Error::StreamEnded { .. } | Error::Delivery { .. } => true,
+            Error::Bus(err) => err.is_transient(),
+            Error::SlotMissing { .. }
+            | Error::SlotUnusable { .. }
+            | Error::NoRecord { .. }
+            | Error::RecordMismatch { .. }
+            | Error::Decode { .. }
+            | Error::Map { .. }
+            | Error::BadRecord { .. }
+            | Error::Publication { .. } => false,
+        }
+    }
+
+    /// Wraps a SQL error with what was being done.
+    pub fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Sql { context, source }
+    }
+}
+
+/// SQLSTATE classes a retry can cure: connection exceptions (08), transaction rollbacks (40),
+/// insufficient resources (53), operator intervention such as a restart (57), plus
+/// `object_in_use` (55006: the slot is still held by a walsender that has not exited yet).
+pub fn sqlstate_is_transient(code: &str) -> bool {
+    code == "55006" || matches!(code.get(..2), Some("08" | "40" | "53" | "57"))
+}
+
+fn sql_error_is_transient(err: &tokio_postgres::Error) -> bool {
+    match err.code() {
+        Some(state) => sqlstate_is_transient(state.code()),
+        // No SQLSTATE: transient when the connection broke or could not be made.
+        None => {
+            err.is_closed()
+                || std::error::Error::source(err).is_some_and(|s| s.is::<std::io::Error>())
+        }
+    }
+}
+
+fn replication_error_is_transient(err: &PgWireError) -> bool {
+    match err {
+        PgWireError::Server(message) => match sqlstate_in(message) {
+            Some(code) => sqlstate_is_transient(code),
+            None => false,
+        },
+        other => other.is_transient(),
+    }
+}
+
+/// The SQLSTATE that pgwire-replication appends to server errors: `... (SQLSTATE 57P01)`.
+fn sqlstate_in(message: &str) -> Option<&str> {
+    let at = message.rfind("SQLSTATE ")? + "SQLSTATE ".len();
+    message.get(at..at + 5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstate_classes() {
+        assert!(sqlstate_is_transient("57P01"), "admin shutdown");
+        assert!(sqlstate_is_transient("08006"), "connection failure");
+        assert!(sqlstate_is_transient("55006"), "slot in use");
+        assert!(!sqlstate_is_transient("42704"), "undefined object");
+        assert!(!sqlstate_is_transient("42501"), "insufficient privilege");
+    }
+
+    #[test]
+    fn replication_server_errors_are_classified_by_their_sqlstate() {
+        let gone =
+            PgWireError::Server("replication slot \"s\" does not exist (SQLSTATE 42704)".into());
+        assert!(!replication_error_is_transient(&gone));
+        let restart = PgWireError::Server("terminating connection (SQLSTATE 57P01)".into());
+        assert!(replication_error_is_transient(&restart));
+        let io = PgWireError::Io(std::sync::Arc::new(std::io::Error::other("reset")));
+        assert!(replication_error_is_transient(&io));
+        assert!(!replication_error_is_transient(&PgWireError::Auth("bad password".into())));
+    }
+}

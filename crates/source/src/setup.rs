@@ -1,0 +1,164 @@
+//! `scoresync setup`, PostgreSQL part: the publication, the slot and the pipeline record.
+//!
+//! Idempotent: what exists is checked, not changed. A missing slot whose pipeline has a record is
+//! an error, never silently recreated (its changes are gone); `recreate_slot` drops and creates
+//! it and starts a new pipeline record with a pending snapshot.
+
+use scoresync_bus::KafkaConfig;
+use scoresync_event::SourceTable;
+
+use crate::config::PostgresConfig;
+use crate::connect::ConnectParams;
+use crate::error::Error;
+use crate::slot;
+use crate::state::{PipelineRecord, StateStore};
+
+/// What setup found or did for one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It was there and as expected.
+    Existed(String),
+    /// Setup made it.
+    Created(String),
+}
+
+/// Ensures the publication, the slot and the pipeline record (the state topic must exist).
+pub async fn ensure(
+    cfg: &PostgresConfig,
+    kafka: &KafkaConfig,
+    recreate_slot: bool,
+) -> Result<Vec<Outcome>, Error> {
+    let params = ConnectParams::parse(&cfg.url).map_err(Error::sql("parsing postgres.url"))?;
+    let sql = params.connect_sql().await.map_err(Error::sql("connecting"))?;
+    let mut report = vec![ensure_publication(&sql, &cfg.publication).await?];
+
+    let state = StateStore::new(kafka)?;
+    let record = state.load(&cfg.slot).await?;
+    let info = slot::inspect(&sql, &cfg.slot).await?;
+    let system_id =
+        slot::system_id(params.replication(&cfg.slot, &cfg.publication, 0.into())).await?;
+    let slot_name = &cfg.slot;
+
+    if recreate_slot {
+        if let Some(info) = &info {
+            if let Some(pid) = info.active_pid {
+                return Err(Error::SlotUnusable {
+                    slot: slot_name.clone(),
+                    problem: format!("is in use by walsender pid {pid}; stop the source first"),
+                });
+            }
+            slot::drop(&sql, slot_name).await?;
+        }
+        let record = create_slot(&sql, &state, cfg, &params, system_id).await?;
+        report.push(Outcome::Created(format!(
+            "replication slot {slot_name} (recreated at {}; snapshot pending)",
+            record.snapshot.lsn
+        )));
+        return Ok(report);
+    }
+    match (info, record) {
+        (None, None) => {
+            let record = create_slot(&sql, &state, cfg, &params, system_id).await?;
+            report.push(Outcome::Created(format!(
+                "replication slot {slot_name} (consistent point {}; snapshot pending)",
+                record.snapshot.lsn
+            )));
+        }
+        (None, Some(_)) => {
+            return Err(Error::SlotMissing {
+                slot: slot_name.clone(),
+                database: params.database.clone(),
+            });
+        }
+        (Some(_), None) => {
+            return Err(Error::RecordMismatch {
+                slot: slot_name.clone(),
+                problem: format!(
+                    "exists but the state topic {} holds no pipeline record for it (made outside \
+                     scoresync?); run `scoresync setup --recreate-slot` to take it over with a \
+                     fresh snapshot",
+                    kafka.state_topic
+                ),
+            });
+        }
+        (Some(info), Some(record)) => {
+            slot::check(slot_name, &params.database, Some(&info), &record, system_id)?;
+            let snapshot = if record.snapshot.done { "snapshot done" } else { "snapshot pending" };
+            report.push(Outcome::Existed(format!(
+                "replication slot {slot_name} (confirmed {}; {snapshot})",
+                record.confirmed_lsn
+            )));
+        }
+    }
+    Ok(report)
+}
+
+async fn create_slot(
+    sql: &tokio_postgres::Client,
+    state: &StateStore,
+    cfg: &PostgresConfig,
+    params: &ConnectParams,
+    system_id: u64,
+) -> Result<PipelineRecord, Error> {
+    let consistent_point = slot::create(sql, &cfg.slot).await?;
+    let record = PipelineRecord::new(&cfg.slot, &params.database, system_id, consistent_point);
+    state.save(&record).await?;
+    Ok(record)
+}
+
+/// The publication must exist and publish every operation of the three tables.
+async fn ensure_publication(sql: &tokio_postgres::Client, name: &str) -> Result<Outcome, Error> {
+    let problem = |problem: String| Error::Publication { publication: name.into(), problem };
+    let tables: Vec<String> = SourceTable::ALL.iter().map(|t| t.to_string()).collect();
+    let row = sql
+        .query_opt(
+            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication \
+             WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(Error::sql(format!("reading publication {name}")))?;
+    let outcome = match row {
+        Some(r) => {
+            if !r.get::<_, bool>(0) {
+                return Err(problem(
+                    "does not publish every operation; it needs publish = 'insert, update, \
+                     delete, truncate'"
+                        .into(),
+                ));
+            }
+            Outcome::Existed(format!("publication {name}"))
+        }
+        None => {
+            let create = format!(
+                "CREATE PUBLICATION {name} FOR TABLE {} WITH (publish = 'insert, update, delete, truncate')",
+                tables.join(", ")
+            );
+            sql.batch_execute(&create).await.map_err(|e| {
+                problem(format!(
+                    "does not exist and cannot be created as this role ({e}); have the table \
+                     owner run: {create}"
+                ))
+            })?;
+            Outcome::Created(format!("publication {name}"))
+        }
+    };
+    let published: Vec<String> = sql
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(Error::sql(format!("reading the tables of publication {name}")))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = tables.iter().filter(|t| !published.contains(t)).collect();
+    if !missing.is_empty() {
+        return Err(problem(format!(
+            "lacks {}; add with ALTER PUBLICATION {name} ADD TABLE ...",
+            missing.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,225 @@
+//! The source's record of its pipeline, kept on the state topic.
+//!
+//! One JSON record per update, keyed by slot name, on the single-partition state topic; the latest
+//! record for a slot wins. It holds what the start-up checks compare the slot with (system
+//! identifier, confirmed LSN) and the progress of the initial snapshot, so a killed snapshot
+//! resumes where it stopped.
+//!
+//! Ordering keeps rule 4 checkable: the source writes a new `confirmed_lsn` here and waits for
+//! Kafka's acknowledgement *before* it confirms that LSN to PostgreSQL, so the slot's confirmed
+//! position can never be ahead of the record unless someone else moved it.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use scoresync_bus::KafkaConfig;
+use scoresync_bus::client::{OffsetReset, consumer_config};
+use scoresync_event::{Lsn, SourceTable};
+
+use crate::error::Error;
+
+/// Format version of the record.
+pub const RECORD_FORMAT: u32 = 1;
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages read per step when scanning the state topic backwards for a slot's latest record.
+const SCAN_WINDOW: i64 = 500;
+
+/// The pipeline as the source last recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineRecord {
+    /// Record format.
+    pub format: u32,
+    /// The slot (also the record's key).
+    pub slot: String,
+    /// The database the slot decodes.
+    pub database: String,
+    /// System identifier of the cluster (a string: JSON numbers cannot hold every u64).
+    #[serde(with = "u64_as_string")]
+    pub system_id: u64,
+    /// Everything up to here is in Kafka; the slot may be confirmed up to here.
+    pub confirmed_lsn: Lsn,
+    /// Initial snapshot progress.
+    pub snapshot: SnapshotProgress,
+}
+
+/// How far the initial snapshot got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotProgress {
+    /// The slot's consistent point; snapshot rows are versioned just below it.
+    pub lsn: Lsn,
+    /// True once every table was published.
+    pub done: bool,
+    /// Tables fully published.
+    pub tables_done: Vec<String>,
+    /// Primary key (text form) of the last row published from the table in progress.
+    pub resume_after: Option<Vec<String>>,
+    /// Rows published so far.
+    pub rows_published: u64,
+}
+
+impl PipelineRecord {
+    /// A new pipeline whose slot was created at `consistent_point`, snapshot not yet taken.
+    pub fn new(slot: &str, database: &str, system_id: u64, consistent_point: Lsn) -> Self {
+        PipelineRecord {
+            format: RECORD_FORMAT,
+            slot: slot.into(),
+            database: database.into(),
+            system_id,
+            confirmed_lsn: consistent_point,
+            snapshot: SnapshotProgress {
+                lsn: consistent_point,
+                done: false,
+                tables_done: Vec::new(),
+                resume_after: None,
+                rows_published: 0,
+            },
+        }
+    }
+
+    /// The table the snapshot works on next, if any.
+    pub fn snapshot_table(&self) -> Option<SourceTable> {
+        if self.snapshot.done {
+            return None;
+        }
+        SourceTable::ALL
+            .into_iter()
+            .find(|t| !self.snapshot.tables_done.iter().any(|d| d == t.name()))
+    }
+}
+
+mod u64_as_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads and writes pipeline records.
+pub struct StateStore {
+    kafka: KafkaConfig,
+    producer: FutureProducer,
+}
+
+impl StateStore {
+    /// A store on the configured state topic.
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, Error> {
+        Ok(StateStore { kafka: kafka.clone(), producer: scoresync_bus::client::producer(kafka)? })
+    }
+
+    /// Writes `record` and waits for Kafka's acknowledgement.
+    pub async fn save(&self, record: &PipelineRecord) -> Result<(), Error> {
+        let payload =
+            serde_json::to_vec(record).map_err(|e| self.bad(&record.slot, e.to_string()))?;
+        let topic = &self.kafka.state_topic;
+        self.producer
+            .send(FutureRecord::to(topic).partition(0).key(&record.slot).payload(&payload), TIMEOUT)
+            .await
+            .map_err(|(source, _)| Error::Delivery { topic: topic.clone(), source })?;
+        Ok(())
+    }
+
+    /// The latest record for `slot`, or `None` when the topic holds none.
+    pub async fn load(&self, slot: &str) -> Result<Option<PipelineRecord>, Error> {
+        let kafka = self.kafka.clone();
+        let slot_owned = slot.to_owned();
+        let found = tokio::task::spawn_blocking(move || latest_payload(&kafka, &slot_owned))
+            .await
+            .map_err(|e| self.bad(slot, format!("reader task failed: {e}")))??;
+        found
+            .map(|bytes| serde_json::from_slice(&bytes).map_err(|e| self.bad(slot, e.to_string())))
+            .transpose()
+    }
+
+    fn bad(&self, slot: &str, problem: String) -> Error {
+        Error::BadRecord { slot: slot.into(), topic: self.kafka.state_topic.clone(), problem }
+    }
+}
+
+/// Scans the state topic backwards from its end for the newest message keyed `slot`.
+fn latest_payload(kafka: &KafkaConfig, slot: &str) -> Result<Option<Vec<u8>>, Error> {
+    let topic = kafka.state_topic.as_str();
+    let consumer: BaseConsumer =
+        consumer_config(kafka, "scoresync-state-reader", OffsetReset::Error)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|source| scoresync_bus::Error::Client {
+                role: "consumer",
+                brokers: kafka.brokers.clone(),
+                source,
+            })?;
+    let kafka_err = |action: &'static str| {
+        move |source| scoresync_bus::Error::Topic { topic: topic.into(), action, source }
+    };
+    let (low, high) =
+        consumer.fetch_watermarks(topic, 0, TIMEOUT).map_err(kafka_err("read watermarks"))?;
+    let mut end = high;
+    while end > low {
+        let start = (end - SCAN_WINDOW).max(low);
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, 0, Offset::Offset(start))
+            .map_err(kafka_err("assign"))?;
+        consumer.assign(&assignment).map_err(kafka_err("assign"))?;
+        let mut latest = None;
+        let mut next = start;
+        while next < end {
+            let message = match consumer.poll(TIMEOUT) {
+                Some(result) => result.map_err(kafka_err("read"))?,
+                None => {
+                    return Err(scoresync_bus::Error::Topic {
+                        topic: topic.into(),
+                        action: "read (timed out)",
+                        source: rdkafka::error::KafkaError::NoMessageReceived,
+                    }
+                    .into());
+                }
+            };
+            next = message.offset() + 1;
+            if message.offset() < end && message.key() == Some(slot.as_bytes()) {
+                latest = message.payload().map(<[u8]>::to_vec);
+            }
+        }
+        if latest.is_some() {
+            return Ok(latest);
+        }
+        end = start;
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_with_a_large_system_id() {
+        let mut record = PipelineRecord::new("slot", "director", u64::MAX - 1, Lsn(0x1_0000_0010));
+        record.snapshot.tables_done.push("scorecards".into());
+        record.snapshot.resume_after = Some(vec!["c".into(), "p".into(), "s1".into()]);
+        let json = serde_json::to_string(&record).expect("serialises");
+        assert!(json.contains("\"18446744073709551614\""), "{json}");
+        assert!(json.contains("\"1/10\""), "{json}");
+        let back: PipelineRecord = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back, record);
+    }
+
+    #[test]
+    fn snapshot_walks_the_tables_in_order() {
+        let mut record = PipelineRecord::new("s", "d", 1, Lsn(1));
+        assert_eq!(record.snapshot_table(), Some(SourceTable::Scorecards));
+        record.snapshot.tables_done.push("scorecards".into());
+        assert_eq!(record.snapshot_table(), Some(SourceTable::Scores));
+        record.snapshot.done = true;
+        assert_eq!(record.snapshot_table(), None);
+    }
+}

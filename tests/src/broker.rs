@@ -1,0 +1,87 @@
+//! A private tansu broker for tests that stop and restart Kafka (the shared one must stay up for
+//! every other test). Same binary and storage engine as the stack (`sqlite://`, durable across
+//! kill -9), its own port and database file; killed when dropped.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::stack::repo_root;
+
+/// A tansu process the test controls.
+pub struct PrivateBroker {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateBroker {
+    /// Starts a broker on a free port with storage in `dir`, and waits until it answers.
+    pub fn start(dir: PathBuf) -> anyhow::Result<PrivateBroker> {
+        std::fs::create_dir_all(&dir)?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut broker = PrivateBroker { dir, port, child: None };
+        broker.resume()?;
+        Ok(broker)
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// kill -9 (what a crash or a lost host looks like to clients).
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the broker again on the same port and storage; waits until it answers.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("the private broker is already running");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))?;
+        let url = format!("tcp://{}", self.address());
+        let child = Command::new("tansu")
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting tansu (is it on PATH? deploy/local/stack up installs it)")?;
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let answered = Command::new("python3")
+                .arg(repo_root().join("deploy/local/kafka_metadata.py"))
+                .arg(self.address())
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if answered {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("private tansu on {} did not answer within 30s", self.address());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
