@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use scoresync_bus::KafkaConfig;
-use scoresync_sink::ClickHouseConfig;
+use scoresync_sink::{ClickHouseConfig, SinkConfig};
 use scoresync_source::PostgresConfig;
 
 /// Prefix of environment overrides.
@@ -32,6 +32,41 @@ pub struct Config {
     /// Limits of the source role.
     #[serde(default)]
     pub source: SourceLimits,
+    /// Batching and bounds of the sink role.
+    #[serde(default)]
+    pub sink: SinkConfig,
+    /// The HTTP endpoint for `/metrics` and `/status`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Default address of the metrics and status endpoint.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+/// The `[metrics]` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` serving `/metrics` (Prometheus) and `/status` (JSON); empty turns it off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: DEFAULT_METRICS_LISTEN.into() }
+    }
+}
+
+impl MetricsConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !self.listen.is_empty() && self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "metrics.listen must be host:port with an IP host (got {:?})",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The `[source]` section: limits of the source role.
@@ -99,6 +134,8 @@ impl Config {
             self.kafka.validate(),
             self.clickhouse.validate(),
             self.source.validate(),
+            self.sink.validate(),
+            self.metrics.validate(),
         ] {
             if let Err(problem) = result {
                 bail!("invalid config: {problem}");
@@ -184,9 +221,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_invalid_values_are_named() {
-        let err = Config::parse(&format!("{MINIMAL}\n[metrics]\nlisten = 1"), env(&[]))
+        let err = Config::parse(&format!("{MINIMAL}\n[metric]\nlisten = 1"), env(&[]))
             .expect_err("unknown section");
-        assert!(format!("{err:#}").contains("metrics"), "{err:#}");
+        assert!(format!("{err:#}").contains("metric"), "{err:#}");
+        let err = Config::parse(&format!("{MINIMAL}\n[metrics]\nlisten = \"nowhere\""), env(&[]))
+            .expect_err("bad address");
+        assert!(format!("{err:#}").contains("metrics.listen"), "{err:#}");
         let err = Config::parse(MINIMAL, env(&[("SCORESYNC__KAFKA__PARTITIONS", "0")]))
             .expect_err("invalid");
         assert!(format!("{err:#}").contains("kafka.partitions"), "{err:#}");

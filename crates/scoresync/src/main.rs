@@ -3,6 +3,7 @@
 
 mod commands;
 mod config;
+mod metrics;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,11 +40,39 @@ enum Command {
     /// SIGTERM or SIGINT stops it cleanly (exit 0); a permanent problem (slot missing or lost,
     /// another cluster) exits 1 with a message naming it.
     Source,
+    /// Run the sink role: consume the change topic and write every change to the ClickHouse
+    /// shard it belongs to. Offsets are stored only after every shard acknowledged the rows.
+    /// Poison messages go to the dead-letter topic; events that cannot be written yet (a
+    /// conversation on no shard) are parked and retried. SIGTERM drains and exits 0.
+    Sink,
+    /// Run source and sink in one process (the default way to run scoresync). SIGTERM drains
+    /// both; a permanent error in either stops both and exits 1.
+    Run,
+    /// Show where the pipeline stands: the replication slot and its lag, the sink group's lag
+    /// per partition, dead letters, and what the running daemon has parked (from its /status).
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead-letter topic operations.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Check the configuration and that PostgreSQL, Kafka and every ClickHouse shard answer.
     ///
     /// Prints the effective configuration (secrets redacted), then one line per check. Exits
     /// non-zero when the configuration is invalid or any check fails.
     Validate,
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// Put dead letters back on the change topic (same key, or same partition for keyless
+    /// messages) once their cause is fixed. Progress is kept in the consumer group
+    /// `<kafka.consumer_group>.redrive`, so each dead letter is redriven once.
+    Redrive,
 }
 
 fn main() -> ExitCode {
@@ -77,6 +106,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Setup { recreate_slot } => commands::setup::run(&config, recreate_slot).await,
         Command::Source => commands::source::run(&config, shutdown_on_signals()?).await,
+        Command::Sink => commands::sink::run(&config, shutdown_on_signals()?).await,
+        Command::Run => commands::run::run(&config, shutdown_on_signals()?).await,
+        Command::Status { json } => commands::status::run(&config, json).await,
+        Command::Dlq { command: DlqCommand::Redrive } => commands::dlq::redrive(&config).await,
         Command::Validate => commands::validate::run(&config).await,
     }
 }

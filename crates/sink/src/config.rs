@@ -98,3 +98,80 @@ mod tests {
         assert!(!format!("{cfg:?}").contains("pw\""));
     }
 }
+
+/// Default rows per insert batch (per shard and table).
+pub const DEFAULT_MAX_BATCH_ROWS: usize = 10_000;
+/// Default bytes per insert batch.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Default longest a row waits in a batch before the batch is flushed.
+pub const DEFAULT_MAX_WAIT_MS: u64 = 500;
+/// Default bound on rows buffered or in flight across all shards before consumption pauses.
+pub const DEFAULT_MAX_BUFFERED_ROWS: usize = 200_000;
+/// Default bound on parked events before consumption pauses.
+pub const DEFAULT_MAX_PARKED_EVENTS: usize = 100_000;
+/// Default interval between retries of parked events.
+pub const DEFAULT_PARK_RETRY_MS: u64 = 2_000;
+/// Default bound on cached scorecards and conversations.
+pub const DEFAULT_CACHE_ENTRIES: usize = 200_000;
+
+/// The `[sink]` section: batching, memory bounds, parking.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Rows per insert (per shard and table).
+    pub max_batch_rows: usize,
+    /// Bytes per insert.
+    pub max_batch_bytes: usize,
+    /// Longest a row waits before its batch is flushed.
+    pub max_wait_ms: u64,
+    /// Rows buffered or in flight before consumption pauses (memory bound while a shard is down).
+    pub max_buffered_rows: usize,
+    /// Parked events before consumption pauses.
+    pub max_parked_events: usize,
+    /// How often parked events are retried.
+    pub park_retry_ms: u64,
+    /// Scorecards and conversations kept in the routing caches.
+    pub cache_entries: usize,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_wait_ms: DEFAULT_MAX_WAIT_MS,
+            max_buffered_rows: DEFAULT_MAX_BUFFERED_ROWS,
+            max_parked_events: DEFAULT_MAX_PARKED_EVENTS,
+            park_retry_ms: DEFAULT_PARK_RETRY_MS,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
+        }
+    }
+}
+
+impl SinkConfig {
+    /// Checks every field; the message names the field and the constraint it breaks.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("sink.max_batch_rows", self.max_batch_rows),
+            ("sink.max_batch_bytes", self.max_batch_bytes),
+            ("sink.max_buffered_rows", self.max_buffered_rows),
+            ("sink.max_parked_events", self.max_parked_events),
+            ("sink.cache_entries", self.cache_entries),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(format!("{field} must be at least 1"));
+            }
+        }
+        if self.max_buffered_rows < self.max_batch_rows {
+            return Err(format!(
+                "sink.max_buffered_rows ({}) must be at least sink.max_batch_rows ({})",
+                self.max_buffered_rows, self.max_batch_rows
+            ));
+        }
+        if self.max_wait_ms == 0 || self.park_retry_ms == 0 {
+            return Err("sink.max_wait_ms and sink.park_retry_ms must be at least 1".into());
+        }
+        Ok(())
+    }
+}

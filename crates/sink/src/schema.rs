@@ -80,3 +80,40 @@ pub async fn ensure(cfg: &ClickHouseConfig) -> Result<Vec<ShardOutcome>, SchemaE
     }
     Ok(outcomes)
 }
+
+/// Reads the target tables' columns from every shard (`system.columns`); all shards must agree.
+pub async fn load(
+    cfg: &ClickHouseConfig,
+) -> Result<Vec<crate::rows::TableSchema>, crate::error::Error> {
+    use crate::error::Error;
+    use crate::rows::TableSchema;
+    use scoresync_event::SourceTable;
+
+    let mut schemas: Vec<TableSchema> = Vec::new();
+    for table in SourceTable::ALL {
+        let mut first: Option<Vec<(String, String)>> = None;
+        for shard in 0..cfg.shards.len() {
+            let Some(client) = crate::shard::client(cfg, shard) else { continue };
+            let sql = format!(
+                "SELECT name, type FROM system.columns WHERE database = '{}' AND table = '{}'",
+                cfg.database,
+                table.name()
+            );
+            let columns: Vec<(String, String)> = client
+                .query_raw(&sql)
+                .fetch_all()
+                .await
+                .map_err(Error::shard(shard, format!("reading the columns of {}", table.name())))?;
+            match &first {
+                None => first = Some(columns),
+                Some(reference) if *reference != columns => {
+                    return Err(Error::SchemaMismatch { table: table.name().into(), shard });
+                }
+                Some(_) => {}
+            }
+        }
+        let columns = first.unwrap_or_default();
+        schemas.push(TableSchema::new(table, &columns).map_err(Error::Schema)?);
+    }
+    Ok(schemas)
+}

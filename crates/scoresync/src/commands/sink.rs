@@ -1,0 +1,35 @@
+//! `scoresync sink`: the sink role alone (as many as the change topic has partitions).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use scoresync_sink::{Sink, SinkStats};
+
+use crate::config::Config;
+
+/// The sink of this configuration, counting into `stats`.
+pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
+    Sink {
+        kafka: config.kafka.clone(),
+        clickhouse: config.clickhouse.clone(),
+        sink: config.sink.clone(),
+        postgres_url: Some(config.postgres.url.clone()),
+        stats,
+    }
+}
+
+/// Consumes until SIGTERM/SIGINT (exit 0) or a permanent error (exit 1).
+pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let stats = Arc::new(SinkStats::default());
+    crate::commands::serve_metrics(config, &stats, &shutdown).await?;
+    match sink(config, stats).run(shutdown.clone()).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(err) => {
+            eprintln!("scoresync sink: {}", scoresync_sink::stage::error_chain(&err));
+            shutdown.cancel();
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! `scoresync status [--json]`: where the pipeline stands. The replication slot (active,
+//! confirmed position, bytes of WAL behind), the sink group's lag per partition, the dead-letter
+//! count, and, from the running daemon's `/status`, what is parked and why.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use scoresync_bus::client::{OffsetReset, consumer_config};
+use scoresync_source::connect::ConnectParams;
+
+use crate::config::Config;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Prints the status; exits 0 when every part could be read.
+pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+    let slot = slot_status(config).await.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    let kafka = {
+        let cfg = config.clone();
+        tokio::task::spawn_blocking(move || kafka_status(&cfg))
+            .await?
+            .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }))
+    };
+    let sink = sink_status(&config.metrics.listen).await.unwrap_or_else(
+        |e| json!({ "error": format!("no sink answering at {}: {e:#}", config.metrics.listen) }),
+    );
+    let doc = json!({ "slot": slot, "kafka": kafka, "sink": sink });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print_human(&doc);
+    }
+    let failed = ["slot", "kafka", "sink"].iter().any(|k| doc[k].get("error").is_some());
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+async fn slot_status(config: &Config) -> anyhow::Result<Value> {
+    let params = ConnectParams::parse(&config.postgres.url)?;
+    let sql = tokio::time::timeout(TIMEOUT, params.connect_sql()).await.context("timed out")??;
+    let row = sql
+        .query_opt(
+            "SELECT active, confirmed_flush_lsn::text, restart_lsn::text, wal_status, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.postgres.slot],
+        )
+        .await?;
+    Ok(match row {
+        None => json!({ "slot": config.postgres.slot, "exists": false }),
+        Some(r) => json!({
+            "slot": config.postgres.slot,
+            "exists": true,
+            "active": r.get::<_, bool>(0),
+            "confirmed_flush_lsn": r.get::<_, Option<String>>(1),
+            "restart_lsn": r.get::<_, Option<String>>(2),
+            "wal_status": r.get::<_, Option<String>>(3),
+            "lag_bytes": r.get::<_, Option<i64>>(4),
+        }),
+    })
+}
+
+fn kafka_status(config: &Config) -> anyhow::Result<Value> {
+    let kafka = &config.kafka;
+    let consumer: BaseConsumer = consumer_config(kafka, &kafka.consumer_group, OffsetReset::Error)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let topic = kafka.change_topic.as_str();
+    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len() as i32);
+    let mut query = TopicPartitionList::new();
+    for p in 0..partitions {
+        query.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(query, TIMEOUT)?;
+    let mut rows = Vec::new();
+    let mut total_lag = 0;
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, TIMEOUT)?;
+        let at = committed.find_partition(topic, p).and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        });
+        let lag = high - at.unwrap_or(low).max(low);
+        total_lag += lag;
+        rows.push(json!({ "partition": p, "committed": at, "high_watermark": high, "lag": lag }));
+    }
+    let dlq = kafka.dlq_topic.as_str();
+    let dlq_partitions = consumer
+        .fetch_metadata(Some(dlq), TIMEOUT)?
+        .topics()
+        .iter()
+        .find(|t| t.name() == dlq)
+        .map_or(0, |t| t.partitions().len() as i32);
+    let mut dead_letters = 0;
+    for p in 0..dlq_partitions {
+        let (low, high) = consumer.fetch_watermarks(dlq, p, TIMEOUT)?;
+        dead_letters += high - low;
+    }
+    Ok(json!({
+        "group": kafka.consumer_group,
+        "topic": topic,
+        "lag": total_lag,
+        "partitions": rows,
+        "dead_letter_topic": dlq,
+        "dead_letters": dead_letters,
+    }))
+}
+
+/// GET /status from the running daemon.
+async fn sink_status(listen: &str) -> anyhow::Result<Value> {
+    anyhow::ensure!(!listen.is_empty(), "metrics.listen is empty");
+    let mut stream = tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(listen))
+        .await
+        .context("timed out")??;
+    stream
+        .write_all(
+            format!("GET /status HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut response))
+        .await
+        .context("timed out")??;
+    let text = String::from_utf8_lossy(&response);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).context("no HTTP body")?;
+    Ok(serde_json::from_str(body)?)
+}
+
+fn print_human(doc: &Value) {
+    let slot = &doc["slot"];
+    match slot.get("error") {
+        Some(e) => println!("slot:        error: {}", e.as_str().unwrap_or_default()),
+        None if slot["exists"] == false => {
+            println!("slot:        {} MISSING", slot["slot"].as_str().unwrap_or_default())
+        }
+        None => println!(
+            "slot:        {} active={} confirmed={} wal_status={} lag={} bytes",
+            slot["slot"].as_str().unwrap_or_default(),
+            slot["active"],
+            slot["confirmed_flush_lsn"].as_str().unwrap_or("-"),
+            slot["wal_status"].as_str().unwrap_or("-"),
+            slot["lag_bytes"]
+        ),
+    }
+    let kafka = &doc["kafka"];
+    match kafka.get("error") {
+        Some(e) => println!("kafka:       error: {}", e.as_str().unwrap_or_default()),
+        None => {
+            println!(
+                "kafka:       group {} on {}: lag {} message(s); dead letters: {}",
+                kafka["group"].as_str().unwrap_or_default(),
+                kafka["topic"].as_str().unwrap_or_default(),
+                kafka["lag"],
+                kafka["dead_letters"]
+            );
+            for p in kafka["partitions"].as_array().into_iter().flatten() {
+                println!(
+                    "             partition {} committed {} of {} (lag {})",
+                    p["partition"], p["committed"], p["high_watermark"], p["lag"]
+                );
+            }
+        }
+    }
+    let sink = &doc["sink"];
+    match sink.get("error") {
+        Some(e) => println!("sink:        {}", e.as_str().unwrap_or_default()),
+        None => {
+            let parked = sink["parked"]["events"].as_array().cloned().unwrap_or_default();
+            println!(
+                "sink:        buffered {} row(s), paused={}, parked {} event(s), dead-lettered {}",
+                sink["buffered_rows"],
+                sink["paused"],
+                parked.len(),
+                sink["dead_lettered_total"]
+            );
+            for p in parked {
+                println!(
+                    "  parked     {} {} ({}s, {} retries): {} [partition {} offset {}]",
+                    p["table"].as_str().unwrap_or_default(),
+                    p["key"],
+                    p["parked_seconds"],
+                    p["attempts"],
+                    p["reason"].as_str().unwrap_or_default(),
+                    p["partition"],
+                    p["offset"]
+                );
+            }
+        }
+    }
+}

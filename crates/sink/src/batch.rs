@@ -1,0 +1,244 @@
+//! Batching rows per (shard, table), bounded by rows, bytes and age.
+//!
+//! Within a buffer, rows of the same primary key collapse to the latest change (greater
+//! `(version, seq)`), so one INSERT never holds two versions of a row, and earlier changes of a
+//! transaction lose to later ones even though they share a version. Every batch remembers the
+//! Kafka messages whose rows it holds ([`Batch::origins`]), so offsets are stored only after
+//! ClickHouse acknowledged them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use scoresync_event::SourceTable;
+
+use crate::rows::{Cell, ChRow, RowKey, TableSchema};
+use crate::shard::ShardIndex;
+
+/// A Kafka message: (partition, offset).
+pub type MsgId = (i32, i64);
+
+/// Flush thresholds.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Rows per batch.
+    pub max_rows: usize,
+    /// Bytes per batch (estimated).
+    pub max_bytes: usize,
+    /// Age of the oldest row.
+    pub max_wait: Duration,
+}
+
+/// Rows ready to insert into one table of one shard.
+#[derive(Debug)]
+pub struct Batch {
+    /// Unique id (for logs).
+    pub id: u64,
+    /// Target shard.
+    pub shard: ShardIndex,
+    /// Target table.
+    pub table: SourceTable,
+    /// The rows, at most one per primary key.
+    pub rows: Vec<ChRow>,
+    /// Messages whose rows are in this batch.
+    pub origins: BTreeSet<MsgId>,
+}
+
+#[derive(Debug)]
+struct Buffer {
+    rows: Vec<ChRow>,
+    index: HashMap<Vec<String>, usize>,
+    origins: BTreeSet<MsgId>,
+    bytes: usize,
+    since: Instant,
+}
+
+/// Per-(shard, table) buffers.
+#[derive(Debug)]
+pub struct Batcher {
+    limits: Limits,
+    buffers: BTreeMap<(ShardIndex, SourceTable), Buffer>,
+    next_id: u64,
+    rows: usize,
+}
+
+fn estimate(row: &ChRow) -> usize {
+    row.cells
+        .iter()
+        .map(|c| match c {
+            Cell::Str(s) => s.len() + 1,
+            _ => 9,
+        })
+        .sum()
+}
+
+impl Batcher {
+    /// Empty buffers with these limits.
+    pub fn new(limits: Limits) -> Self {
+        Batcher { limits, buffers: BTreeMap::new(), next_id: 0, rows: 0 }
+    }
+
+    /// Adds a row written by message `origin`. Returns true when `origin` is new to this buffer
+    /// (the caller then holds the message until the buffer's batch is acknowledged).
+    pub fn add(
+        &mut self,
+        shard: ShardIndex,
+        schema: &TableSchema,
+        row: ChRow,
+        origin: MsgId,
+    ) -> bool {
+        let buffer = self.buffers.entry((shard, row.table)).or_insert_with(|| Buffer {
+            rows: Vec::new(),
+            index: HashMap::new(),
+            origins: BTreeSet::new(),
+            bytes: 0,
+            since: Instant::now(),
+        });
+        let (_, key) = row.key(schema);
+        let size = estimate(&row);
+        match buffer.index.get(&key) {
+            Some(&i) => {
+                let current = &buffer.rows[i];
+                if (row.version, row.seq) >= (current.version, current.seq) {
+                    buffer.bytes = buffer.bytes - estimate(current) + size;
+                    buffer.rows[i] = row;
+                }
+            }
+            None => {
+                buffer.index.insert(key, buffer.rows.len());
+                buffer.rows.push(row);
+                buffer.bytes += size;
+                self.rows += 1;
+            }
+        }
+        buffer.origins.insert(origin)
+    }
+
+    /// The buffered row with this key for `shard`, if any.
+    pub fn find(&self, shard: ShardIndex, key: &RowKey) -> Option<&ChRow> {
+        let buffer = self.buffers.get(&(shard, key.0))?;
+        buffer.index.get(&key.1).map(|&i| &buffer.rows[i])
+    }
+
+    /// Rows buffered (not yet handed out).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Batches that are full or old enough.
+    pub fn ready(&mut self, now: Instant) -> Vec<Batch> {
+        let limits = self.limits;
+        let due: Vec<(ShardIndex, SourceTable)> = self
+            .buffers
+            .iter()
+            .filter(|(_, b)| {
+                b.rows.len() >= limits.max_rows
+                    || b.bytes >= limits.max_bytes
+                    || now.duration_since(b.since) >= limits.max_wait
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        due.into_iter().filter_map(|k| self.take(k)).collect()
+    }
+
+    /// Every buffered row, as batches.
+    pub fn drain(&mut self) -> Vec<Batch> {
+        let keys: Vec<_> = self.buffers.keys().copied().collect();
+        keys.into_iter().filter_map(|k| self.take(k)).collect()
+    }
+
+    fn take(&mut self, key: (ShardIndex, SourceTable)) -> Option<Batch> {
+        let buffer = self.buffers.remove(&key)?;
+        self.rows -= buffer.rows.len();
+        self.next_id += 1;
+        Some(Batch {
+            id: self.next_id,
+            shard: key.0,
+            table: key.1,
+            rows: buffer.rows,
+            origins: buffer.origins,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rows::TableSchema;
+
+    fn schema() -> TableSchema {
+        let cols: Vec<(String, String)> = [
+            ("customer_id", "String"),
+            ("profile_id", "String"),
+            ("scorecard_id", "String"),
+            ("comment", "Nullable(String)"),
+            ("_version", "UInt64"),
+            ("_deleted", "UInt8"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        TableSchema::new(SourceTable::Scorecards, &cols).expect("schema")
+    }
+
+    fn row(id: &str, comment: &str, version: u64, seq: u32) -> ChRow {
+        ChRow {
+            table: SourceTable::Scorecards,
+            cells: vec![
+                Cell::Str("c".into()),
+                Cell::Str("p".into()),
+                Cell::Str(id.into()),
+                Cell::Str(comment.into()),
+                Cell::UInt(version),
+                Cell::UInt(0),
+            ],
+            version,
+            seq,
+            unknown: Vec::new(),
+            commit_time_us: 0,
+        }
+    }
+
+    fn limits(rows: usize) -> Limits {
+        Limits { max_rows: rows, max_bytes: 1 << 20, max_wait: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn same_key_collapses_to_the_latest_change_and_keeps_every_origin() {
+        let s = schema();
+        let mut b = Batcher::new(limits(100));
+        assert!(b.add(0, &s, row("a", "first", 10, 0), (0, 1)));
+        assert!(b.add(0, &s, row("a", "second", 10, 1), (0, 2)));
+        assert!(
+            b.add(0, &s, row("a", "stale", 9, 5), (0, 3)),
+            "older version: row dropped, origin kept"
+        );
+        assert!(!b.add(0, &s, row("a", "again", 10, 1), (0, 2)), "same origin twice");
+        assert_eq!(b.rows(), 1);
+        let key = (SourceTable::Scorecards, vec!["c".into(), "p".into(), "a".into()]);
+        assert_eq!(b.find(0, &key).map(|r| r.cells[3].clone()), Some(Cell::Str("again".into())));
+        assert!(b.find(1, &key).is_none(), "other shard");
+        let batches = b.drain();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(
+            batches[0].origins.iter().copied().collect::<Vec<_>>(),
+            vec![(0, 1), (0, 2), (0, 3)]
+        );
+        assert_eq!(b.rows(), 0);
+    }
+
+    #[test]
+    fn buffers_are_per_shard_and_flush_when_full_or_old() {
+        let s = schema();
+        let mut b = Batcher::new(limits(2));
+        b.add(0, &s, row("a", "x", 1, 0), (0, 1));
+        b.add(1, &s, row("b", "x", 1, 0), (0, 2));
+        assert!(b.ready(Instant::now()).is_empty());
+        b.add(0, &s, row("c", "x", 1, 0), (0, 3));
+        let full = b.ready(Instant::now());
+        assert_eq!(full.len(), 1);
+        assert_eq!((full[0].shard, full[0].rows.len()), (0, 2));
+        let later = Instant::now() + Duration::from_secs(61);
+        let old = b.ready(later);
+        assert_eq!((old.len(), old[0].shard), (1, 1));
+    }
+}

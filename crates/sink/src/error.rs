@@ -1,0 +1,89 @@
+//! Errors of the sink. Shard and broker trouble is transient (retried with backoff, nothing
+//! stored past it); a schema that cannot take the rows is permanent.
+
+use rdkafka::error::KafkaError;
+
+use crate::rows::RowError;
+use crate::shard::ShardIndex;
+
+/// A sink failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A ClickHouse request failed.
+    #[error("clickhouse shard {shard}: {action} failed")]
+    Shard {
+        /// The shard.
+        shard: ShardIndex,
+        /// What was attempted.
+        action: String,
+        /// The client error.
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    /// A shard answered something the sink cannot read.
+    #[error("clickhouse shard {shard}: unreadable answer ({what})")]
+    Unreadable {
+        /// The shard.
+        shard: ShardIndex,
+        /// What was expected.
+        what: String,
+    },
+    /// A PostgreSQL lookup failed.
+    #[error("postgres: {context}")]
+    Postgres {
+        /// What was being done.
+        context: String,
+        /// The driver error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A target table cannot take the rows (its schema lacks key columns).
+    #[error("clickhouse schema")]
+    Schema(#[source] RowError),
+    /// The shards disagree about a table's columns.
+    #[error("clickhouse table {table}: shard {shard} has other columns than shard 0")]
+    SchemaMismatch {
+        /// The table.
+        table: String,
+        /// The shard that differs.
+        shard: ShardIndex,
+    },
+    /// A Kafka client operation failed.
+    #[error("kafka: {context}")]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// What librdkafka said.
+        #[source]
+        source: KafkaError,
+    },
+    /// A Kafka client could not be created or a topic operation failed.
+    #[error(transparent)]
+    Bus(Box<scoresync_bus::Error>),
+}
+
+impl From<scoresync_bus::Error> for Error {
+    fn from(err: scoresync_bus::Error) -> Self {
+        Error::Bus(Box::new(err))
+    }
+}
+
+impl Error {
+    /// Wraps a ClickHouse error with the shard and action.
+    pub fn shard(
+        shard: ShardIndex,
+        action: impl Into<String>,
+    ) -> impl FnOnce(clickhouse::error::Error) -> Error {
+        let action = action.into();
+        move |source| Error::Shard { shard, action, source }
+    }
+
+    /// True when retrying later can succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Shard { .. } | Error::Postgres { .. } | Error::Kafka { .. } => true,
+            Error::Bus(err) => err.is_transient(),
+            Error::Unreadable { .. } | Error::Schema(_) | Error::SchemaMismatch { .. } => false,
+        }
+    }
+}

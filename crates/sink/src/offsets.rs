@@ -1,0 +1,160 @@
+//! Which Kafka offsets the sink may store (DESIGN.md rule 5).
+//!
+//! Every consumed message is held from the moment it arrives; more holds are taken for each batch
+//! that carries its rows, for a dead-letter write, and for as long as it is parked. A message is
+//! done when its last hold is released. The storable offset of a partition is the lowest message
+//! still held (or, when none is, one past the highest message seen): everything before it is in
+//! ClickHouse on every shard it touched, in the dead-letter topic, or superseded. Stored offsets
+//! are "next to read" (what `store_offsets` takes as given; `store_offset` would add one).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::batch::MsgId;
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    /// Offset -> outstanding holds.
+    held: BTreeMap<i64, u32>,
+    /// One past the highest offset seen.
+    next: Option<i64>,
+    /// Last offset handed out by [`Offsets::storable`].
+    stored: Option<i64>,
+}
+
+/// Holds per message, per partition.
+#[derive(Debug, Default)]
+pub struct Offsets {
+    partitions: HashMap<i32, PartitionState>,
+}
+
+impl Offsets {
+    /// A message arrived: hold it until processing finishes.
+    pub fn received(&mut self, (partition, offset): MsgId) {
+        let state = self.partitions.entry(partition).or_default();
+        *state.held.entry(offset).or_insert(0) += 1;
+        state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+    }
+
+    /// Takes another hold on a message already received.
+    pub fn hold(&mut self, (partition, offset): MsgId) {
+        if let Some(state) = self.partitions.get_mut(&partition) {
+            *state.held.entry(offset).or_insert(0) += 1;
+        }
+    }
+
+    /// Releases one hold.
+    pub fn release(&mut self, (partition, offset): MsgId) {
+        if let Some(state) = self.partitions.get_mut(&partition)
+            && let Some(count) = state.held.get_mut(&offset)
+        {
+            *count -= 1;
+            if *count == 0 {
+                state.held.remove(&offset);
+            }
+        }
+    }
+
+    /// The offset to store for `partition`: everything before it is done.
+    pub fn committable(&self, partition: i32) -> Option<i64> {
+        let state = self.partitions.get(&partition)?;
+        state.held.keys().next().copied().or(state.next)
+    }
+
+    /// Partitions whose storable offset moved since the last call, with that offset.
+    pub fn storable(&mut self) -> Vec<(i32, i64)> {
+        let mut out = Vec::new();
+        for (partition, state) in &mut self.partitions {
+            let Some(offset) = state.held.keys().next().copied().or(state.next) else { continue };
+            if state.stored != Some(offset) {
+                state.stored = Some(offset);
+                out.push((*partition, offset));
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Forgets partitions this consumer no longer owns.
+    pub fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    /// Messages still held, across partitions.
+    pub fn held(&self) -> usize {
+        self.partitions.values().map(|s| s.held.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stores_only_past_fully_released_messages() {
+        let mut o = Offsets::default();
+        for offset in 10..13 {
+            o.received((0, offset));
+        }
+        // 10 and 12 have rows in batches; 11 is parked (keeps its processing hold).
+        o.hold((0, 10));
+        o.release((0, 10));
+        o.hold((0, 12));
+        o.release((0, 12));
+        assert_eq!(o.committable(0), Some(10));
+        o.release((0, 10)); // batch of 10 acknowledged
+        assert_eq!(o.committable(0), Some(11), "parked 11 holds the line");
+        o.release((0, 12));
+        assert_eq!(o.committable(0), Some(11));
+        o.release((0, 11)); // unparked and written
+        assert_eq!(o.committable(0), Some(13), "one past the last message");
+        assert_eq!(o.storable(), vec![(0, 13)]);
+        assert_eq!(o.storable(), vec![], "unchanged since the last call");
+    }
+
+    #[test]
+    fn partitions_are_independent_and_revocable() {
+        let mut o = Offsets::default();
+        o.received((0, 5));
+        o.received((1, 7));
+        o.release((1, 7));
+        assert_eq!(o.committable(0), Some(5));
+        assert_eq!(o.committable(1), Some(8));
+        o.revoke(0);
+        assert_eq!(o.committable(0), None);
+        assert_eq!(o.held(), 0);
+    }
+
+    #[test]
+    fn random_release_orders_never_store_past_a_held_message() {
+        let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..200 {
+            let mut o = Offsets::default();
+            let mut holds = Vec::new();
+            for offset in 0..40 {
+                o.received((3, offset));
+                holds.push(offset);
+                for _ in 0..(next() % 3) {
+                    o.hold((3, offset));
+                    holds.push(offset);
+                }
+            }
+            while !holds.is_empty() {
+                let i = (next() % holds.len() as u64) as usize;
+                let offset = holds.swap_remove(i);
+                o.release((3, offset));
+                let lowest_held = holds.iter().min().copied();
+                let committable = o.committable(3).expect("partition known");
+                if let Some(low) = lowest_held {
+                    assert!(committable <= low, "stored {committable} past held {low}");
+                }
+            }
+            assert_eq!(o.committable(3), Some(40));
+        }
+    }
+}

@@ -1,0 +1,674 @@
+//! The sink stage: the consumer loop that decodes, applies, batches, hands batches to the shard
+//! writers and stores offsets.
+//!
+//! Loop priorities: shutdown, then writer and dead-letter acknowledgements, then the timer
+//! (flush aged batches, store offsets, retry parked events, pause or resume), then new messages.
+//! Memory stays bounded: when buffered plus in-flight rows reach `max_buffered_rows`, or parked
+//! events reach `max_parked_events`, the assigned partitions are paused (the loop keeps polling,
+//! so the consumer stays in its group) until the backlog halves.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use scoresync_bus::KafkaConfig;
+use scoresync_bus::backoff::Backoff;
+use scoresync_bus::client::OffsetReset;
+use scoresync_event::{ChangeEvent, decode};
+
+use crate::apply::{Applier, Decision, event_row_key};
+use crate::batch::{Batch, Batcher, Limits, MsgId};
+use crate::cache::Caches;
+use crate::config::{ClickHouseConfig, SinkConfig};
+use crate::dlq::{DeadLetters, Origin};
+use crate::error::Error;
+use crate::lookup::Lookups;
+use crate::offsets::Offsets;
+use crate::park::Park;
+use crate::stats::{ParkedSnapshot, SinkStats};
+use crate::writer::{Ack, ShardWriter};
+
+/// Most messages taken from the consumer in one go (then lookups are batched for them).
+const POLL_BATCH: usize = 500;
+/// How long a revoke waits for batches already with the writers.
+const REVOKE_DRAIN: Duration = Duration::from_secs(15);
+/// How long shutdown waits for buffered rows to reach ClickHouse.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
+
+/// The sink role.
+pub struct Sink {
+    /// Kafka settings (change topic, dead-letter topic, group).
+    pub kafka: KafkaConfig,
+    /// Shards.
+    pub clickhouse: ClickHouseConfig,
+    /// Batching and bounds.
+    pub sink: SinkConfig,
+    /// PostgreSQL URL for last-resort lookups (`None`: park instead).
+    pub postgres_url: Option<String>,
+    /// What it counts.
+    pub stats: Arc<SinkStats>,
+}
+
+/// Consumer callbacks: on revoke, wait for in-flight batches and commit what is done.
+pub struct SinkContext {
+    offsets: Arc<Mutex<Offsets>>,
+    in_flight_rows: Arc<AtomicUsize>,
+    revoked: Arc<Mutex<Vec<i32>>>,
+    topic: String,
+}
+
+impl ClientContext for SinkContext {}
+
+impl ConsumerContext for SinkContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(partitions) = rebalance else { return };
+        let deadline = Instant::now() + REVOKE_DRAIN;
+        while self.in_flight_rows.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut commit = TopicPartitionList::new();
+        let mut gone = Vec::new();
+        if let Ok(offsets) = self.offsets.lock() {
+            for element in partitions.elements() {
+                gone.push(element.partition());
+                if let Some(offset) = offsets.committable(element.partition()) {
+                    let _ = commit.add_partition_offset(
+                        &self.topic,
+                        element.partition(),
+                        Offset::Offset(offset),
+                    );
+                }
+            }
+        }
+        if commit.count() > 0
+            && let Err(error) = consumer.commit(&commit, rdkafka::consumer::CommitMode::Sync)
+        {
+            tracing::warn!(%error, "commit on revoke failed; the new owner re-reads from the last commit");
+        }
+        tracing::info!(partitions = ?gone, "partitions revoked");
+        if let Ok(mut revoked) = self.revoked.lock() {
+            revoked.extend(gone);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(partitions) = rebalance else { return };
+        let committed =
+            consumer.committed_offsets((*partitions).clone(), Duration::from_secs(10)).ok();
+        for element in partitions.elements() {
+            let partition = element.partition();
+            let committed = committed
+                .as_ref()
+                .and_then(|c| c.find_partition(&self.topic, partition))
+                .map(|e| e.offset());
+            let low = consumer
+                .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+                .ok()
+                .map(|w| w.0);
+            match (committed, low) {
+                (Some(Offset::Offset(at)), Some(low)) if at < low => tracing::error!(
+                    partition,
+                    committed = at,
+                    earliest_retained = low,
+                    "committed offset is older than the earliest retained message: events were deleted by \
+                     retention before the sink applied them; ClickHouse may miss changes (run verify --repair)"
+                ),
+                (Some(Offset::Offset(at)), _) => {
+                    tracing::info!(partition, from = at, "partition assigned")
+                }
+                _ => tracing::warn!(
+                    partition,
+                    "partition assigned with no committed offset: starting at the earliest retained message"
+                ),
+            }
+        }
+    }
+}
+
+/// One consumed message, owned.
+struct Incoming {
+    id: MsgId,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+}
+
+/// The loop's state.
+struct Loop {
+    applier: Applier,
+    dead_letters: DeadLetters,
+    dlq_acks: FuturesUnordered<
+        futures::future::BoxFuture<'static, (MsgId, Result<(), rdkafka::error::KafkaError>)>,
+    >,
+    writers: Vec<mpsc::Sender<Batch>>,
+    queues: Vec<VecDeque<Batch>>,
+    acks: mpsc::Receiver<Ack>,
+    in_flight_rows: Arc<AtomicUsize>,
+    offsets: Arc<Mutex<Offsets>>,
+    stats: Arc<SinkStats>,
+    topic: String,
+    config: SinkConfig,
+    paused: bool,
+}
+
+impl Sink {
+    /// Runs until `shutdown` (drains, stores offsets, returns `Ok`) or a permanent error.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let schemas = Arc::new(crate::schema::load(&self.clickhouse).await?);
+        let clients = crate::shard::clients(&self.clickhouse);
+        let offsets = Arc::new(Mutex::new(Offsets::default()));
+        let in_flight_rows = Arc::new(AtomicUsize::new(0));
+        let revoked = Arc::new(Mutex::new(Vec::new()));
+        let context = SinkContext {
+            offsets: Arc::clone(&offsets),
+            in_flight_rows: Arc::clone(&in_flight_rows),
+            revoked: Arc::clone(&revoked),
+            topic: self.kafka.change_topic.clone(),
+        };
+        let consumer: StreamConsumer<SinkContext> = scoresync_bus::client::consumer(
+            &self.kafka,
+            &self.kafka.consumer_group,
+            OffsetReset::Earliest,
+            context,
+        )?;
+        consumer.subscribe(&[&self.kafka.change_topic]).map_err(|source| Error::Kafka {
+            context: format!("subscribing to {}", self.kafka.change_topic),
+            source,
+        })?;
+
+        let pg = match &self.postgres_url {
+            Some(url) => Some(connect_postgres(url).await?),
+            None => None,
+        };
+        let writer_stop = CancellationToken::new();
+        let (ack_tx, ack_rx) = mpsc::channel(1024);
+        let mut writers = Vec::new();
+        let mut tasks = Vec::new();
+        for (shard, client) in clients.iter().enumerate() {
+            let (tx, rx) = mpsc::channel(2);
+            writers.push(tx);
+            let writer = ShardWriter {
+                shard,
+                client: client.clone(),
+                database: self.clickhouse.database.clone(),
+                schemas: Arc::clone(&schemas),
+                batches: rx,
+                acks: ack_tx.clone(),
+                offsets: Arc::clone(&offsets),
+                stats: Arc::clone(&self.stats),
+                in_flight_rows: Arc::clone(&in_flight_rows),
+            };
+            tasks.push(tokio::spawn(writer.run(writer_stop.clone())));
+        }
+        let limits = Limits {
+            max_rows: self.sink.max_batch_rows,
+            max_bytes: self.sink.max_batch_bytes,
+            max_wait: Duration::from_millis(self.sink.max_wait_ms),
+        };
+        let mut state = Loop {
+            applier: Applier {
+                shards: clients.len(),
+                schemas,
+                lookups: Lookups::new(clients.clone(), self.clickhouse.database.clone(), pg),
+                caches: Caches::new(self.sink.cache_entries),
+                batcher: Batcher::new(limits),
+                park: Park::default(),
+                offsets: Arc::clone(&offsets),
+            },
+            dead_letters: DeadLetters::new(&self.kafka)?,
+            dlq_acks: FuturesUnordered::new(),
+            queues: (0..writers.len()).map(|_| VecDeque::new()).collect(),
+            writers,
+            acks: ack_rx,
+            in_flight_rows,
+            offsets,
+            stats: Arc::clone(&self.stats),
+            topic: self.kafka.change_topic.clone(),
+            config: self.sink.clone(),
+            paused: false,
+        };
+        let result = state.run(&consumer, &revoked, &shutdown).await;
+        let drained = state.drain(&shutdown, &consumer).await;
+        writer_stop.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+        // librdkafka's consumer close can block (it waits for the group to settle): do it off the
+        // async threads and do not wait for ever.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            drop(consumer);
+            let _ = done_tx.send(());
+        });
+        if tokio::time::timeout(Duration::from_secs(10), done_rx).await.is_err() {
+            tracing::warn!("kafka consumer close did not finish within 10s");
+        }
+        result.and(drained)
+    }
+}
+
+async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|source| Error::Postgres { context: "connecting for lookups".into(), source })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "postgres lookup connection ended");
+        }
+    });
+    Ok(client)
+}
+
+impl Loop {
+    async fn run(
+        &mut self,
+        consumer: &StreamConsumer<SinkContext>,
+        revoked: &Mutex<Vec<i32>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Error> {
+        let mut tick = tokio::time::interval(Duration::from_millis(
+            (self.config.max_wait_ms / 2).clamp(20, 500),
+        ));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_park_retry = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                // 1. Shutdown.
+                _ = shutdown.cancelled() => return Ok(()),
+                // 2. Acknowledgements: writers (offsets already released by the writer) and
+                //    dead letters.
+                Some(ack) = self.acks.recv() => self.on_ack(ack),
+                Some((msg, result)) = self.dlq_acks.next(), if !self.dlq_acks.is_empty() => {
+                    result.map_err(|source| Error::Kafka { context: "dead-letter write".into(), source })?;
+                    self.release(msg);
+                }
+                // 3. Timer: flush aged batches, store offsets, retry parked events, pause/resume.
+                _ = tick.tick() => {
+                    self.forget_revoked(revoked);
+                    self.flush_ready();
+                    self.store_offsets(consumer)?;
+                    if last_park_retry.elapsed() >= Duration::from_millis(self.config.park_retry_ms) {
+                        last_park_retry = Instant::now();
+                        if !self.retry_parked(shutdown).await? {
+                            return Ok(());
+                        }
+                    }
+                    self.pause_or_resume(consumer)?;
+                    self.publish_stats();
+                }
+                // 4. New messages.
+                message = consumer.recv() => {
+                    let first = message.map_err(|source| Error::Kafka { context: "consuming".into(), source })?;
+                    let mut batch = vec![owned(&first)];
+                    drop(first);
+                    while batch.len() < POLL_BATCH {
+                        match consumer.recv().now_or_never() {
+                            Some(Ok(m)) => batch.push(owned(&m)),
+                            _ => break,
+                        }
+                    }
+                    self.forget_revoked(revoked);
+                    if !self.process(batch, shutdown).await? {
+                        return Ok(());
+                    }
+                    self.flush_ready();
+                }
+            }
+        }
+    }
+
+    fn on_ack(&mut self, _ack: Ack) {
+        self.push_queues();
+    }
+
+    fn release(&self, msg: MsgId) {
+        if let Ok(mut offsets) = self.offsets.lock() {
+            offsets.release(msg);
+        }
+    }
+
+    fn forget_revoked(&mut self, revoked: &Mutex<Vec<i32>>) {
+        let gone: Vec<i32> =
+            revoked.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+        for partition in gone {
+            if let Ok(mut offsets) = self.offsets.lock() {
+                offsets.revoke(partition);
+            }
+            self.applier.park.revoke(partition);
+        }
+    }
+
+    /// Decodes and applies a poll batch. Returns false when shutdown interrupted it.
+    async fn process(
+        &mut self,
+        batch: Vec<Incoming>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, Error> {
+        SinkStats::add(&self.stats.messages_consumed, batch.len() as u64);
+        let mut events = Vec::with_capacity(batch.len());
+        for incoming in batch {
+            if let Ok(mut offsets) = self.offsets.lock() {
+                offsets.received(incoming.id);
+            }
+            match decode(&incoming.payload) {
+                Ok(event) => events.push((incoming, event)),
+                Err(err) => self.dead_letter(&incoming, &error_chain(&err))?,
+            }
+        }
+        for (incoming, event) in events {
+            if !self.apply_one(&incoming, event, shutdown).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Applies one event (retrying transient lookups), parks or dead-letters it. Returns false
+    /// when shutdown interrupted it.
+    async fn apply_one(
+        &mut self,
+        incoming: &Incoming,
+        event: ChangeEvent,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, Error> {
+        let table = scoresync_event::SourceTable::from_name(&event.schema, &event.table);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+        loop {
+            let flushed = self.applier.batcher.rows() == 0
+                && self.in_flight_rows.load(Ordering::Acquire) == 0;
+            match self.applier.apply(incoming.id, &event, flushed).await {
+                Ok(Decision::Applied) => {
+                    if let Some(table) = table {
+                        let row = event_row_key(table, &event);
+                        if let Some(older) = self.applier.park.supersede(&row, &event) {
+                            self.release(older);
+                        }
+                    }
+                    SinkStats::add(&self.stats.events_applied, 1);
+                    self.release(incoming.id);
+                    return Ok(true);
+                }
+                Ok(Decision::Park(reason)) => {
+                    let Some(table) = table else { return Ok(true) };
+                    tracing::debug!(partition = incoming.id.0, offset = incoming.id.1, %reason, "parked");
+                    let row = event_row_key(table, &event);
+                    if let Some(older) = self.applier.park.park(row, incoming.id, event, reason) {
+                        self.release(older);
+                    }
+                    return Ok(true);
+                }
+                Ok(Decision::Poison(error)) => {
+                    self.dead_letter(incoming, &error)?;
+                    return Ok(true);
+                }
+                Ok(Decision::NeedsFlush) => {
+                    if !self.flush_and_wait(shutdown).await {
+                        return Ok(false);
+                    }
+                }
+                Err(err) if err.is_transient() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %error_chain(&err), ?delay, "applying an event failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn dead_letter(&mut self, incoming: &Incoming, error: &str) -> Result<(), Error> {
+        tracing::warn!(
+            partition = incoming.id.0,
+            offset = incoming.id.1,
+            error,
+            "dead-lettering a poison message"
+        );
+        let origin = Origin {
+            topic: &self.topic,
+            partition: incoming.id.0,
+            offset: incoming.id.1,
+            key: incoming.key.as_deref(),
+            payload: &incoming.payload,
+        };
+        let delivery = self.dead_letters.send(&origin, error)?;
+        let id = incoming.id;
+        self.dlq_acks.push(
+            async move {
+                let result = match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((err, _))) => Err(err),
+                    Err(_) => Err(rdkafka::error::KafkaError::Canceled),
+                };
+                (id, result)
+            }
+            .boxed(),
+        );
+        SinkStats::add(&self.stats.dead_lettered, 1);
+        Ok(())
+    }
+
+    /// Retries parked events that are due. Returns false when shutdown interrupted it.
+    async fn retry_parked(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
+        let due = self.applier.park.due(Instant::now());
+        for (row, parked) in due {
+            let flushed = self.applier.batcher.rows() == 0
+                && self.in_flight_rows.load(Ordering::Acquire) == 0;
+            match self.applier.apply(parked.msg, &parked.event, flushed).await {
+                Ok(Decision::Applied) => {
+                    tracing::info!(
+                        partition = parked.msg.0,
+                        offset = parked.msg.1,
+                        "parked event applied"
+                    );
+                    self.release(parked.msg);
+                }
+                Ok(Decision::Park(reason)) => self.applier.park.repark(row, parked, reason),
+                Ok(Decision::Poison(error)) => {
+                    let incoming = Incoming {
+                        id: parked.msg,
+                        key: None,
+                        payload: scoresync_event::encode(&parked.event),
+                    };
+                    self.dead_letter(&incoming, &error)?;
+                }
+                Ok(Decision::NeedsFlush) => {
+                    let reason = parked.reason.clone();
+                    self.applier.park.repark(row, parked, reason);
+                    if !self.flush_and_wait(shutdown).await {
+                        return Ok(false);
+                    }
+                }
+                Err(err) if err.is_transient() => {
+                    let reason = parked.reason.clone();
+                    tracing::warn!(error = %error_chain(&err), "retrying a parked event failed");
+                    self.applier.park.repark(row, parked, reason);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(true)
+    }
+
+    fn flush_ready(&mut self) {
+        for batch in self.applier.batcher.ready(Instant::now()) {
+            self.enqueue(batch);
+        }
+        self.push_queues();
+    }
+
+    fn enqueue(&mut self, batch: Batch) {
+        self.in_flight_rows.fetch_add(batch.rows.len(), Ordering::AcqRel);
+        let shard = batch.shard;
+        self.queues[shard].push_back(batch);
+    }
+
+    /// Hands queued batches to writers with room.
+    fn push_queues(&mut self) {
+        for (shard, queue) in self.queues.iter_mut().enumerate() {
+            while let Some(batch) = queue.pop_front() {
+                match self.writers[shard].try_send(batch) {
+                    Ok(()) => {}
+                    Err(
+                        mpsc::error::TrySendError::Full(batch)
+                        | mpsc::error::TrySendError::Closed(batch),
+                    ) => {
+                        queue.push_front(batch);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every buffered row and waits until ClickHouse acknowledged all of it. Returns false
+    /// when shutdown came first.
+    async fn flush_and_wait(&mut self, shutdown: &CancellationToken) -> bool {
+        for batch in self.applier.batcher.drain() {
+            self.enqueue(batch);
+        }
+        loop {
+            self.push_queues();
+            if self.in_flight_rows.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                ack = self.acks.recv() => match ack {
+                    Some(ack) => self.on_ack(ack),
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    fn store_offsets(&mut self, consumer: &StreamConsumer<SinkContext>) -> Result<(), Error> {
+        let storable = match self.offsets.lock() {
+            Ok(mut offsets) => offsets.storable(),
+            Err(_) => return Ok(()),
+        };
+        if storable.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (partition, offset) in storable {
+            tpl.add_partition_offset(&self.topic, partition, Offset::Offset(offset))
+                .map_err(|source| Error::Kafka { context: "building offsets".into(), source })?;
+        }
+        // Offsets are "next to read" here, which store_offsets takes as given.
+        if let Err(error) = consumer.store_offsets(&tpl) {
+            tracing::debug!(%error, "storing offsets failed (partition revoked?)");
+        }
+        Ok(())
+    }
+
+    fn pause_or_resume(&mut self, consumer: &StreamConsumer<SinkContext>) -> Result<(), Error> {
+        let buffered = self.applier.batcher.rows() + self.in_flight_rows.load(Ordering::Acquire);
+        let parked = self.applier.park.len();
+        let full =
+            buffered >= self.config.max_buffered_rows || parked >= self.config.max_parked_events;
+        let relaxed = buffered <= self.config.max_buffered_rows / 2
+            && parked <= self.config.max_parked_events / 2;
+        let assignment = consumer
+            .assignment()
+            .map_err(|source| Error::Kafka { context: "reading the assignment".into(), source })?;
+        if full && !self.paused {
+            tracing::warn!(buffered, parked, "buffers full: pausing consumption");
+            consumer
+                .pause(&assignment)
+                .map_err(|source| Error::Kafka { context: "pausing".into(), source })?;
+            self.paused = true;
+        } else if self.paused && relaxed {
+            tracing::info!(buffered, parked, "buffers drained: resuming consumption");
+            consumer
+                .resume(&assignment)
+                .map_err(|source| Error::Kafka { context: "resuming".into(), source })?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    fn publish_stats(&self) {
+        let buffered = self.applier.batcher.rows() + self.in_flight_rows.load(Ordering::Acquire);
+        self.stats.buffered_rows.store(buffered as u64, Ordering::Relaxed);
+        self.stats.paused.store(u64::from(self.paused), Ordering::Relaxed);
+        if let Ok(mut parked) = self.stats.parked.lock() {
+            *parked = ParkedSnapshot {
+                by_reason: self
+                    .applier
+                    .park
+                    .by_reason()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+                events: self.applier.park.summary(),
+            };
+        }
+    }
+
+    /// Shutdown: send what is buffered, wait (bounded) for it, store and commit offsets.
+    async fn drain(
+        &mut self,
+        _shutdown: &CancellationToken,
+        consumer: &StreamConsumer<SinkContext>,
+    ) -> Result<(), Error> {
+        let patience = CancellationToken::new();
+        let timer = {
+            let patience = patience.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SHUTDOWN_DRAIN).await;
+                patience.cancel();
+            })
+        };
+        if !self.flush_and_wait(&patience).await {
+            tracing::warn!(
+                "shutdown: rows still unacknowledged after {SHUTDOWN_DRAIN:?}; they will be read again"
+            );
+        }
+        timer.abort();
+        while let Some(Some((msg, result))) = self.dlq_acks.next().now_or_never() {
+            if result.is_ok() {
+                self.release(msg);
+            }
+        }
+        self.store_offsets(consumer)?;
+        if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+            tracing::debug!(%error, "final commit");
+        }
+        self.publish_stats();
+        Ok(())
+    }
+}
+
+fn owned(message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
+    Incoming {
+        id: (message.partition(), message.offset()),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

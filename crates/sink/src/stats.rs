@@ -1,0 +1,73 @@
+//! What the sink counts, for `/metrics` and `scoresync status`. Plain atomics and snapshots: the
+//! binary turns them into Prometheus metrics in one place (`scoresync::metrics`).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::park::ParkedSummary;
+
+/// Counters and gauges of one sink.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Events dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Events applied (rows written or superseded).
+    pub events_applied: AtomicU64,
+    /// Kafka messages consumed.
+    pub messages_consumed: AtomicU64,
+    /// Per (shard, table): rows inserted, inserts, failed inserts, insert seconds (sum).
+    pub inserts: Mutex<BTreeMap<(usize, String), InsertStats>>,
+    /// Parked events per reason label, and the parked list (refreshed by the sink loop).
+    pub parked: Mutex<ParkedSnapshot>,
+    /// Seconds from PostgreSQL commit to ClickHouse acknowledgement of the newest row, per table.
+    pub commit_to_ack_seconds: Mutex<BTreeMap<String, f64>>,
+    /// Rows buffered or in flight to ClickHouse.
+    pub buffered_rows: AtomicU64,
+    /// 1 while consumption is paused (buffers or park full).
+    pub paused: AtomicU64,
+}
+
+/// Insert counters of one (shard, table).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InsertStats {
+    /// Rows inserted.
+    pub rows: u64,
+    /// Successful inserts.
+    pub inserts: u64,
+    /// Failed insert attempts.
+    pub failures: u64,
+    /// Seconds spent in successful inserts.
+    pub seconds: f64,
+}
+
+/// The parked events as last seen by the sink loop.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ParkedSnapshot {
+    /// Count per reason label.
+    pub by_reason: BTreeMap<String, usize>,
+    /// Every parked event (key, reason, age).
+    pub events: Vec<ParkedSummary>,
+}
+
+impl SinkStats {
+    /// Adds one insert outcome.
+    pub fn insert(&self, shard: usize, table: &str, rows: usize, seconds: Option<f64>) {
+        if let Ok(mut map) = self.inserts.lock() {
+            let entry = map.entry((shard, table.to_owned())).or_default();
+            match seconds {
+                Some(s) => {
+                    entry.rows += rows as u64;
+                    entry.inserts += 1;
+                    entry.seconds += s;
+                }
+                None => entry.failures += 1,
+            }
+        }
+    }
+
+    /// Bumps a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
