@@ -43,7 +43,9 @@ impl Daemon {
         args: &[&str],
         vars: &[(&str, &str)],
     ) -> anyhow::Result<Daemon> {
-        let label = args.join("-");
+        // The command words only (never option values: they may hold a password).
+        let label =
+            args.iter().take_while(|a| !a.starts_with('-')).copied().collect::<Vec<_>>().join("-");
         let log = env.dir().join(format!("{label}-{}.log", unique_suffix()));
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;

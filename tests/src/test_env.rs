@@ -37,6 +37,8 @@ pub struct TestEnv {
     pub clickhouse: ClickHouseConfig,
     /// More TOML appended to the generated config (e.g. a `[source]` section).
     pub extra_toml: String,
+    /// Address of the daemon's `/metrics` and `/status` endpoint (a free port).
+    pub metrics_listen: String,
 }
 
 impl TestEnv {
@@ -69,6 +71,10 @@ impl TestEnv {
             name,
             stack,
             extra_toml: String::new(),
+            metrics_listen: format!(
+                "127.0.0.1:{}",
+                std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+            ),
         };
         std::fs::create_dir_all(env.dir())?;
         env.create_postgres().await?;
@@ -116,7 +122,9 @@ impl TestEnv {
              [kafka]\nbrokers = {brokers:?}\nchange_topic = {change:?}\ndlq_topic = {dlq:?}\n\
              state_topic = {state:?}\npartitions = {partitions}\nreplication_factor = 1\n\
              consumer_group = {group:?}\n\n\
-             [clickhouse]\nshards = [{shards}]\ndatabase = {database:?}\n\n{extra}\n",
+             [clickhouse]\nshards = [{shards}]\ndatabase = {database:?}\n\n\
+             [metrics]\nlisten = {metrics:?}\n\n{extra}\n",
+            metrics = self.metrics_listen,
             url = self.postgres.url,
             heartbeat = self.postgres.heartbeat_interval_ms,
             status = self.postgres.status_interval_ms,

@@ -55,6 +55,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a director-like workload into PostgreSQL (and seed conversations on the shards):
+    /// scorecards created with their scores and historic scores in one transaction, some
+    /// updated, some deleted. For the demo, the tests and benchmarks.
+    Loadgen(commands::loadgen::LoadgenArgs),
     /// Dead-letter topic operations.
     Dlq {
         #[command(subcommand)]
@@ -108,6 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Source => commands::source::run(&config, shutdown_on_signals()?).await,
         Command::Sink => commands::sink::run(&config, shutdown_on_signals()?).await,
         Command::Run => commands::run::run(&config, shutdown_on_signals()?).await,
+        Command::Loadgen(args) => commands::loadgen::run(&config, &args).await,
         Command::Status { json } => commands::status::run(&config, json).await,
         Command::Dlq { command: DlqCommand::Redrive } => commands::dlq::redrive(&config).await,
         Command::Validate => commands::validate::run(&config).await,

@@ -133,7 +133,11 @@ fn redrive_blocking(kafka: &KafkaConfig) -> Result<u64, Error> {
         .map_or(0, |t| t.partitions().len() as i32);
     let mut assignment = TopicPartitionList::new();
     let mut ends = Vec::new();
-    let committed = consumer.committed(TIMEOUT).ok();
+    let mut wanted = TopicPartitionList::new();
+    for partition in 0..partitions {
+        wanted.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(wanted, TIMEOUT).ok();
     for partition in 0..partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, TIMEOUT)

@@ -274,7 +274,7 @@ impl Lookups {
             .collect();
         let sql = format!(
             "SELECT {} FROM {}.{} FINAL WHERE {} AND _deleted = 0",
-            schema.column_list(),
+            schema.select_list(),
             self.database,
             schema.table.name(),
             conditions.join(" AND ")
@@ -322,7 +322,7 @@ impl Lookups {
         let sql = format!(
             "SELECT {} FROM {}.{} FINAL WHERE customer_id = {} AND profile_id = {} AND scorecard_id = {} \
              AND _deleted = 0",
-            schema.column_list(),
+            schema.select_list(),
             self.database,
             schema.table.name(),
             quote(&card.customer_id),

@@ -37,6 +37,8 @@ pub struct ChColumn {
     pub ty: ChType,
     /// `Nullable(...)`.
     pub nullable: bool,
+    /// Bytes of a fixed-width value in RowBinary (8 for Int64, 2 for Int16, 4 for DateTime).
+    pub width: u8,
 }
 
 impl ChColumn {
@@ -56,18 +58,21 @@ impl ChColumn {
                 break;
             }
         }
-        let ty = if inner.starts_with("DateTime") && !inner.starts_with("DateTime64") {
-            ChType::DateTime
-        } else if inner.starts_with("UInt") {
-            ChType::UInt
-        } else if inner.starts_with("Int") {
-            ChType::Int
-        } else if inner.starts_with("Float") {
-            ChType::Float
-        } else {
-            ChType::Str
+        let bits = |prefix: &str| {
+            inner.strip_prefix(prefix).and_then(|b| b.parse::<u8>().ok()).map(|b| b / 8)
         };
-        ChColumn { name: name.to_owned(), ty, nullable }
+        let (ty, width) = if inner.starts_with("DateTime") && !inner.starts_with("DateTime64") {
+            (ChType::DateTime, 4)
+        } else if let Some(width) = bits("UInt") {
+            (ChType::UInt, width)
+        } else if let Some(width) = bits("Int") {
+            (ChType::Int, width)
+        } else if let Some(width) = bits("Float") {
+            (ChType::Float, width)
+        } else {
+            (ChType::Str, 0)
+        };
+        ChColumn { name: name.to_owned(), ty, nullable, width }
     }
 }
 
@@ -133,6 +138,19 @@ impl TableSchema {
     /// Every column name, for INSERT column lists.
     pub fn column_list(&self) -> String {
         self.columns.iter().map(|c| format!("`{}`", c.name)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Every column for a SELECT whose TabSeparated output [`parse_tsv_line`] reads: `DateTime`
+    /// columns as Unix seconds (their text form depends on the server's time zone).
+    pub fn select_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| match c.ty {
+                ChType::DateTime => format!("toUInt32(`{}`)", c.name),
+                _ => format!("`{}`", c.name),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -359,6 +377,69 @@ pub fn write_tsv(schema: &TableSchema, rows: &[ChRow], out: &mut Vec<u8>) {
     }
 }
 
+/// Appends rows in ClickHouse's RowBinary format (columns in schema order). Binary floats
+/// arrive exactly as they left PostgreSQL; ClickHouse 18.16's text float parser can be off by an
+/// ulp (3.47 became 3.4699999999999998), which TabSeparated inserts would store.
+pub fn write_row_binary(schema: &TableSchema, rows: &[ChRow], out: &mut Vec<u8>) {
+    for row in rows {
+        for (cell, column) in row.cells.iter().zip(&schema.columns) {
+            if column.nullable {
+                if *cell == Cell::Null {
+                    out.push(1);
+                    continue;
+                }
+                out.push(0);
+            }
+            write_binary_cell(out, cell, column);
+        }
+    }
+}
+
+fn write_binary_cell(out: &mut Vec<u8>, cell: &Cell, column: &ChColumn) {
+    let width = usize::from(column.width);
+    match column.ty {
+        ChType::Str => {
+            let bytes: &[u8] = match cell {
+                Cell::Str(s) => s.as_bytes(),
+                _ => &[],
+            };
+            let mut len = bytes.len() as u64;
+            loop {
+                let byte = (len & 0x7f) as u8;
+                len >>= 7;
+                if len == 0 {
+                    out.push(byte);
+                    break;
+                }
+                out.push(byte | 0x80);
+            }
+            out.extend_from_slice(bytes);
+        }
+        ChType::Int | ChType::UInt | ChType::DateTime => {
+            let value: i64 = match cell {
+                Cell::Int(i) => *i,
+                Cell::UInt(u) => *u as i64,
+                Cell::Float(f) => *f as i64,
+                Cell::Str(_) | Cell::Null => 0,
+            };
+            out.extend_from_slice(&value.to_le_bytes()[..width.clamp(1, 8)]);
+        }
+        ChType::Float => {
+            let value = match cell {
+                Cell::Float(f) => *f,
+                Cell::Int(i) => *i as f64,
+                Cell::UInt(u) => *u as f64,
+                Cell::Str(_) | Cell::Null => 0.0,
+            };
+            if width == 4 {
+                out.extend_from_slice(&(value as f32).to_le_bytes());
+            } else {
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+    }
+}
+
 fn write_cell(out: &mut String, cell: &Cell, column: &ChColumn) {
     match cell {
         Cell::Null if column.nullable => out.push_str("\\N"),
@@ -544,6 +625,50 @@ mod tests {
     }
 
     #[test]
+    fn row_binary_layout() {
+        let cols: Vec<(String, String)> = [
+            ("customer_id", "String"),
+            ("profile_id", "String"),
+            ("score_id", "String"),
+            ("numeric_value", "Nullable(Float64)"),
+            ("scorecard_type", "Nullable(Int16)"),
+            ("_version", "UInt64"),
+            ("_deleted", "UInt8"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let s = TableSchema::new(SourceTable::Scores, &cols).expect("schema");
+        let row = ChRow {
+            table: SourceTable::Scores,
+            cells: vec![
+                Cell::Str("c".into()),
+                Cell::Str("p".repeat(200)),
+                Cell::Str(String::new()),
+                Cell::Float(3.47),
+                Cell::Null,
+                Cell::UInt(258),
+                Cell::UInt(1),
+            ],
+            version: 258,
+            seq: 0,
+            unknown: Vec::new(),
+            commit_time_us: 0,
+        };
+        let mut out = Vec::new();
+        write_row_binary(&s, &[row], &mut out);
+        let mut expected = vec![1, b'c', 0xC8, 0x01];
+        expected.extend(std::iter::repeat_n(b'p', 200));
+        expected.push(0);
+        expected.push(0);
+        expected.extend(3.47_f64.to_le_bytes());
+        expected.push(1);
+        expected.extend(258_u64.to_le_bytes());
+        expected.push(1);
+        assert_eq!(out, expected);
+    }
+
+    #[test]
     fn delete_marker_carries_every_key_column() {
         let s = schema();
         let row = delete_row(&s, &source(), 9, 1).expect("row");
@@ -569,8 +694,9 @@ mod tests {
     fn clickhouse_type_names() {
         assert_eq!(
             ChColumn::new("a", "Nullable(Int64)"),
-            ChColumn { name: "a".into(), ty: ChType::Int, nullable: true }
+            ChColumn { name: "a".into(), ty: ChType::Int, nullable: true, width: 8 }
         );
+        assert_eq!(ChColumn::new("a", "Int16").width, 2);
         assert_eq!(ChColumn::new("a", "UInt8").ty, ChType::UInt);
         assert_eq!(ChColumn::new("a", "LowCardinality(Nullable(String))").ty, ChType::Str);
         assert_eq!(ChColumn::new("a", "DateTime('UTC')").ty, ChType::DateTime);

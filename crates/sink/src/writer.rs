@@ -15,7 +15,7 @@ use scoresync_bus::backoff::Backoff;
 
 use crate::batch::Batch;
 use crate::offsets::Offsets;
-use crate::rows::{TableSchema, write_tsv};
+use crate::rows::{TableSchema, write_row_binary};
 use crate::shard::ShardIndex;
 use crate::stats::SinkStats;
 
@@ -78,10 +78,10 @@ impl ShardWriter {
             return false;
         };
         let mut body = Vec::with_capacity(batch.rows.len() * 128);
-        write_tsv(schema, &batch.rows, &mut body);
+        write_row_binary(schema, &batch.rows, &mut body);
         let body = Bytes::from(body);
         let sql = format!(
-            "INSERT INTO {}.{} ({}) FORMAT TabSeparated",
+            "INSERT INTO {}.{} ({}) FORMAT RowBinary",
             self.database,
             batch.table.name(),
             schema.column_list()

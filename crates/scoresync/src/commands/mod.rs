@@ -1,6 +1,7 @@
 //! One module per CLI command.
 
 pub mod dlq;
+pub mod loadgen;
 pub mod run;
 pub mod setup;
 pub mod sink;

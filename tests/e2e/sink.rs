@@ -1,0 +1,375 @@
+//! The sink (and `scoresync run`) against real PostgreSQL, the broker and two ClickHouse shards,
+//! judged by the oracle: every PostgreSQL row live exactly once, on the shard routing predicts,
+//! equal to PostgreSQL; nothing live that PostgreSQL lacks.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use scoresync_bus::client::{OffsetReset, consumer_config, producer};
+use scoresync_event::{CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, Value, encode};
+use scoresync_tests::oracle::{live_counts, wait_until_consistent};
+use scoresync_tests::{Daemon, TestEnv, wait};
+
+use crate::source::setup;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `scoresync loadgen` against the test database (as the superuser, who may write).
+pub async fn loadgen(env: &TestEnv, args: &[&str]) -> anyhow::Result<()> {
+    let mut all = vec!["loadgen", "--pg-url"];
+    let url = env.pg_admin_url();
+    all.push(&url);
+    all.extend_from_slice(args);
+    let mut run = Daemon::start(env, &all)?;
+    let status = run.wait(Duration::from_secs(600)).await?;
+    ensure!(status.success(), "loadgen failed: {}", run.output());
+    Ok(())
+}
+
+/// `scoresync status --json`.
+pub async fn status(env: &TestEnv) -> anyhow::Result<serde_json::Value> {
+    let mut run = Daemon::start(env, &["status", "--json"])?;
+    run.wait(DEADLINE).await?;
+    let output = run.output();
+    let start = output.find('{').context("no JSON in status output")?;
+    Ok(serde_json::from_str(&output[start..])?)
+}
+
+/// Inserts a conversation on one shard.
+pub async fn add_conversation(
+    env: &TestEnv,
+    shard: usize,
+    customer: &str,
+    profile: &str,
+    id: &str,
+    start: u32,
+    language: &str,
+) -> anyhow::Result<()> {
+    env.shard(shard)
+        .query(&format!(
+            "INSERT INTO conversations (conversation_id, customer_id, profile_id, conversation_start_time, language_code) \
+             VALUES ('{id}', '{customer}', '{profile}', toDateTime({start}), '{language}')"
+        ))
+        .execute()
+        .await?;
+    Ok(())
+}
+
+async fn running(label: &str) -> anyhow::Result<(TestEnv, tokio_postgres::Client)> {
+    let env = TestEnv::new(label).await?;
+    setup(&env).await?;
+    let pg = env.pg_admin().await?;
+    Ok((env, pg))
+}
+
+#[tokio::test]
+async fn mixed_workload_of_1000_scorecards_holds_the_oracle() -> anyhow::Result<()> {
+    let (env, pg) = running("sink_mixed").await?;
+    let _daemon = Daemon::start(&env, &["run"])?;
+    loadgen(
+        &env,
+        &["--scorecards", "1000", "--process-share", "0.3", "--conversations-per-shard", "25"],
+    )
+    .await?;
+    let cards: i64 = pg.query_one("SELECT count(*) FROM director.scorecards", &[]).await?.get(0);
+    let kinds: Vec<(Option<i16>, i64)> = pg
+        .query(
+            "SELECT scorecard_type, count(*) FROM director.scorecards GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(cards > 800, "{cards} scorecards left after deletes");
+    assert!(
+        kinds.iter().any(|(k, _)| *k == Some(2)) && kinds.iter().any(|(k, _)| *k != Some(2)),
+        "{kinds:?}"
+    );
+    wait_until_consistent(&env, &pg, Duration::from_secs(300)).await?;
+    // Both shards took rows of every table.
+    let counts = live_counts(&env).await?;
+    assert!(counts.values().all(|n| *n > 0), "{counts:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn routing_moves_leave_no_live_copy_on_the_old_shard() -> anyhow::Result<()> {
+    let (env, pg) = running("sink_moves").await?;
+    add_conversation(&env, 0, "c", "p", "conv-a", 1_700_000_000, "en").await?;
+    add_conversation(&env, 1, "c", "p", "conv-b", 1_700_000_500, "de").await?;
+    let _daemon = Daemon::start(&env, &["run"])?;
+    let children = |card: &str| {
+        (0..3)
+            .map(|j| {
+                format!(
+                    "INSERT INTO director.scores (customer_id, profile_id, score_id, scorecard_id, criterion_id, numeric_value) \
+                     VALUES ('c', 'p', '{card}-s{j}', '{card}', 'k{j}', {j}); \
+                     INSERT INTO director.historic_scorecard_scores (customer_id, profile_id, scorecard_id, revision, criterion_id) \
+                     VALUES ('c', 'p', '{card}', 1, 'k{j}')"
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    // 2024-05-01T10:00:00Z is an even second: shard 0 of 2.
+    pg.batch_execute(&format!(
+        "BEGIN; INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id, scorecard_type, process_interaction_at) \
+         VALUES ('c', 'p', 'proc', 't', 2, '2024-05-01 10:00:00+00'); {}; COMMIT",
+        children("proc")
+    ))
+    .await?;
+    pg.batch_execute(&format!(
+        "BEGIN; INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id, scorecard_type, conversation_id) \
+         VALUES ('c', 'p', 'conv', 't', 1, 'conv-a'); {}; COMMIT",
+        children("conv")
+    ))
+    .await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    let on_shard = |shard: usize| {
+        let client = env.shard(shard);
+        async move {
+            let n: u64 = client
+                .query("SELECT count() FROM scores FINAL WHERE _deleted = 0")
+                .fetch_one()
+                .await?;
+            anyhow::Ok(n)
+        }
+    };
+    assert_eq!((on_shard(0).await?, on_shard(1).await?), (6, 0), "both cards start on shard 0");
+
+    // One second later is odd: shard 1. And the conversation card moves to conv-b on shard 1.
+    pg.batch_execute("UPDATE director.scorecards SET process_interaction_at = '2024-05-01 10:00:01+00' WHERE scorecard_id = 'proc'").await?;
+    pg.batch_execute(
+        "UPDATE director.scorecards SET conversation_id = 'conv-b' WHERE scorecard_id = 'conv'",
+    )
+    .await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    assert_eq!((on_shard(0).await?, on_shard(1).await?), (0, 6), "every score moved with its card");
+
+    // A type flip: the conversation card becomes a process card on shard 0 (even second).
+    pg.batch_execute("UPDATE director.scorecards SET scorecard_type = 2, process_interaction_at = '2024-05-01 10:00:02+00' WHERE scorecard_id = 'conv'").await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    assert_eq!((on_shard(0).await?, on_shard(1).await?), (3, 3));
+    Ok(())
+}
+
+#[tokio::test]
+async fn scorecard_of_a_missing_conversation_is_parked_then_written() -> anyhow::Result<()> {
+    let (env, pg) = running("sink_park").await?;
+    let _daemon = Daemon::start(&env, &["run"])?;
+    pg.batch_execute(
+        "BEGIN; INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id, scorecard_type, conversation_id) \
+         VALUES ('c', 'p', 'waiting', 't', 1, 'conv-late'); \
+         INSERT INTO director.scores (customer_id, profile_id, score_id, scorecard_id, criterion_id) VALUES ('c', 'p', 'w-s', 'waiting', 'k'); COMMIT",
+    )
+    .await?;
+    // Parked: visible in /metrics and in `scoresync status`.
+    let metrics_url = format!("http://{}/metrics", env.metrics_listen);
+    wait::until("the scorecard and its score to be parked", DEADLINE, || async {
+        let body = http_get(&metrics_url).await?;
+        Ok(body
+            .contains("scoresync_sink_parked_events{reason=\"conversation_not_found\"} 2")
+            .then_some(()))
+    })
+    .await?;
+    let status = status(&env).await?;
+    let parked = status["sink"]["parked"]["events"].as_array().context("parked list")?;
+    assert_eq!(parked.len(), 2, "{status:#}");
+    assert!(
+        parked.iter().all(|p| p["reason"].as_str().is_some_and(|r| r.contains("conv-late"))),
+        "{status:#}"
+    );
+    for shard in 0..2 {
+        let n: u64 =
+            env.shard(shard).query("SELECT count() FROM scorecards FINAL").fetch_one().await?;
+        assert_eq!(n, 0, "nothing written while parked");
+    }
+    // The conversation arrives on shard 1: written within seconds.
+    add_conversation(&env, 1, "c", "p", "conv-late", 1_700_000_000, "fr").await?;
+    wait_until_consistent(&env, &pg, Duration::from_secs(20)).await?;
+    let n: u64 = env
+        .shard(1)
+        .query("SELECT count() FROM scores FINAL WHERE _deleted = 0 AND language_code = 'fr'")
+        .fetch_one()
+        .await?;
+    assert_eq!(n, 1);
+    let body = http_get(&metrics_url).await?;
+    assert!(
+        body.contains("scoresync_sink_parked_events{reason=\"conversation_not_found\"} 0"),
+        "{body}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_with_their_origin_and_the_sink_stays_up()
+-> anyhow::Result<()> {
+    let (env, pg) = running("sink_poison").await?;
+    let mut daemon = Daemon::start(&env, &["run"])?;
+    let kafka = &env.kafka;
+    let producer = producer(kafka)?;
+    let send = |key: &'static str, payload: Vec<u8>| {
+        let producer = producer.clone();
+        let topic = kafka.change_topic.clone();
+        async move {
+            let delivery = producer
+                .send(FutureRecord::to(&topic).key(key).payload(&payload), Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)?;
+            anyhow::Ok((delivery.partition, delivery.offset))
+        }
+    };
+    // Garbage, and a well-formed event for a table scoresync does not know.
+    let garbage = send("g", b"\x00\x01not protobuf at all\xff".to_vec()).await?;
+    let unmappable = ChangeEvent {
+        contract_version: CONTRACT_VERSION,
+        schema: "director".into(),
+        table: "teams".into(),
+        op: Operation::Insert as i32,
+        key: vec![Column { name: "id".into(), type_oid: 25, value: Some(Value::text("x")) }],
+        new_row: Some(Row::default()),
+        commit_lsn: 1,
+        ..Default::default()
+    };
+    let unmappable = send("u", encode(&unmappable)).await?;
+    loadgen(&env, &["--scorecards", "50", "--conversations-per-shard", "5"]).await?;
+    wait_until_consistent(&env, &pg, Duration::from_secs(120)).await?;
+    assert!(daemon.is_running(), "the sink stays up: {}", daemon.output());
+
+    let letters = dead_letters(&env)?;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    for (origin, expect) in
+        [(garbage, "not a protobuf change event"), (unmappable, "unknown table director.teams")]
+    {
+        let letter = letters
+            .iter()
+            .find(|l| l.partition == origin.0.to_string() && l.offset == origin.1.to_string())
+            .with_context(|| format!("no dead letter for {origin:?} in {letters:?}"))?;
+        assert_eq!(letter.topic, env.kafka.change_topic);
+        assert!(letter.error.contains(expect), "{letter:?}");
+    }
+    // Their offsets were stored after the dead-letter writes: the group is not stuck behind them.
+    wait::until("the sink group to catch up", DEADLINE, || async {
+        let s = status(&env).await?;
+        Ok((s["kafka"]["lag"] == 0).then_some(()))
+    })
+    .await?;
+
+    // Redrive puts both back on the change topic; still poison, they are dead-lettered again,
+    // and a second redrive does not repeat the first.
+    let mut redrive = Daemon::start(&env, &["dlq", "redrive"])?;
+    assert!(redrive.wait(DEADLINE).await?.success(), "{}", redrive.output());
+    assert!(redrive.output().contains("redrove 2 dead letter(s)"), "{}", redrive.output());
+    wait::until("the redriven letters to be dead-lettered again", DEADLINE, || async {
+        Ok((dead_letters(&env)?.len() == 4).then_some(()))
+    })
+    .await?;
+    let mut again = Daemon::start(&env, &["dlq", "redrive"])?;
+    assert!(again.wait(DEADLINE).await?.success());
+    assert!(
+        again.output().contains("redrove 2 dead letter(s)"),
+        "only the two new ones: {}",
+        again.output()
+    );
+    assert!(daemon.is_running());
+    Ok(())
+}
+
+/// A dead letter's origin headers.
+#[derive(Debug)]
+struct Letter {
+    topic: String,
+    partition: String,
+    offset: String,
+    error: String,
+}
+
+fn dead_letters(env: &TestEnv) -> anyhow::Result<Vec<Letter>> {
+    let consumer: BaseConsumer =
+        consumer_config(&env.kafka, "test-dlq-reader", OffsetReset::Earliest)
+            .set("enable.auto.commit", "false")
+            .create()?;
+    let topic = env.kafka.dlq_topic.as_str();
+    let mut out = Vec::new();
+    for partition in 0..env.kafka.partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
+        consumer.assign(&tpl)?;
+        let mut next = low;
+        while next < high {
+            let m = consumer.poll(Duration::from_secs(10)).context("dlq read stalled")??;
+            next = m.offset() + 1;
+            let h = |name| scoresync_sink::dlq::header(&m, name).unwrap_or_default().to_owned();
+            out.push(Letter {
+                topic: h(scoresync_sink::dlq::ORIGIN_TOPIC),
+                partition: h(scoresync_sink::dlq::ORIGIN_PARTITION),
+                offset: h(scoresync_sink::dlq::ORIGIN_OFFSET),
+                error: h(scoresync_sink::dlq::ERROR),
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn replaying_the_whole_topic_changes_nothing() -> anyhow::Result<()> {
+    let (env, pg) = running("sink_replay").await?;
+    let daemon = Daemon::start(&env, &["run"])?;
+    loadgen(&env, &["--scorecards", "200", "--conversations-per-shard", "10"]).await?;
+    wait_until_consistent(&env, &pg, Duration::from_secs(120)).await?;
+    let before = live_counts(&env).await?;
+    assert!(daemon.terminate(DEADLINE).await?.success(), "clean shutdown");
+
+    // Reset the sink group to the earliest offsets, as an operator would for a replay.
+    let consumer: BaseConsumer =
+        consumer_config(&env.kafka, &env.kafka.consumer_group, OffsetReset::Earliest).create()?;
+    let mut earliest = TopicPartitionList::new();
+    for partition in 0..env.kafka.partitions {
+        let (low, _) = consumer.fetch_watermarks(
+            &env.kafka.change_topic,
+            partition,
+            Duration::from_secs(10),
+        )?;
+        earliest.add_partition_offset(&env.kafka.change_topic, partition, Offset::Offset(low))?;
+    }
+    consumer.commit(&earliest, rdkafka::consumer::CommitMode::Sync)?;
+    drop(consumer);
+
+    let _sink = Daemon::start(&env, &["sink"])?;
+    wait::until("the replay to reach the end of the topic", Duration::from_secs(120), || async {
+        let s = status(&env).await?;
+        Ok((s["kafka"]["lag"] == 0 && s["sink"]["buffered_rows"] == 0).then_some(()))
+    })
+    .await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    assert_eq!(live_counts(&env).await?, before, "same live rows per shard and table");
+    Ok(())
+}
+
+/// A plain HTTP GET of the daemon's endpoint.
+pub async fn http_get(url: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").context("http URL")?;
+    let (host, path) =
+        rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream = tokio::net::TcpStream::connect(host).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
