@@ -31,6 +31,23 @@ pub async fn loadgen(env: &TestEnv, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Runs `scoresync loadgen` as a plain child process (for a task that outlives the borrow of a
+/// `TestEnv`) and returns its standard output.
+async fn loadgen_output(
+    pg_url: &str,
+    config: &std::path::Path,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let output = tokio::process::Command::new(scoresync_tests::daemon::binary())
+        .args(["loadgen", "--pg-url", pg_url])
+        .args(args)
+        .env("SCORESYNC_CONFIG", config)
+        .output()
+        .await?;
+    ensure!(output.status.success(), "loadgen: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// `scoresync status --json`.
 pub async fn status(env: &TestEnv) -> anyhow::Result<serde_json::Value> {
     let mut run = Daemon::start(env, &["status", "--json"])?;
@@ -372,4 +389,181 @@ pub async fn http_get(url: &str) -> anyhow::Result<String> {
     stream.read_to_end(&mut response).await?;
     let text = String::from_utf8_lossy(&response).into_owned();
     Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn sink_killed_10_times_during_20k_changes_holds_the_oracle() -> anyhow::Result<()> {
+    let (env, pg) = running("sink_kill9").await?;
+    let _source = Daemon::start(&env, &["source"])?;
+    let mut sink = Daemon::start(&env, &["sink"])?;
+    // About 1700 x 11 inserts, plus updates and deletes: over 20,000 changes.
+    let load = {
+        let (url, config) = (env.pg_admin_url(), env.config_path()?);
+        tokio::spawn(async move {
+            loadgen_output(
+                &url,
+                &config,
+                &["--scorecards", "1700", "--conversations-per-shard", "30"],
+            )
+            .await
+        })
+    };
+    let mut seed: u64 = 0x5EED;
+    for kill in 0..10 {
+        // Kill at a random point of its work: once it holds its partitions, 0.5 to 3 s later.
+        wait_until_assigned(&sink, env.kafka.partitions)
+            .await
+            .with_context(|| format!("sink {kill}"))?;
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(500 + seed % 2_500)).await;
+        sink.kill9().await.with_context(|| format!("kill {kill}"))?;
+        sink = Daemon::start(&env, &["sink"])?;
+    }
+    let summary = load.await??;
+    assert!(summary.contains("1700 scorecard(s) created"), "{summary}");
+    let changes: i64 = {
+        let kafka = env.kafka.clone();
+        tokio::task::spawn_blocking(move || {
+            scoresync_tests::kafka::message_count(&kafka, &kafka.change_topic)
+        })
+        .await??
+    };
+    wait_until_consistent(&env, &pg, Duration::from_secs(300)).await?;
+    assert!(changes >= 20_000, "{changes} changes published");
+    assert!(sink.is_running());
+    Ok(())
+}
+
+/// Waits until a sink's log shows it was assigned `partitions` partitions.
+async fn wait_until_assigned(sink: &Daemon, partitions: i32) -> anyhow::Result<()> {
+    wait::until("the sink to be assigned its partitions", DEADLINE, || async {
+        let assigned = sink.output().lines().filter(|l| l.contains("partition assigned")).count();
+        Ok((assigned >= partitions as usize).then_some(()))
+    })
+    .await
+}
+
+/// Committed offsets of the sink group, per partition.
+fn committed(env: &TestEnv) -> anyhow::Result<Vec<(i32, Option<i64>)>> {
+    let consumer: BaseConsumer =
+        consumer_config(&env.kafka, &env.kafka.consumer_group, OffsetReset::Earliest).create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..env.kafka.partitions {
+        tpl.add_partition(&env.kafka.change_topic, p);
+    }
+    let answer = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok((0..env.kafka.partitions)
+        .map(|p| {
+            let offset =
+                answer.find_partition(&env.kafka.change_topic, p).and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            (p, offset)
+        })
+        .collect())
+}
+
+/// Peak resident set size of a process, in KiB (VmHWM).
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[tokio::test]
+async fn a_shard_down_for_two_minutes_under_load_loses_nothing_and_commits_nothing_past_it()
+-> anyhow::Result<()> {
+    let (mut env, pg) = running("sink_shard_down").await?;
+    let mut shards =
+        scoresync_tests::clickhouse::PrivateShards::start(env.dir().join("shards"), 2)?;
+    env.use_shards(shards.urls()).await?;
+    env.config_path()?;
+    let daemon = Daemon::start(&env, &["run"])?;
+    let pid = daemon.pid().context("daemon pid")?;
+    loadgen(&env, &["--scorecards", "300", "--conversations-per-shard", "15", "--prefix", "warm"])
+        .await?;
+    wait_until_consistent(&env, &pg, Duration::from_secs(120)).await?;
+
+    // Load keeps coming while shard 1 is down.
+    let stop_load = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let (url, config, stop) = (env.pg_admin_url(), env.config_path()?, stop_load.clone());
+        tokio::spawn(async move {
+            let mut round = 0;
+            while !stop.is_cancelled() {
+                let prefix = format!("load{round}");
+                let args = ["--scorecards", "100", "--conversations-per-shard", "0"];
+                loadgen_output(&url, &config, &[&args[..], &["--prefix", &prefix]].concat())
+                    .await?;
+                round += 1;
+            }
+            anyhow::Ok(round)
+        })
+    };
+    shards.stop(1)?;
+    // Anything PostgreSQL commits from here on cannot have reached shard 1 before it went down.
+    let down_since_us =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64
+            + 1_000_000;
+    let mut samples = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tokio::time::Instant::now() < until {
+        samples.push(committed(&env)?);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    shards.resume(1)?;
+    stop_load.cancel();
+    let rounds = load.await??;
+    assert!(rounds >= 2, "the load kept running during the outage ({rounds} rounds)");
+    wait_until_consistent(&env, &pg, Duration::from_secs(300)).await?;
+
+    // No committed offset passed a message with rows for shard 1 while it was down: for each
+    // partition, the first message committed in PostgreSQL after shard 1 stopped that routes to
+    // shard 1 bounds every commit taken during the outage.
+    let events = scoresync_tests::kafka::read_events(&env.kafka, &env.kafka.change_topic)?;
+    let convs = scoresync_tests::oracle::conversations(&env).await?;
+    let mut card_shard = std::collections::HashMap::new();
+    for p in &events {
+        if p.event.table == "scorecards"
+            && let Some(row) = &p.event.new_row
+            && let Some(shard) = scoresync_tests::oracle::expected_shard(row, 2, &convs)
+            && let Some(key) = scoresync_event::ScorecardKey::of_event(&p.event)
+        {
+            card_shard.insert(key, shard);
+        }
+    }
+    let mut bound = std::collections::HashMap::new();
+    for partition in 0..env.kafka.partitions {
+        let first = events
+            .iter()
+            .filter(|p| p.partition == partition && p.event.commit_time_us > down_since_us)
+            .filter(|p| {
+                scoresync_event::ScorecardKey::of_event(&p.event).and_then(|k| card_shard.get(&k))
+                    == Some(&1)
+            })
+            .map(|p| p.offset)
+            .min();
+        bound.insert(partition, first);
+    }
+    assert!(bound.values().any(Option::is_some), "the outage saw writes for shard 1");
+    for sample in &samples {
+        for (partition, offset) in sample {
+            if let (Some(offset), Some(Some(first))) = (offset, bound.get(partition)) {
+                assert!(
+                    offset <= first,
+                    "partition {partition}: committed {offset} past unapplied offset {first}"
+                );
+            }
+        }
+    }
+    let peak = peak_rss_kib(pid).context("peak RSS")?;
+    eprintln!("sink peak RSS during the shard outage test: {} MiB", peak / 1024);
+    // Also kept beside the daemon's log, for the record after a run that captured output.
+    std::fs::write(env.dir().join("peak_rss_kib"), format!("{peak}\n"))?;
+    Ok(())
 }

@@ -7,10 +7,12 @@
 //! database on every shard, all dropped when the value is dropped. [`daemon::Daemon`] runs the
 //! real `scoresync` binary; [`kafka`] reads and folds what it published; [`broker::PrivateBroker`]
 //! is a tansu of the test's own, for stopping Kafka without disturbing other tests; [`oracle`]
-//! checks ClickHouse against PostgreSQL, row by row, shard by shard. Tests wait with
+//! checks ClickHouse against PostgreSQL, row by row, shard by shard; [`clickhouse::PrivateShards`]
+//! are ClickHouse servers of the test's own, for stopping a shard. Tests wait with
 //! [`wait::until`], a polling helper with a deadline, never a bare sleep.
 
 pub mod broker;
+pub mod clickhouse;
 pub mod daemon;
 pub mod kafka;
 pub mod oracle;

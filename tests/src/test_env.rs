@@ -61,6 +61,8 @@ impl TestEnv {
                 kafka.consumer_group = format!("{name}.sink");
                 kafka.partitions = TEST_PARTITIONS;
                 kafka.replication_factor = 1;
+                // Crashed sinks (kill -9 scenarios) are noticed sooner.
+                kafka.session_timeout_ms = 6_000;
                 kafka
             },
             clickhouse: {
@@ -100,7 +102,7 @@ impl TestEnv {
         }
     }
 
-    /// A scratch directory of this test (config, daemon logs); removed when the test passes.
+    /// A scratch directory of this test (config, daemon logs), kept after the test.
     pub fn dir(&self) -> std::path::PathBuf {
         std::env::temp_dir().join("scoresync-tests").join(&self.name)
     }
@@ -121,7 +123,7 @@ impl TestEnv {
              heartbeat_interval_ms = {heartbeat}\nstatus_interval_ms = {status}\n\n\
              [kafka]\nbrokers = {brokers:?}\nchange_topic = {change:?}\ndlq_topic = {dlq:?}\n\
              state_topic = {state:?}\npartitions = {partitions}\nreplication_factor = 1\n\
-             consumer_group = {group:?}\n\n\
+             consumer_group = {group:?}\nsession_timeout_ms = {session}\n\n\
              [clickhouse]\nshards = [{shards}]\ndatabase = {database:?}\n\n\
              [metrics]\nlisten = {metrics:?}\n\n{extra}\n",
             metrics = self.metrics_listen,
@@ -137,6 +139,7 @@ impl TestEnv {
             state = self.kafka.state_topic,
             partitions = self.kafka.partitions,
             group = self.kafka.consumer_group,
+            session = self.kafka.session_timeout_ms,
             shards = shards.join(", "),
             database = self.clickhouse.database,
         )
@@ -168,6 +171,13 @@ impl TestEnv {
             }
         }
         Ok(())
+    }
+
+    /// Moves this test to other ClickHouse shards (e.g. [`crate::clickhouse::PrivateShards`]):
+    /// creates the test database and schema there.
+    pub async fn use_shards(&mut self, urls: Vec<String>) -> anyhow::Result<()> {
+        self.clickhouse.shards = urls;
+        self.create_clickhouse().await
     }
 
     async fn create_clickhouse(&self) -> anyhow::Result<()> {
@@ -218,11 +228,9 @@ impl Drop for TestEnv {
         if cleanup.join().is_err() {
             eprintln!("harness: cleanup of {} panicked", self.name);
         }
-        if std::thread::panicking() {
-            eprintln!("harness: test files kept in {}", self.dir().display());
-        } else {
-            let _ = std::fs::remove_dir_all(self.dir());
-        }
+        // Kept (config, daemon logs) for a look after a failure; a test cannot tell here whether
+        // it failed by returning an error. The directory is under the system temp dir.
+        eprintln!("harness: test files in {}", self.dir().display());
     }
 }
 
@@ -236,7 +244,13 @@ impl Leftovers {
         // Topics stay: their names are unique to the test, and tansu 0.6.0's DeleteTopics removes
         // every topic of the cluster (its topic_delete_by.sql matches on the cluster, not the
         // topic), which would pull the topics from under every other running test.
-        for server in scoresync_sink::shard::clients(&self.clickhouse) {
+        // Only the stack's shards: private shards a test started (`use_shards`) are gone with
+        // their directories by now.
+        let stack_shards = scoresync_sink::ClickHouseConfig {
+            shards: self.stack.clickhouse_shards.clone(),
+            ..self.clickhouse.clone()
+        };
+        for server in scoresync_sink::shard::clients(&stack_shards) {
             let sql = format!("DROP DATABASE IF EXISTS {}", self.name);
             if let Err(err) = server.with_database("default").query(&sql).execute().await {
                 eprintln!("harness: dropping ClickHouse database {}: {err:#}", self.name);

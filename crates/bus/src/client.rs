@@ -76,6 +76,8 @@ pub fn consumer_config(cfg: &KafkaConfig, group: &str, reset: OffsetReset) -> Cl
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", reset.as_str())
         .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (cfg.session_timeout_ms / 4).max(500).to_string())
         .set("isolation.level", "read_committed");
     with_extras(c, cfg)
 }

@@ -22,6 +22,10 @@ pub const DEFAULT_CONSUMER_GROUP: &str = "scoresync-sink";
 /// the slot.
 pub const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 120_000;
 
+/// Default consumer session timeout: how long the group waits for a sink that stopped
+/// heartbeating (crashed) before handing its partitions to another member.
+pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 10_000;
+
 /// Kafka connection and topic settings.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +53,14 @@ pub struct KafkaConfig {
     /// librdkafka `delivery.timeout.ms` of the producer.
     #[serde(default = "default_delivery_timeout_ms")]
     pub delivery_timeout_ms: u64,
+    /// librdkafka `session.timeout.ms` of the sink's consumer.
+    #[serde(default = "default_session_timeout_ms")]
+    pub session_timeout_ms: u64,
+    /// Static group membership id of this sink (`group.instance.id`): a restarted sink with the
+    /// same id takes its partitions back at once instead of waiting out a rebalance. Default:
+    /// `scoresync-<hostname>`; give each sink on one host its own.
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
     /// Values of keys that look secret are never printed.
     #[serde(default)]
@@ -76,6 +88,9 @@ fn default_consumer_group() -> String {
 fn default_delivery_timeout_ms() -> u64 {
     DEFAULT_DELIVERY_TIMEOUT_MS
 }
+fn default_session_timeout_ms() -> u64 {
+    DEFAULT_SESSION_TIMEOUT_MS
+}
 
 impl KafkaConfig {
     /// Settings for `brokers` with every other field at its default.
@@ -89,6 +104,8 @@ impl KafkaConfig {
             replication_factor: DEFAULT_REPLICATION_FACTOR,
             consumer_group: default_consumer_group(),
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
+            session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS,
+            instance_id: None,
             librdkafka: BTreeMap::new(),
         }
     }
@@ -136,7 +153,28 @@ impl KafkaConfig {
                 self.delivery_timeout_ms
             ));
         }
+        if !(3_000..=300_000).contains(&self.session_timeout_ms) {
+            return Err(format!(
+                "kafka.session_timeout_ms must be between 3000 and 300000 (got {})",
+                self.session_timeout_ms
+            ));
+        }
         Ok(())
+    }
+}
+
+impl KafkaConfig {
+    /// The sink's static membership id: `instance_id`, or `scoresync-<hostname>`.
+    pub fn sink_instance_id(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|| "localhost".into());
+            format!("scoresync-{host}")
+        })
     }
 }
 
@@ -164,6 +202,8 @@ impl fmt::Debug for KafkaConfig {
             .field("replication_factor", &self.replication_factor)
             .field("consumer_group", &self.consumer_group)
             .field("delivery_timeout_ms", &self.delivery_timeout_ms)
+            .field("session_timeout_ms", &self.session_timeout_ms)
+            .field("instance_id", &self.instance_id)
             .field("librdkafka", &librdkafka)
             .finish()
     }

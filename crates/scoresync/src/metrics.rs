@@ -72,7 +72,12 @@ pub fn render(stats: &SinkStats) -> String {
     }
     header(&mut out, "scoresync_sink_parked_events");
     let by_reason = stats.parked.lock().map(|p| p.by_reason.clone()).unwrap_or_default();
-    for reason in ["conversation_not_found", "scorecard_unknown", "toast_value_unknown"] {
+    for reason in [
+        "conversation_not_found",
+        "scorecard_unknown",
+        "toast_value_unknown",
+        "dependency_unavailable",
+    ] {
         let n = by_reason.get(reason).copied().unwrap_or(0);
         let _ = writeln!(out, "scoresync_sink_parked_events{{reason=\"{reason}\"}} {n}");
     }

@@ -57,6 +57,8 @@ pub struct Applier {
     pub park: Park,
     /// Offset holds.
     pub offsets: Arc<Mutex<Offsets>>,
+    /// Scorecards the last prefetch found on no shard (spares a lookup per event).
+    pub absent: std::collections::HashSet<ScorecardKey>,
 }
 
 /// The identity of the row an event changes (from its key columns).
@@ -400,10 +402,91 @@ impl Applier {
         Ok(())
     }
 
+    /// Warms the caches for a batch of events with one batched lookup per shard: the
+    /// scorecards of every event and the conversations of conversation scorecards. Failures are
+    /// left to the per-event lookups (which park when a shard is away).
+    pub async fn prefetch<'a>(&mut self, events: impl IntoIterator<Item = &'a ChangeEvent>) {
+        self.absent.clear();
+        let mut cards = std::collections::BTreeSet::new();
+        let mut conversations = std::collections::BTreeSet::new();
+        for event in events {
+            let Some(key) = ScorecardKey::of_event(event) else { continue };
+            if event.table == SourceTable::Scorecards.name()
+                && let Some(new) = &event.new_row
+            {
+                let fields = CardFields::from_row(new);
+                if let (false, Some(id)) = (fields.is_process(), fields.conversation_id) {
+                    conversations.insert((key.customer_id.clone(), key.profile_id.clone(), id));
+                }
+            }
+            if self.caches.cards.get(&key).is_none() {
+                cards.insert(key);
+            }
+        }
+        let keys: Vec<ScorecardKey> = cards.into_iter().collect();
+        let stored = match self.lookups.cards(&keys).await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::debug!(%error, "prefetch of scorecards failed");
+                return;
+            }
+        };
+        for (key, card) in &stored {
+            if let (false, false, Some(id)) =
+                (card.fields.is_process(), card.deleted, &card.fields.conversation_id)
+            {
+                conversations.insert((key.customer_id.clone(), key.profile_id.clone(), id.clone()));
+            }
+        }
+        let wanted: Vec<ConversationKey> = conversations
+            .into_iter()
+            .filter(|k| self.caches.conversations.get(k).is_none())
+            .collect();
+        if !wanted.is_empty() {
+            match self.lookups.conversations(&wanted).await {
+                Ok(found) => {
+                    for (k, c) in found {
+                        self.caches.conversations.insert(k, c);
+                    }
+                }
+                Err(error) => tracing::debug!(%error, "prefetch of conversations failed"),
+            }
+        }
+        for key in keys {
+            match stored.get(&key) {
+                Some(card) => {
+                    let conversation = card.fields.conversation_id.as_ref().and_then(|id| {
+                        let ck = (key.customer_id.clone(), key.profile_id.clone(), id.clone());
+                        self.caches.conversations.get(&ck).cloned()
+                    });
+                    let state = CardState {
+                        version: card.version,
+                        seq: 0,
+                        fields: card.fields.clone(),
+                        shard: card.shard,
+                        conversation: if card.fields.is_process() || card.deleted {
+                            None
+                        } else {
+                            conversation
+                        },
+                        deleted: card.deleted,
+                    };
+                    self.caches.cards.insert(key, state);
+                }
+                None => {
+                    self.absent.insert(key);
+                }
+            }
+        }
+    }
+
     /// Where a scorecard lives now, from the cache or the shards.
     async fn card_state(&mut self, key: &ScorecardKey) -> Result<Option<CardState>, Error> {
         if let Some(state) = self.caches.cards.get(key) {
             return Ok(Some(state.clone()));
+        }
+        if self.absent.contains(key) {
+            return Ok(None);
         }
         let found = self.lookups.cards(std::slice::from_ref(key)).await?;
         let Some(stored) = found.get(key) else { return Ok(None) };

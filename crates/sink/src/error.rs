@@ -20,6 +20,14 @@ pub enum Error {
         #[source]
         source: clickhouse::error::Error,
     },
+    /// A shard did not answer in time.
+    #[error("clickhouse shard {shard}: {action} timed out")]
+    Timeout {
+        /// The shard.
+        shard: ShardIndex,
+        /// What was attempted.
+        action: String,
+    },
     /// A shard answered something the sink cannot read.
     #[error("clickhouse shard {shard}: unreadable answer ({what})")]
     Unreadable {
@@ -78,10 +86,23 @@ impl Error {
         move |source| Error::Shard { shard, action, source }
     }
 
+    /// The shard this error is about, if it is about one.
+    pub fn shard_index(&self) -> Option<ShardIndex> {
+        match self {
+            Error::Shard { shard, .. }
+            | Error::Timeout { shard, .. }
+            | Error::Unreadable { shard, .. } => Some(*shard),
+            _ => None,
+        }
+    }
+
     /// True when retrying later can succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Shard { .. } | Error::Postgres { .. } | Error::Kafka { .. } => true,
+            Error::Shard { .. }
+            | Error::Timeout { .. }
+            | Error::Postgres { .. }
+            | Error::Kafka { .. } => true,
             Error::Bus(err) => err.is_transient(),
             Error::Unreadable { .. } | Error::Schema(_) | Error::SchemaMismatch { .. } => false,
         }

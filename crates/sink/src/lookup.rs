@@ -20,6 +20,8 @@ use crate::shard::ShardIndex;
 
 /// Most keys in one `IN (...)` list.
 const CHUNK: usize = 500;
+/// Longest a lookup or statement may take before the shard counts as unavailable.
+pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A SQL string literal (ClickHouse and PostgreSQL both accept backslash and quote escapes in
 /// this form; PostgreSQL via `E'...'`).
@@ -74,7 +76,10 @@ impl Lookups {
 
     /// Runs a statement that returns nothing (INSERT ... SELECT) on one shard.
     pub async fn execute(&self, shard: ShardIndex, sql: &str) -> Result<(), Error> {
-        self.shards[shard].query_raw(sql).execute().await.map_err(Error::shard(shard, "statement"))
+        tokio::time::timeout(LOOKUP_TIMEOUT, self.shards[shard].query_raw(sql).execute())
+            .await
+            .map_err(|_| Error::Timeout { shard, action: "statement".into() })?
+            .map_err(Error::shard(shard, "statement"))
     }
 
     /// Runs a SELECT on one shard and returns its TabSeparated lines parsed for `columns`.
@@ -85,12 +90,13 @@ impl Lookups {
         columns: &[ChColumn],
     ) -> Result<Vec<Vec<Cell>>, Error> {
         let client = &self.shards[shard];
-        let bytes = client
+        let mut cursor = client
             .query_raw(sql)
             .fetch_bytes("TabSeparated")
-            .map_err(Error::shard(shard, "lookup"))?
-            .collect()
+            .map_err(Error::shard(shard, "lookup"))?;
+        let bytes = tokio::time::timeout(LOOKUP_TIMEOUT, cursor.collect())
             .await
+            .map_err(|_| Error::Timeout { shard, action: "lookup".into() })?
             .map_err(Error::shard(shard, "lookup"))?;
         let text = String::from_utf8_lossy(&bytes);
         text.lines()

@@ -23,6 +23,9 @@ pub enum ParkReason {
     ScorecardUnknown(String),
     /// An unchanged TOAST column's stored value was not found.
     ToastValueUnknown(String),
+    /// Applying needs an answer (a lookup, or earlier writes acknowledged) from a ClickHouse
+    /// shard or PostgreSQL that is unavailable now.
+    Unavailable(String),
 }
 
 impl ParkReason {
@@ -32,6 +35,7 @@ impl ParkReason {
             ParkReason::ConversationNotFound(_) => "conversation_not_found",
             ParkReason::ScorecardUnknown(_) => "scorecard_unknown",
             ParkReason::ToastValueUnknown(_) => "toast_value_unknown",
+            ParkReason::Unavailable(_) => "dependency_unavailable",
         }
     }
 }
@@ -48,6 +52,7 @@ impl std::fmt::Display for ParkReason {
             ParkReason::ToastValueUnknown(column) => {
                 write!(f, "stored value of unchanged column {column} not found")
             }
+            ParkReason::Unavailable(what) => write!(f, "waiting for {what}"),
         }
     }
 }
@@ -94,9 +99,10 @@ pub struct Park {
     rows: HashMap<RowKey, Parked>,
 }
 
-/// Retry delay after `attempts` failures: 1 s doubling to 60 s.
+/// Retry delay after `attempts` failures: 1 s doubling to 8 s (retries are cheap: one batched
+/// lookup per shard for every due event).
 fn retry_delay(attempts: u32) -> Duration {
-    Duration::from_secs(1_u64 << attempts.min(6)).min(Duration::from_secs(60))
+    Duration::from_secs(1_u64 << attempts.min(3))
 }
 
 impl Park {

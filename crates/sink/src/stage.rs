@@ -23,7 +23,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::KafkaConfig;
-use scoresync_bus::backoff::Backoff;
 use scoresync_bus::client::OffsetReset;
 use scoresync_event::{ChangeEvent, decode};
 
@@ -35,7 +34,7 @@ use crate::dlq::{DeadLetters, Origin};
 use crate::error::Error;
 use crate::lookup::Lookups;
 use crate::offsets::Offsets;
-use crate::park::Park;
+use crate::park::{Park, ParkReason};
 use crate::stats::{ParkedSnapshot, SinkStats};
 use crate::writer::{Ack, ShardWriter};
 
@@ -45,6 +44,19 @@ const POLL_BATCH: usize = 500;
 const REVOKE_DRAIN: Duration = Duration::from_secs(15);
 /// How long shutdown waits for buffered rows to reach ClickHouse.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(30);
+/// How long an event that reads back stored rows (a move, a TRUNCATE) waits for earlier rows to
+/// be acknowledged before it is parked instead (a shard may be down).
+const FLUSH_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How a bounded flush ended.
+enum Flushed {
+    /// Every buffered row is acknowledged.
+    Done,
+    /// Shutdown came first.
+    Shutdown,
+    /// Patience ran out (a shard is slow or down).
+    TimedOut,
+}
 
 /// The sink role.
 pub struct Sink {
@@ -65,6 +77,8 @@ pub struct SinkContext {
     offsets: Arc<Mutex<Offsets>>,
     in_flight_rows: Arc<AtomicUsize>,
     revoked: Arc<Mutex<Vec<i32>>>,
+    /// Partitions currently assigned (for the rejoin watchdog).
+    assigned: Arc<AtomicUsize>,
     topic: String,
 }
 
@@ -97,6 +111,8 @@ impl ConsumerContext for SinkContext {
             tracing::warn!(%error, "commit on revoke failed; the new owner re-reads from the last commit");
         }
         tracing::info!(partitions = ?gone, "partitions revoked");
+        self.assigned
+            .fetch_sub(gone.len().min(self.assigned.load(Ordering::Acquire)), Ordering::AcqRel);
         if let Ok(mut revoked) = self.revoked.lock() {
             revoked.extend(gone);
         }
@@ -104,6 +120,7 @@ impl ConsumerContext for SinkContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Assign(partitions) = rebalance else { return };
+        self.assigned.fetch_add(partitions.count(), Ordering::AcqRel);
         let committed =
             consumer.committed_offsets((*partitions).clone(), Duration::from_secs(10)).ok();
         for element in partitions.elements() {
@@ -169,10 +186,12 @@ impl Sink {
         let offsets = Arc::new(Mutex::new(Offsets::default()));
         let in_flight_rows = Arc::new(AtomicUsize::new(0));
         let revoked = Arc::new(Mutex::new(Vec::new()));
+        let assigned = Arc::new(AtomicUsize::new(0));
         let context = SinkContext {
             offsets: Arc::clone(&offsets),
             in_flight_rows: Arc::clone(&in_flight_rows),
             revoked: Arc::clone(&revoked),
+            assigned: Arc::clone(&assigned),
             topic: self.kafka.change_topic.clone(),
         };
         let consumer: StreamConsumer<SinkContext> = scoresync_bus::client::consumer(
@@ -224,6 +243,7 @@ impl Sink {
                 batcher: Batcher::new(limits),
                 park: Park::default(),
                 offsets: Arc::clone(&offsets),
+                absent: Default::default(),
             },
             dead_letters: DeadLetters::new(&self.kafka)?,
             dlq_acks: FuturesUnordered::new(),
@@ -237,7 +257,8 @@ impl Sink {
             config: self.sink.clone(),
             paused: false,
         };
-        let result = state.run(&consumer, &revoked, &shutdown).await;
+        let rejoin_after = Duration::from_millis(self.kafka.session_timeout_ms * 3);
+        let result = state.run(&consumer, &revoked, &assigned, rejoin_after, &shutdown).await;
         let drained = state.drain(&shutdown, &consumer).await;
         writer_stop.cancel();
         for task in tasks {
@@ -274,8 +295,11 @@ impl Loop {
         &mut self,
         consumer: &StreamConsumer<SinkContext>,
         revoked: &Mutex<Vec<i32>>,
+        assigned: &AtomicUsize,
+        rejoin_after: Duration,
         shutdown: &CancellationToken,
     ) -> Result<(), Error> {
+        let mut unassigned_since = Some(Instant::now());
         let mut tick = tokio::time::interval(Duration::from_millis(
             (self.config.max_wait_ms / 2).clamp(20, 500),
         ));
@@ -306,6 +330,7 @@ impl Loop {
                     }
                     self.pause_or_resume(consumer)?;
                     self.publish_stats();
+                    self.rejoin_if_stuck(consumer, assigned, &mut unassigned_since, rejoin_after)?;
                 }
                 // 4. New messages.
                 message = consumer.recv() => {
@@ -326,6 +351,34 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// Watchdog: a group that assigns this sink nothing for `rejoin_after` (a member that died
+    /// mid-rebalance can wedge some brokers' coordinators, tansu 0.6 among them) is left and
+    /// joined again.
+    fn rejoin_if_stuck(
+        &mut self,
+        consumer: &StreamConsumer<SinkContext>,
+        assigned: &AtomicUsize,
+        unassigned_since: &mut Option<Instant>,
+        rejoin_after: Duration,
+    ) -> Result<(), Error> {
+        if assigned.load(Ordering::Acquire) > 0 {
+            *unassigned_since = None;
+            return Ok(());
+        }
+        let since = *unassigned_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < rejoin_after {
+            return Ok(());
+        }
+        tracing::warn!(waited = ?since.elapsed(), topic = %self.topic, "no partitions assigned; leaving and rejoining the consumer group");
+        consumer.unsubscribe();
+        consumer.subscribe(&[&self.topic]).map_err(|source| Error::Kafka {
+            context: format!("re-subscribing to {}", self.topic),
+            source,
+        })?;
+        *unassigned_since = Some(Instant::now());
+        Ok(())
     }
 
     fn on_ack(&mut self, _ack: Ack) {
@@ -366,6 +419,7 @@ impl Loop {
                 Err(err) => self.dead_letter(&incoming, &error_chain(&err))?,
             }
         }
+        self.applier.prefetch(events.iter().map(|(_, e)| e)).await;
         for (incoming, event) in events {
             if !self.apply_one(&incoming, event, shutdown).await? {
                 return Ok(false);
@@ -374,7 +428,8 @@ impl Loop {
         Ok(true)
     }
 
-    /// Applies one event (retrying transient lookups), parks or dead-letters it. Returns false
+    /// Applies one event, or parks or dead-letters it. A shard or PostgreSQL that does not
+    /// answer parks the event (retried later) instead of stalling every partition. Returns false
     /// when shutdown interrupted it.
     async fn apply_one(
         &mut self,
@@ -383,11 +438,10 @@ impl Loop {
         shutdown: &CancellationToken,
     ) -> Result<bool, Error> {
         let table = scoresync_event::SourceTable::from_name(&event.schema, &event.table);
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
         loop {
             let flushed = self.applier.batcher.rows() == 0
                 && self.in_flight_rows.load(Ordering::Acquire) == 0;
-            match self.applier.apply(incoming.id, &event, flushed).await {
+            let reason = match self.applier.apply(incoming.id, &event, flushed).await {
                 Ok(Decision::Applied) => {
                     if let Some(table) = table {
                         let row = event_row_key(table, &event);
@@ -399,34 +453,41 @@ impl Loop {
                     self.release(incoming.id);
                     return Ok(true);
                 }
-                Ok(Decision::Park(reason)) => {
-                    let Some(table) = table else { return Ok(true) };
-                    tracing::debug!(partition = incoming.id.0, offset = incoming.id.1, %reason, "parked");
-                    let row = event_row_key(table, &event);
-                    if let Some(older) = self.applier.park.park(row, incoming.id, event, reason) {
-                        self.release(older);
-                    }
-                    return Ok(true);
-                }
+                Ok(Decision::Park(reason)) => reason,
                 Ok(Decision::Poison(error)) => {
                     self.dead_letter(incoming, &error)?;
                     return Ok(true);
                 }
-                Ok(Decision::NeedsFlush) => {
-                    if !self.flush_and_wait(shutdown).await {
-                        return Ok(false);
-                    }
-                }
+                Ok(Decision::NeedsFlush) => match self.flush_within(shutdown, FLUSH_PATIENCE).await
+                {
+                    Flushed::Done => continue,
+                    Flushed::Shutdown => return Ok(false),
+                    Flushed::TimedOut => ParkReason::Unavailable(
+                        "earlier rows to be acknowledged by every shard".into(),
+                    ),
+                },
                 Err(err) if err.is_transient() => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %error_chain(&err), ?delay, "applying an event failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(false),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                    tracing::warn!(partition = incoming.id.0, offset = incoming.id.1, error = %error_chain(&err), "cannot apply now; parking");
+                    ParkReason::Unavailable(dependency(&err))
                 }
                 Err(err) => return Err(err),
+            };
+            let Some(table) = table else { return Ok(true) };
+            tracing::debug!(partition = incoming.id.0, offset = incoming.id.1, %reason, "parked");
+            let row = event_row_key(table, &event);
+            if let Some(older) = self.applier.park.park(row, incoming.id, event, reason) {
+                self.release(older);
             }
+            return Ok(true);
+        }
+    }
+
+    /// [`Loop::flush_and_wait`], bounded by `patience`.
+    async fn flush_within(&mut self, shutdown: &CancellationToken, patience: Duration) -> Flushed {
+        match tokio::time::timeout(patience, self.flush_and_wait(shutdown)).await {
+            Ok(true) => Flushed::Done,
+            Ok(false) => Flushed::Shutdown,
+            Err(_) => Flushed::TimedOut,
         }
     }
 
@@ -464,16 +525,22 @@ impl Loop {
     /// Retries parked events that are due. Returns false when shutdown interrupted it.
     async fn retry_parked(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
         let due = self.applier.park.due(Instant::now());
+        if due.is_empty() {
+            return Ok(true);
+        }
+        self.applier.prefetch(due.iter().map(|(_, p)| &p.event)).await;
+        let mut applied = 0usize;
         for (row, parked) in due {
             let flushed = self.applier.batcher.rows() == 0
                 && self.in_flight_rows.load(Ordering::Acquire) == 0;
             match self.applier.apply(parked.msg, &parked.event, flushed).await {
                 Ok(Decision::Applied) => {
-                    tracing::info!(
+                    tracing::debug!(
                         partition = parked.msg.0,
                         offset = parked.msg.1,
                         "parked event applied"
                     );
+                    applied += 1;
                     self.release(parked.msg);
                 }
                 Ok(Decision::Park(reason)) => self.applier.park.repark(row, parked, reason),
@@ -488,17 +555,27 @@ impl Loop {
                 Ok(Decision::NeedsFlush) => {
                     let reason = parked.reason.clone();
                     self.applier.park.repark(row, parked, reason);
-                    if !self.flush_and_wait(shutdown).await {
+                    if let Flushed::Shutdown = self.flush_within(shutdown, FLUSH_PATIENCE).await {
                         return Ok(false);
                     }
                 }
                 Err(err) if err.is_transient() => {
-                    let reason = parked.reason.clone();
-                    tracing::warn!(error = %error_chain(&err), "retrying a parked event failed");
-                    self.applier.park.repark(row, parked, reason);
+                    tracing::debug!(error = %error_chain(&err), "retrying a parked event failed");
+                    self.applier.park.repark(
+                        row,
+                        parked,
+                        ParkReason::Unavailable(dependency(&err)),
+                    );
                 }
                 Err(err) => return Err(err),
             }
+        }
+        if applied > 0 {
+            tracing::info!(
+                applied,
+                still_parked = self.applier.park.len(),
+                "parked events applied"
+            );
         }
         Ok(true)
     }
@@ -650,6 +727,15 @@ impl Loop {
         }
         self.publish_stats();
         Ok(())
+    }
+}
+
+/// What an applying error waits for, for the park reason.
+fn dependency(err: &Error) -> String {
+    match (err.shard_index(), err) {
+        (Some(shard), _) => format!("clickhouse shard {shard}"),
+        (None, Error::Postgres { .. }) => "postgres".into(),
+        (None, other) => error_chain(other),
     }
 }
 

@@ -19,6 +19,9 @@ use crate::rows::{TableSchema, write_row_binary};
 use crate::shard::ShardIndex;
 use crate::stats::SinkStats;
 
+/// Longest one insert attempt may take before it is retried.
+pub const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a writer reports after a batch is in ClickHouse.
 #[derive(Debug)]
 pub struct Ack {
@@ -89,12 +92,15 @@ impl ShardWriter {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
         loop {
             let started = Instant::now();
-            let result = async {
+            let attempt = async {
                 let mut insert = self.client.insert_formatted_with(sql.clone());
                 insert.send(body.clone()).await?;
                 insert.end().await
-            }
-            .await;
+            };
+            let result = match tokio::time::timeout(INSERT_TIMEOUT, attempt).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {INSERT_TIMEOUT:?}")),
+            };
             match result {
                 Ok(()) => {
                     self.stats.insert(
