@@ -287,6 +287,25 @@ async fn poison_messages_are_dead_lettered_with_their_origin_and_the_sink_stays_
         Ok((dead_letters(&env)?.len() == 4).then_some(()))
     })
     .await?;
+    // `dlq list` shows all four with their origin; only the first two were redriven.
+    let mut list = Daemon::start(&env, &["dlq", "list", "--json"])?;
+    assert!(list.wait(DEADLINE).await?.success(), "{}", list.output());
+    let listed: Vec<serde_json::Value> = list
+        .output()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(listed.len(), 4, "{}", list.output());
+    for letter in &listed {
+        let origin = (
+            letter["origin_partition"].as_i64().context("origin partition")? as i32,
+            letter["origin_offset"].as_i64().context("origin offset")?,
+        );
+        let first_time = origin == garbage || origin == unmappable;
+        assert_eq!(letter["redriven"], first_time, "{letter}");
+        assert_eq!(letter["origin_topic"], env.kafka.change_topic.as_str(), "{letter}");
+    }
     let mut again = Daemon::start(&env, &["dlq", "redrive"])?;
     assert!(again.wait(DEADLINE).await?.success());
     assert!(

@@ -46,6 +46,7 @@ impl TestEnv {
     /// database (scoresync schema) on every shard. Topics are left to the test or to `setup`.
     pub async fn new(label: &str) -> anyhow::Result<TestEnv> {
         let stack = Stack::get().clone();
+        sweep_dead_tests(&stack).await;
         let name = unique_name(label);
         let env = TestEnv {
             postgres: {
@@ -293,6 +294,56 @@ impl Leftovers {
             .batch_execute(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
             .await?;
         Ok(())
+    }
+}
+
+/// Drops what tests whose process is gone left behind (a run interrupted by Ctrl-C or a crash
+/// never reaches `Drop`): their slots would otherwise pin WAL on the stack for good. Once per test
+/// process; a name whose process id is alive, or does not parse, is left alone.
+async fn sweep_dead_tests(stack: &Stack) {
+    static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if SWEPT.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let found = async {
+        let admin = ConnectParams::parse(&with_database(&stack.pg_admin_url, "postgres"))?
+            .connect_sql()
+            .await?;
+        let mut names: std::collections::BTreeSet<String> = admin
+            .query("SELECT datname FROM pg_database WHERE datname LIKE 't\\_%'", &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let stack_shards = ClickHouseConfig::new(stack.clickhouse_shards.clone());
+        for server in scoresync_sink::shard::clients(&stack_shards) {
+            let databases: Vec<String> = server
+                .with_database("system")
+                .query("SELECT name FROM databases WHERE startsWith(name, 't_')")
+                .fetch_all()
+                .await?;
+            names.extend(databases);
+        }
+        anyhow::Ok(names)
+    };
+    let names = match found.await {
+        Ok(names) => names,
+        Err(err) => return eprintln!("harness: looking for leftovers of dead tests: {err:#}"),
+    };
+    for name in names {
+        let Some(pid) = name.rsplit('_').nth(2).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        eprintln!("harness: removing {name}, left by test process {pid} which is gone");
+        let leftovers = Leftovers {
+            clickhouse: ClickHouseConfig::new(stack.clickhouse_shards.clone()),
+            name,
+            stack: stack.clone(),
+        };
+        leftovers.remove().await;
     }
 }
 

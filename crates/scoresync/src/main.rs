@@ -77,6 +77,13 @@ enum DlqCommand {
     /// messages) once their cause is fixed. Progress is kept in the consumer group
     /// `<kafka.consumer_group>.redrive`, so each dead letter is redriven once.
     Redrive,
+    /// List the dead letters the topic still holds: where each came from (topic, partition,
+    /// offset), when, why, and whether it was already redriven.
+    List {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -115,6 +122,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Loadgen(args) => commands::loadgen::run(&config, &args).await,
         Command::Status { json } => commands::status::run(&config, json).await,
         Command::Dlq { command: DlqCommand::Redrive } => commands::dlq::redrive(&config).await,
+        Command::Dlq { command: DlqCommand::List { json } } => {
+            commands::dlq::list(&config, json).await
+        }
         Command::Validate => commands::validate::run(&config).await,
     }
 }

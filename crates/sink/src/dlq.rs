@@ -99,92 +99,203 @@ pub fn header<'a>(message: &'a impl Message, name: &str) -> Option<&'a str> {
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
+/// One dead letter as `scoresync dlq list` shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Letter {
+    /// Partition of the dead-letter topic.
+    pub partition: i32,
+    /// Offset in that partition.
+    pub offset: i64,
+    /// Where it was consumed from: topic.
+    pub origin_topic: Option<String>,
+    /// Origin partition.
+    pub origin_partition: Option<i32>,
+    /// Origin offset.
+    pub origin_offset: Option<i64>,
+    /// Why it was dead-lettered.
+    pub error: Option<String>,
+    /// When, in Unix milliseconds.
+    pub dead_lettered_at_ms: Option<i64>,
+    /// Whether `dlq redrive` already put it back on the change topic.
+    pub redriven: bool,
+    /// Payload size in bytes.
+    pub bytes: usize,
+}
+
+/// Every dead letter still retained by the dead-letter topic, oldest first per partition.
+pub async fn list(kafka: &KafkaConfig) -> Result<Vec<Letter>, Error> {
+    let kafka = kafka.clone();
+    blocking(move || {
+        let reader = Reader::open(&kafka)?;
+        let ranges = reader.ranges()?;
+        let mut letters = Vec::new();
+        let all = ranges.iter().map(|r| (r.partition, r.low, r.high)).collect();
+        reader.read(all, |message| {
+            let number = |name| header(message, name).and_then(|v| v.parse().ok());
+            let redriven = ranges
+                .iter()
+                .any(|r| r.partition == message.partition() && message.offset() < r.redriven);
+            letters.push(Letter {
+                partition: message.partition(),
+                offset: message.offset(),
+                origin_topic: header(message, ORIGIN_TOPIC).map(str::to_owned),
+                origin_partition: number(ORIGIN_PARTITION).map(|p: i64| p as i32),
+                origin_offset: number(ORIGIN_OFFSET),
+                error: header(message, ERROR).map(str::to_owned),
+                dead_lettered_at_ms: number(DEAD_LETTERED_AT),
+                redriven,
+                bytes: message.payload().map_or(0, <[u8]>::len),
+            });
+            Ok(())
+        })?;
+        Ok(letters)
+    })
+    .await
+}
+
 /// Puts every dead letter not yet redriven back on the change topic. Progress is the committed
 /// offset of the group `<consumer_group>.redrive`, so a second redrive does not repeat the first.
 /// Returns how many messages were redriven.
 pub async fn redrive(kafka: &KafkaConfig) -> Result<u64, Error> {
     let kafka = kafka.clone();
-    tokio::task::spawn_blocking(move || redrive_blocking(&kafka)).await.map_err(|e| {
-        Error::Kafka {
-            context: format!("redrive task: {e}"),
-            source: rdkafka::error::KafkaError::Canceled,
-        }
+    blocking(move || redrive_blocking(&kafka)).await
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| Error::Kafka {
+        context: format!("dead-letter task: {e}"),
+        source: rdkafka::error::KafkaError::Canceled,
     })?
 }
 
+fn kafka_err(context: &str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+    let context = context.to_owned();
+    move |source| Error::Kafka { context, source }
+}
+
+/// What one partition of the dead-letter topic holds, and how far redrive got.
+struct Range {
+    partition: i32,
+    low: i64,
+    high: i64,
+    /// First offset not yet redriven (at least `low`).
+    redriven: i64,
+}
+
+/// Reads the dead-letter topic with the redrive group's consumer (commits are explicit).
+struct Reader {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+impl Reader {
+    fn open(kafka: &KafkaConfig) -> Result<Self, Error> {
+        let group = format!("{}.redrive", kafka.consumer_group);
+        let consumer: BaseConsumer = consumer_config(kafka, &group, OffsetReset::Earliest)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(kafka_err("creating the dead-letter consumer"))?;
+        Ok(Reader { consumer, topic: kafka.dlq_topic.clone() })
+    }
+
+    fn ranges(&self) -> Result<Vec<Range>, Error> {
+        let topic = self.topic.as_str();
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(topic), TIMEOUT)
+            .map_err(kafka_err("reading dead-letter topic metadata"))?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len() as i32);
+        let mut wanted = TopicPartitionList::new();
+        for partition in 0..partitions {
+            wanted.add_partition(topic, partition);
+        }
+        let committed = self.consumer.committed_offsets(wanted, TIMEOUT).ok();
+        let mut ranges = Vec::new();
+        for partition in 0..partitions {
+            let (low, high) = self
+                .consumer
+                .fetch_watermarks(topic, partition, TIMEOUT)
+                .map_err(kafka_err("reading dead-letter topic watermarks"))?;
+            let redriven = committed
+                .as_ref()
+                .and_then(|c| c.find_partition(topic, partition))
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+                .unwrap_or(low)
+                .max(low);
+            ranges.push(Range { partition, low, high, redriven });
+        }
+        Ok(ranges)
+    }
+
+    /// Calls `visit` on every message of each `(partition, from, to)` range, in offset order per
+    /// partition. Returns how many it visited.
+    fn read(
+        &self,
+        ranges: Vec<(i32, i64, i64)>,
+        mut visit: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<(), Error>,
+    ) -> Result<u64, Error> {
+        let topic = self.topic.as_str();
+        let mut assignment = TopicPartitionList::new();
+        let mut remaining = std::collections::HashMap::new();
+        for (partition, from, to) in ranges {
+            if from < to {
+                assignment
+                    .add_partition_offset(topic, partition, Offset::Offset(from))
+                    .map_err(kafka_err("assign"))?;
+                remaining.insert(partition, to);
+            }
+        }
+        if remaining.is_empty() {
+            return Ok(0);
+        }
+        self.consumer.assign(&assignment).map_err(kafka_err("assign"))?;
+        let mut count = 0;
+        while !remaining.is_empty() {
+            let message = self
+                .consumer
+                .poll(TIMEOUT)
+                .ok_or(Error::Kafka {
+                    context: format!("reading {topic} (timed out)"),
+                    source: rdkafka::error::KafkaError::NoMessageReceived,
+                })?
+                .map_err(kafka_err("reading the dead-letter topic"))?;
+            let partition = message.partition();
+            let Some(end) = remaining.get(&partition).copied() else { continue };
+            if message.offset() >= end {
+                remaining.remove(&partition);
+                continue;
+            }
+            visit(&message)?;
+            count += 1;
+            if message.offset() + 1 >= end {
+                remaining.remove(&partition);
+            }
+        }
+        Ok(count)
+    }
+}
+
 fn redrive_blocking(kafka: &KafkaConfig) -> Result<u64, Error> {
-    let kafka_err = |context: &str| {
-        let context = context.to_owned();
-        move |source| Error::Kafka { context, source }
-    };
-    let group = format!("{}.redrive", kafka.consumer_group);
-    let consumer: BaseConsumer = consumer_config(kafka, &group, OffsetReset::Earliest)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(kafka_err("creating the redrive consumer"))?;
+    let reader = Reader::open(kafka)?;
     let producer = scoresync_bus::client::producer(kafka)?;
+    let pending = reader.ranges()?.into_iter().map(|r| (r.partition, r.redriven, r.high)).collect();
     let topic = kafka.dlq_topic.as_str();
-    let metadata =
-        consumer.fetch_metadata(Some(topic), TIMEOUT).map_err(kafka_err("reading dlq metadata"))?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len() as i32);
-    let mut assignment = TopicPartitionList::new();
-    let mut ends = Vec::new();
-    let mut wanted = TopicPartitionList::new();
-    for partition in 0..partitions {
-        wanted.add_partition(topic, partition);
-    }
-    let committed = consumer.committed_offsets(wanted, TIMEOUT).ok();
-    for partition in 0..partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition, TIMEOUT)
-            .map_err(kafka_err("reading dlq watermarks"))?;
-        let start = committed
-            .as_ref()
-            .and_then(|c| c.find_partition(topic, partition))
-            .and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            })
-            .unwrap_or(low)
-            .max(low);
-        if start < high {
-            assignment
-                .add_partition_offset(topic, partition, Offset::Offset(start))
-                .map_err(kafka_err("assign"))?;
-            ends.push((partition, high));
-        }
-    }
-    if ends.is_empty() {
-        return Ok(0);
-    }
-    consumer.assign(&assignment).map_err(kafka_err("assign"))?;
-    let mut remaining: std::collections::HashMap<i32, i64> = ends.into_iter().collect();
-    let mut done = TopicPartitionList::new();
-    let mut count = 0;
-    while !remaining.is_empty() {
-        let message = consumer
-            .poll(TIMEOUT)
-            .ok_or(Error::Kafka {
-                context: "reading the dlq (timed out)".into(),
-                source: rdkafka::error::KafkaError::NoMessageReceived,
-            })?
-            .map_err(kafka_err("reading the dlq"))?;
-        let partition = message.partition();
-        let Some(end) = remaining.get(&partition).copied() else { continue };
-        if message.offset() >= end {
-            remaining.remove(&partition);
-            continue;
-        }
+    reader.read(pending, |message| {
         let payload = message.payload().unwrap_or_default();
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&kafka.change_topic).payload(payload);
         record = match message.key() {
             Some(key) => record.key(key),
-            None => match header(&message, ORIGIN_PARTITION).and_then(|p| p.parse().ok()) {
+            None => match header(message, ORIGIN_PARTITION).and_then(|p| p.parse().ok()) {
                 Some(p) => record.partition(p),
                 None => record,
             },
@@ -193,15 +304,12 @@ fn redrive_blocking(kafka: &KafkaConfig) -> Result<u64, Error> {
         futures::executor::block_on(producer.send(record, TIMEOUT)).map_err(|(source, _)| {
             Error::Kafka { context: "redriving a dead letter".into(), source }
         })?;
-        count += 1;
-        done.add_partition_offset(topic, partition, Offset::Offset(message.offset() + 1))
+        let mut done = TopicPartitionList::new();
+        done.add_partition_offset(topic, message.partition(), Offset::Offset(message.offset() + 1))
             .map_err(kafka_err("commit"))?;
-        consumer
+        reader
+            .consumer
             .commit(&done, rdkafka::consumer::CommitMode::Sync)
-            .map_err(kafka_err("committing redrive progress"))?;
-        if message.offset() + 1 >= end {
-            remaining.remove(&partition);
-        }
-    }
-    Ok(count)
+            .map_err(kafka_err("committing redrive progress"))
+    })
 }
