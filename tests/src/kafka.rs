@@ -249,3 +249,30 @@ pub fn message_count(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<i64> {
     }
     Ok(total)
 }
+
+/// The sink group's position on the change topic: (messages not yet committed, sum of high
+/// watermarks). A partition the group never committed counts from its low watermark.
+pub fn group_position(kafka: &KafkaConfig) -> anyhow::Result<(i64, i64)> {
+    let consumer: BaseConsumer =
+        consumer_config(kafka, &kafka.consumer_group, OffsetReset::Earliest).create()?;
+    let topic = kafka.change_topic.as_str();
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    for partition in 0..kafka.partitions {
+        wanted.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(wanted, TIMEOUT)?;
+    let (mut lag, mut highs) = (0, 0);
+    for partition in 0..kafka.partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT)?;
+        let at = committed
+            .find_partition(topic, partition)
+            .and_then(|e| match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(low);
+        lag += (high - at).max(0);
+        highs += high;
+    }
+    Ok((lag, highs))
+}

@@ -266,17 +266,33 @@ pub async fn check(env: &TestEnv, pg: &tokio_postgres::Client) -> anyhow::Result
     Ok(problems)
 }
 
-/// Waits until the oracle holds; on timeout the error lists the first differences.
+/// Waits until the pipeline has caught up and the oracle holds; on timeout the error lists the
+/// first differences. Caught up: the source (when running) confirmed everything this database
+/// had written when the wait began, the sink group committed every message, and nothing new arrived
+/// while the oracle compared (else a pair of changes still in flight, such as an insert and the
+/// delete after it, could let a passing state be a passing moment).
 pub async fn wait_until_consistent(
     env: &TestEnv,
     pg: &tokio_postgres::Client,
     deadline: std::time::Duration,
 ) -> anyhow::Result<()> {
+    // A mark in this database's WAL that the source confirms once it has read everything before
+    // it (a non-transactional logical message, as its heartbeats are).
+    let target: String = pg
+        .query_one("SELECT pg_logical_emit_message(false, 'scoresync-test-mark', '')::text", &[])
+        .await?
+        .get(0);
     let last = std::sync::Mutex::new(Vec::new());
     let result =
         crate::wait::until("ClickHouse to match PostgreSQL (oracle)", deadline, || async {
+            let Some(before) = settled(env, pg, &target).await? else {
+                if let Ok(mut l) = last.lock() {
+                    *l = vec!["the pipeline has not caught up yet".to_owned()];
+                }
+                return Ok(None);
+            };
             let problems = check(env, pg).await?;
-            let ok = problems.is_empty();
+            let ok = problems.is_empty() && settled(env, pg, &target).await? == Some(before);
             if let Ok(mut l) = last.lock() {
                 *l = problems;
             }
@@ -289,6 +305,31 @@ pub async fn wait_until_consistent(
         let total = last.lock().map(|l| l.len()).unwrap_or(0);
         err.context(format!("{total} difference(s), first: {shown:#?}"))
     })
+}
+
+/// The change topic's high watermarks (summed) when the pipeline has nothing in flight; `None`
+/// while the active source has not confirmed `target` or the sink group has messages to commit.
+async fn settled(
+    env: &TestEnv,
+    pg: &tokio_postgres::Client,
+    target: &str,
+) -> anyhow::Result<Option<i64>> {
+    let slot = pg
+        .query_opt(
+            "SELECT active, confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots \
+             WHERE slot_name = $2",
+            &[&target, &env.postgres.slot],
+        )
+        .await?;
+    let source_done = slot
+        .is_none_or(|row| !row.get::<_, bool>(0) || row.get::<_, Option<bool>>(1).unwrap_or(false));
+    if !source_done {
+        return Ok(None);
+    }
+    let kafka = env.kafka.clone();
+    let (lag, highs) =
+        tokio::task::spawn_blocking(move || crate::kafka::group_position(&kafka)).await??;
+    Ok((lag == 0).then_some(highs))
 }
 
 /// Live rows per (shard, table).

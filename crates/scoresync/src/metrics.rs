@@ -77,6 +77,7 @@ pub fn render(stats: &SinkStats) -> String {
         "scorecard_unknown",
         "toast_value_unknown",
         "dependency_unavailable",
+        "behind_parked_change",
     ] {
         let n = by_reason.get(reason).copied().unwrap_or(0);
         let _ = writeln!(out, "scoresync_sink_parked_events{{reason=\"{reason}\"}} {n}");

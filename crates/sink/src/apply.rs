@@ -6,7 +6,9 @@
 //!   the card change's version. If only fields its children carry changed, the children are
 //!   rewritten in place. An event older than what the shards already hold for the card never
 //!   writes to another shard than the card's current one, so a replay cannot leave a stale live
-//!   copy behind.
+//!   copy behind. A re-read change that the shards already hold as the card's newest (the tail
+//!   read again after a crash) looks for live copies of the card and its children on the other
+//!   shards and removes them: the move it made may have been cut short between two inserts.
 //! - A score or historic score goes to its scorecard's current shard, carrying its fields.
 //! - A TRUNCATE writes delete markers, at its version, for every live row older than it, on every
 //!   shard: rows written after it (greater versions) are untouched, so replaying it is harmless.
@@ -24,7 +26,9 @@ use crate::lookup::Lookups;
 use crate::offsets::Offsets;
 use crate::park::{Park, ParkReason};
 use crate::route::{CardFields, Conversation, Route};
-use crate::rows::{Cell, ChRow, ChType, Denormalized, RowKey, TableSchema, delete_row, upsert_row};
+use crate::rows::{
+    Cell, ChRow, ChType, Denormalized, RowError, RowKey, TableSchema, delete_row, upsert_row,
+};
 use crate::shard::ShardIndex;
 
 /// What became of an event.
@@ -86,6 +90,19 @@ fn value_text(value: &Value) -> String {
     }
 }
 
+/// A card's state as the shards hold it.
+fn stored_state(card: &crate::lookup::StoredCard, conversation: Option<Conversation>) -> CardState {
+    CardState {
+        version: card.version,
+        seq: 0,
+        fields: card.fields.clone(),
+        shard: card.shard,
+        conversation,
+        deleted: card.deleted,
+        from_shards: true,
+    }
+}
+
 fn scorecard_of_row(row: &Row) -> Option<ScorecardKey> {
     ScorecardKey::of_event(&ChangeEvent { new_row: Some(row.clone()), ..Default::default() })
 }
@@ -114,7 +131,23 @@ impl Applier {
     }
 
     /// Applies one event. `flushed` says whether every earlier row is already in ClickHouse.
+    /// A value that does not fit its column, or a missing key value, makes the event poison
+    /// (dead-lettered); a table that lacks a column every row needs stops the sink.
     pub async fn apply(
+        &mut self,
+        msg: MsgId,
+        event: &ChangeEvent,
+        flushed: bool,
+    ) -> Result<Decision, Error> {
+        match self.apply_event(msg, event, flushed).await {
+            Err(Error::Schema(err @ (RowError::Type { .. } | RowError::NoKey(..)))) => {
+                Ok(Decision::Poison(err.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    async fn apply_event(
         &mut self,
         msg: MsgId,
         event: &ChangeEvent,
@@ -134,7 +167,7 @@ impl Applier {
             }
             (Operation::Unspecified, _) => Ok(Decision::Poison("unspecified operation".into())),
             (_, SourceTable::Scorecards) => self.apply_card(msg, event, version, flushed).await,
-            (_, child) => self.apply_child(msg, event, child, version).await,
+            (_, child) => self.apply_child(msg, event, child, version, flushed).await,
         }
     }
 
@@ -175,10 +208,8 @@ impl Applier {
             let fields =
                 prev.as_ref().map_or_else(|| CardFields::from_row(old), |p| p.fields.clone());
             let conversation = prev.and_then(|p| p.conversation);
-            self.caches.cards.insert(
-                key,
-                CardState { version, seq, fields, shard, conversation, deleted: true },
-            );
+            let state = CardState::applied((version, seq), fields, shard, conversation, true);
+            self.caches.cards.insert(key, state);
             return Ok(Decision::Applied);
         }
 
@@ -206,7 +237,12 @@ impl Applier {
         let refreshing = prev
             .as_ref()
             .is_some_and(|p| !p.deleted && (p.fields != fields || p.conversation != conversation));
-        if (moving || refreshing) && !flushed {
+        // The very change the shards already hold as the card's newest (a re-read after a crash or
+        // a rebalance): a move it made may be half done (the card and each child table of each
+        // shard are separate inserts), so its leftovers on other shards are looked for again.
+        let replay =
+            prev.as_ref().is_some_and(|p| p.from_shards && !p.deleted && p.version == version);
+        if (moving || refreshing || replay) && !flushed {
             return Ok(Decision::NeedsFlush);
         }
         // A changed primary key: the old row goes.
@@ -217,14 +253,15 @@ impl Applier {
         {
             let marker = self.delete(SourceTable::Scorecards, old, version, seq)?;
             self.add(old_state.shard, marker, msg)?;
-            self.caches
-                .cards
-                .insert(old_key, CardState { deleted: true, version, seq, ..old_state });
+            self.caches.cards.insert(
+                old_key,
+                CardState { deleted: true, version, seq, from_shards: false, ..old_state },
+            );
         }
         let mut row = self.card_row(new, version, event)?;
         let look_in: Vec<ShardIndex> = prev.iter().map(|p| p.shard).chain([shard]).collect();
-        if let Some(reason) = self.resolve_unknown(&mut row, &look_in).await? {
-            return Ok(Decision::Park(reason));
+        if let Some(decision) = self.resolve_unknown(&mut row, &look_in, flushed).await? {
+            return Ok(decision);
         }
         self.add(shard, row, msg)?;
         let denormalized =
@@ -239,9 +276,14 @@ impl Applier {
         } else if refreshing {
             self.move_children(&key, shard, shard, &denormalized, version, seq, msg).await?;
         }
-        self.caches
-            .cards
-            .insert(key, CardState { version, seq, fields, shard, conversation, deleted: false });
+        if replay {
+            let moved_from = prev.as_ref().filter(|_| moving).map(|p| p.shard);
+            for other in (0..self.shards).filter(|s| *s != shard && Some(*s) != moved_from) {
+                self.finish_move(&key, new, other, shard, &denormalized, event, msg).await?;
+            }
+        }
+        let state = CardState::applied((version, seq), fields, shard, conversation, false);
+        self.caches.cards.insert(key, state);
         Ok(Decision::Applied)
     }
 
@@ -269,6 +311,7 @@ impl Applier {
         event: &ChangeEvent,
         table: SourceTable,
         version: u64,
+        flushed: bool,
     ) -> Result<Decision, Error> {
         let Some(card_key) = ScorecardKey::of_event(event) else {
             return Ok(Decision::Poison(format!("{table} event without its scorecard's key")));
@@ -296,8 +339,8 @@ impl Applier {
         let mut row =
             upsert_row(&schema, new, version, seq, Some(&denormalized)).map_err(Error::Schema)?;
         row.commit_time_us = event.commit_time_us;
-        if let Some(reason) = self.resolve_unknown(&mut row, &[card.shard]).await? {
-            return Ok(Decision::Park(reason));
+        if let Some(decision) = self.resolve_unknown(&mut row, &[card.shard], flushed).await? {
+            return Ok(decision);
         }
         let new_key = row.key(&schema);
         self.add(card.shard, row, msg)?;
@@ -321,6 +364,31 @@ impl Applier {
             }
         }
         Ok(Decision::Applied)
+    }
+
+    /// Completes, on shard `from`, a move of the card to `to` at this event's version that a
+    /// crash may have cut short: a live copy of the card there gets a delete marker, and its live
+    /// children move. Nothing is written when `from` holds nothing live of the card.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_move(
+        &mut self,
+        key: &ScorecardKey,
+        new: &Row,
+        from: ShardIndex,
+        to: ShardIndex,
+        denormalized: &Denormalized,
+        event: &ChangeEvent,
+        msg: MsgId,
+    ) -> Result<(), Error> {
+        let (version, seq) = (RowVersion::of_event(event).0, event.seq_in_tx);
+        let card_schema = self.schema(SourceTable::Scorecards)?.clone();
+        if !self.lookups.children(from, &card_schema, key).await?.is_empty() {
+            tracing::info!(shard = from, scorecard = %key.scorecard_id, "removing a live copy left by an interrupted move");
+            let mut marker = self.delete(SourceTable::Scorecards, new, version, seq)?;
+            marker.commit_time_us = event.commit_time_us;
+            self.add(from, marker, msg)?;
+        }
+        self.move_children(key, from, to, denormalized, version, seq, msg).await
     }
 
     /// Moves (or, with `from == to`, rewrites) a scorecard's children with its new fields.
@@ -459,19 +527,9 @@ impl Applier {
                         let ck = (key.customer_id.clone(), key.profile_id.clone(), id.clone());
                         self.caches.conversations.get(&ck).cloned()
                     });
-                    let state = CardState {
-                        version: card.version,
-                        seq: 0,
-                        fields: card.fields.clone(),
-                        shard: card.shard,
-                        conversation: if card.fields.is_process() || card.deleted {
-                            None
-                        } else {
-                            conversation
-                        },
-                        deleted: card.deleted,
-                    };
-                    self.caches.cards.insert(key, state);
+                    let conversation =
+                        if card.fields.is_process() || card.deleted { None } else { conversation };
+                    self.caches.cards.insert(key, stored_state(card, conversation));
                 }
                 None => {
                     self.absent.insert(key);
@@ -495,14 +553,7 @@ impl Applier {
                 (Some(id), false, false) => self.conversation(key, id).await?,
                 _ => None,
             };
-        let state = CardState {
-            version: stored.version,
-            seq: 0,
-            fields: stored.fields.clone(),
-            shard: stored.shard,
-            conversation,
-            deleted: stored.deleted,
-        };
+        let state = stored_state(stored, conversation);
         self.caches.cards.insert(key.clone(), state.clone());
         Ok(Some(state))
     }
@@ -528,6 +579,7 @@ impl Applier {
                     shard,
                     conversation,
                     deleted: false,
+                    from_shards: false,
                 }))
             }
             Err(Decision::Park(reason)) => Ok(Err(reason)),
@@ -571,12 +623,14 @@ impl Applier {
         Ok(conversation)
     }
 
-    /// Fills unchanged-TOAST cells from the stored row. `Some(reason)` when no value was found.
+    /// Fills unchanged-TOAST cells from the stored row (buffer, then shard once every earlier row is
+    /// acknowledged, then PostgreSQL). `Some` when the event must wait: flush first, or park.
     async fn resolve_unknown(
         &mut self,
         row: &mut ChRow,
         shards: &[ShardIndex],
-    ) -> Result<Option<ParkReason>, Error> {
+        flushed: bool,
+    ) -> Result<Option<Decision>, Error> {
         if row.unknown.is_empty() {
             return Ok(None);
         }
@@ -594,6 +648,12 @@ impl Applier {
                 return Ok(None);
             }
         }
+        if !flushed {
+            // A newer value may be on its way to the shard (cut from the buffer, not yet
+            // acknowledged): read what is stored only once it is there.
+            row.unknown = unknown;
+            return Ok(Some(Decision::NeedsFlush));
+        }
         for &shard in shards {
             if let Some(cells) = self.lookups.stored_row(shard, &schema, &key.1).await? {
                 for &i in &unknown {
@@ -609,7 +669,11 @@ impl Applier {
                 Some(value) => {
                     from_postgres.insert(i, value);
                 }
-                None => return Ok(Some(ParkReason::ToastValueUnknown(column.name.clone()))),
+                None => {
+                    return Ok(Some(Decision::Park(ParkReason::ToastValueUnknown(
+                        column.name.clone(),
+                    ))));
+                }
             }
         }
         for (i, value) in from_postgres {

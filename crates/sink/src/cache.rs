@@ -80,6 +80,21 @@ pub struct CardState {
     pub conversation: Option<Conversation>,
     /// True after a delete (children still route to `shard`).
     pub deleted: bool,
+    /// True when read back from the shards, false when set by a change this sink applied.
+    pub from_shards: bool,
+}
+
+impl CardState {
+    /// The state a change this sink applied leaves the card in.
+    pub fn applied(
+        (version, seq): (u64, u32),
+        fields: CardFields,
+        shard: ShardIndex,
+        conversation: Option<Conversation>,
+        deleted: bool,
+    ) -> CardState {
+        CardState { version, seq, fields, shard, conversation, deleted, from_shards: false }
+    }
 }
 
 /// A conversation's identity.

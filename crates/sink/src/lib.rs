@@ -23,7 +23,16 @@
 //! after a restart it is read and parked again. On a partition revoke the sink waits (bounded)
 //! for batches already with the writers and commits what is done; the new owner re-reads the
 //! rest, which is harmless: every row carries its source version, and ClickHouse keeps the
-//! greatest.
+//! greatest. Holds of a revoked partition are kept apart; if the partition comes back to this
+//! sink while rows of its old assignment are still in flight, it stays paused until they are
+//! acknowledged, so an old batch's acknowledgement never releases a message read anew.
+//!
+//! # Order within a scorecard
+//!
+//! The changes of one scorecard (card, scores, historic scores) share a partition and are applied
+//! in that order: while one is parked, the later ones park behind it ([`park`]). A re-read card
+//! change that the shards already hold as the card's newest completes any move it made that a
+//! crash may have cut short (each shard and table is a separate insert), see [`apply`].
 //!
 //! # Where a child's scorecard comes from
 //!

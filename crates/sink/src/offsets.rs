@@ -6,6 +6,12 @@
 //! still held (or, when none is, one past the highest message seen): everything before it is in
 //! ClickHouse on every shard it touched, in the dead-letter topic, or superseded. Stored offsets
 //! are "next to read" (what `store_offsets` takes as given; `store_offset` would add one).
+//!
+//! A revoked partition's holds are kept apart ("retired"): batches already cut may still carry its
+//! rows, and their acknowledgements must not release holds of the messages the next owner (this
+//! sink again, after an eager rebalance) reads anew. A partition assigned back while it has
+//! retired holds stays paused until they are all released (see `stage`), so the two generations
+//! never hold the same partition at once.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -25,6 +31,8 @@ struct PartitionState {
 #[derive(Debug, Default)]
 pub struct Offsets {
     partitions: HashMap<i32, PartitionState>,
+    /// Holds of revoked partitions still outstanding (rows in flight, dead letters unacknowledged).
+    retired: HashMap<i32, BTreeMap<i64, u32>>,
 }
 
 impl Offsets {
@@ -42,15 +50,18 @@ impl Offsets {
         }
     }
 
-    /// Releases one hold.
+    /// Releases one hold (of the current generation of the partition, else of its retired one).
     pub fn release(&mut self, (partition, offset): MsgId) {
         if let Some(state) = self.partitions.get_mut(&partition)
-            && let Some(count) = state.held.get_mut(&offset)
+            && release_in(&mut state.held, offset)
         {
-            *count -= 1;
-            if *count == 0 {
-                state.held.remove(&offset);
-            }
+            return;
+        }
+        if let Some(retired) = self.retired.get_mut(&partition)
+            && release_in(retired, offset)
+            && retired.is_empty()
+        {
+            self.retired.remove(&partition);
         }
     }
 
@@ -74,15 +85,37 @@ impl Offsets {
         out
     }
 
-    /// Forgets partitions this consumer no longer owns.
+    /// Forgets a partition this consumer no longer owns; its outstanding holds are retired.
     pub fn revoke(&mut self, partition: i32) {
-        self.partitions.remove(&partition);
+        let Some(state) = self.partitions.remove(&partition) else { return };
+        if state.held.is_empty() {
+            return;
+        }
+        let retired = self.retired.entry(partition).or_default();
+        for (offset, count) in state.held {
+            *retired.entry(offset).or_insert(0) += count;
+        }
+    }
+
+    /// True while a revoked generation of `partition` still has holds outstanding.
+    pub fn has_retired(&self, partition: i32) -> bool {
+        self.retired.contains_key(&partition)
     }
 
     /// Messages still held, across partitions.
     pub fn held(&self) -> usize {
         self.partitions.values().map(|s| s.held.len()).sum()
     }
+}
+
+/// Releases one hold of `offset` in `held`; false when it held none.
+fn release_in(held: &mut BTreeMap<i64, u32>, offset: i64) -> bool {
+    let Some(count) = held.get_mut(&offset) else { return false };
+    *count -= 1;
+    if *count == 0 {
+        held.remove(&offset);
+    }
+    true
 }
 
 #[cfg(test)]
@@ -122,6 +155,25 @@ mod tests {
         o.revoke(0);
         assert_eq!(o.committable(0), None);
         assert_eq!(o.held(), 0);
+    }
+
+    #[test]
+    fn holds_of_a_revoked_generation_never_release_the_next_one() {
+        let mut o = Offsets::default();
+        // Generation one: message 100 has rows in a batch still in flight when revoked.
+        o.received((0, 100));
+        o.hold((0, 100));
+        o.release((0, 100));
+        o.revoke(0);
+        assert!(o.has_retired(0));
+        // (The partition is assigned back but stays paused until the retired holds are gone.)
+        o.release((0, 100)); // the old batch is acknowledged
+        assert!(!o.has_retired(0));
+        // Generation two reads 100 again; its hold is its own.
+        o.received((0, 100));
+        assert_eq!(o.committable(0), Some(100));
+        o.release((0, 100));
+        assert_eq!(o.committable(0), Some(101));
     }
 
     #[test]

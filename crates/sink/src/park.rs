@@ -5,11 +5,19 @@
 //! keyed by the row it changes, and is retried with backoff until it can be written. A newer
 //! change of the same row supersedes the parked one (the newer one carries the row's latest
 //! state). Parked messages keep their offset hold, so a restart re-reads and re-parks them.
+//!
+//! The changes of one scorecard (the card, its scores, its historic scores) are applied in
+//! commit order: while one of them is parked, later ones of the same scorecard park behind it
+//! ([`ParkReason::BehindEarlierChange`]). Otherwise a card move or a field refresh, which stamps
+//! the children it copies with the card's version, could overtake a parked child change and
+//! make it lose, or a parked card's delete markers could lose to children written after it.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use scoresync_event::{ChangeEvent, RowVersion};
+use std::collections::BTreeMap;
+
+use scoresync_event::{ChangeEvent, RowVersion, ScorecardKey};
 
 use crate::batch::MsgId;
 use crate::rows::RowKey;
@@ -26,6 +34,9 @@ pub enum ParkReason {
     /// Applying needs an answer (a lookup, or earlier writes acknowledged) from a ClickHouse
     /// shard or PostgreSQL that is unavailable now.
     Unavailable(String),
+    /// An earlier change of the same scorecard (the card or one of its children) is parked; the
+    /// scorecard's changes are applied in commit order, so this one waits behind it.
+    BehindEarlierChange(String),
 }
 
 impl ParkReason {
@@ -36,6 +47,7 @@ impl ParkReason {
             ParkReason::ScorecardUnknown(_) => "scorecard_unknown",
             ParkReason::ToastValueUnknown(_) => "toast_value_unknown",
             ParkReason::Unavailable(_) => "dependency_unavailable",
+            ParkReason::BehindEarlierChange(_) => "behind_parked_change",
         }
     }
 }
@@ -53,6 +65,9 @@ impl std::fmt::Display for ParkReason {
                 write!(f, "stored value of unchanged column {column} not found")
             }
             ParkReason::Unavailable(what) => write!(f, "waiting for {what}"),
+            ParkReason::BehindEarlierChange(id) => {
+                write!(f, "behind an earlier parked change of scorecard {id}")
+            }
         }
     }
 }
@@ -97,6 +112,8 @@ pub struct ParkedSummary {
 #[derive(Debug, Default)]
 pub struct Park {
     rows: HashMap<RowKey, Parked>,
+    /// The parked messages of each scorecard (card and children), for the ordering rule.
+    by_card: HashMap<ScorecardKey, BTreeMap<MsgId, RowKey>>,
 }
 
 /// Retry delay after `attempts` failures: 1 s doubling to 8 s (retries are cheap: one batched
@@ -105,9 +122,41 @@ fn retry_delay(attempts: u32) -> Duration {
     Duration::from_secs(1_u64 << attempts.min(3))
 }
 
+/// True when `parked` is older than (or the same change as) `newer`.
+fn not_newer(parked: &ChangeEvent, newer: &ChangeEvent) -> bool {
+    (RowVersion::of_event(parked), parked.seq_in_tx)
+        <= (RowVersion::of_event(newer), newer.seq_in_tx)
+}
+
 impl Park {
-    /// Parks `event` for `row`. Returns the message of an older parked change of the same row
-    /// that this one supersedes (its holds must be released).
+    fn insert(&mut self, row: RowKey, parked: Parked) {
+        if let Some(card) = ScorecardKey::of_event(&parked.event) {
+            self.by_card.entry(card).or_default().insert(parked.msg, row.clone());
+        }
+        if let Some(replaced) = self.rows.insert(row, parked) {
+            self.forget_card(&replaced);
+        }
+    }
+
+    fn remove(&mut self, row: &RowKey) -> Option<Parked> {
+        let parked = self.rows.remove(row)?;
+        self.forget_card(&parked);
+        Some(parked)
+    }
+
+    fn forget_card(&mut self, parked: &Parked) {
+        let Some(card) = ScorecardKey::of_event(&parked.event) else { return };
+        if let Some(msgs) = self.by_card.get_mut(&card) {
+            msgs.remove(&parked.msg);
+            if msgs.is_empty() {
+                self.by_card.remove(&card);
+            }
+        }
+    }
+
+    /// Parks `event` for `row`. Returns the message that is no longer needed (its holds must be
+    /// released): an older parked change of the same row that this one supersedes, or this one
+    /// itself when the change already parked for the row is newer (a replayed duplicate).
     pub fn park(
         &mut self,
         row: RowKey,
@@ -115,12 +164,19 @@ impl Park {
         event: ChangeEvent,
         reason: ParkReason,
     ) -> Option<MsgId> {
+        let superseded = match self.rows.get(&row) {
+            Some(parked) if !not_newer(&parked.event, &event) => return Some(msg),
+            Some(_) => self.remove(&row).map(|p| p.msg),
+            None => None,
+        };
+        if superseded.is_some() {
+            // What waited behind the superseded change is looked at again.
+            self.wake_scorecard(&event);
+        }
         let now = Instant::now();
-        let superseded = self.supersede(&row, &event);
-        self.rows.insert(
-            row,
-            Parked { msg, event, reason, since: now, attempts: 0, next_try: now + retry_delay(0) },
-        );
+        let parked =
+            Parked { msg, event, reason, since: now, attempts: 0, next_try: now + retry_delay(0) };
+        self.insert(row, parked);
         superseded
     }
 
@@ -128,9 +184,44 @@ impl Park {
     /// message.
     pub fn supersede(&mut self, row: &RowKey, newer: &ChangeEvent) -> Option<MsgId> {
         let parked = self.rows.get(row)?;
-        let older = (RowVersion::of_event(&parked.event), parked.event.seq_in_tx)
-            <= (RowVersion::of_event(newer), newer.seq_in_tx);
-        older.then(|| self.rows.remove(row).map(|p| p.msg)).flatten()
+        let superseded =
+            not_newer(&parked.event, newer).then(|| self.remove(row).map(|p| p.msg)).flatten();
+        if superseded.is_some() {
+            self.wake_scorecard(newer);
+        }
+        superseded
+    }
+
+    /// The reason `event` (message `msg`, changing `row`) must wait, when an earlier change of
+    /// its scorecard is parked. Not counted: a parked change of the same row (this one supersedes
+    /// it, or is a duplicate of it), and children parked because their scorecard is unknown (they
+    /// wait for the card's own changes, which must not wait for them).
+    pub fn behind(&self, row: &RowKey, event: &ChangeEvent, msg: MsgId) -> Option<ParkReason> {
+        let card = ScorecardKey::of_event(event)?;
+        let blocking =
+            self.by_card.get(&card)?.iter().take_while(|(m, _)| **m < msg).any(|(_, r)| {
+                r != row
+                    && self
+                        .rows
+                        .get(r)
+                        .is_some_and(|p| !matches!(p.reason, ParkReason::ScorecardUnknown(_)))
+            });
+        blocking.then(|| ParkReason::BehindEarlierChange(card.scorecard_id.clone()))
+    }
+
+    /// An event of `event`'s scorecard was applied: the changes of that scorecard parked behind
+    /// it are due now rather than after their backoff.
+    pub fn wake_scorecard(&mut self, event: &ChangeEvent) {
+        let Some(card) = ScorecardKey::of_event(event) else { return };
+        let Some(rows) = self.by_card.get(&card) else { return };
+        let now = Instant::now();
+        for row in rows.values() {
+            if let Some(parked) = self.rows.get_mut(row)
+                && matches!(parked.reason, ParkReason::BehindEarlierChange(_))
+            {
+                parked.next_try = now;
+            }
+        }
     }
 
     /// Takes out the events due for a retry (in Kafka order); callers re-park what still fails.
@@ -138,7 +229,7 @@ impl Park {
         let keys: Vec<RowKey> =
             self.rows.iter().filter(|(_, p)| p.next_try <= now).map(|(k, _)| k.clone()).collect();
         let mut due: Vec<(RowKey, Parked)> =
-            keys.into_iter().filter_map(|k| self.rows.remove(&k).map(|p| (k, p))).collect();
+            keys.into_iter().filter_map(|k| self.remove(&k).map(|p| (k, p))).collect();
         due.sort_by_key(|(_, p)| p.msg);
         due
     }
@@ -148,7 +239,7 @@ impl Park {
         parked.attempts += 1;
         parked.reason = reason;
         parked.next_try = Instant::now() + retry_delay(parked.attempts);
-        self.rows.insert(row, parked);
+        self.insert(row, parked);
     }
 
     /// How many events are parked.
@@ -171,21 +262,24 @@ impl Park {
     }
 
     /// Drops events of a partition this consumer no longer owns (their offsets were not stored;
-    /// the new owner re-reads them).
-    pub fn revoke(&mut self, partition: i32) {
-        self.rows.retain(|_, p| p.msg.0 != partition);
+    /// the new owner re-reads them); returns their messages, whose holds must be released.
+    pub fn revoke(&mut self, partition: i32) -> Vec<MsgId> {
+        self.take(|p| p.msg.0 == partition)
     }
 
     /// Drops parked changes of `table` older than `version` (a TRUNCATE at `version` made them
     /// moot); returns their messages.
     pub fn drop_older(&mut self, table: scoresync_event::SourceTable, version: u64) -> Vec<MsgId> {
-        let moot: Vec<RowKey> = self
-            .rows
-            .iter()
-            .filter(|((t, _), p)| *t == table && RowVersion::of_event(&p.event).0 < version)
-            .map(|(k, _)| k.clone())
-            .collect();
-        moot.into_iter().filter_map(|k| self.rows.remove(&k).map(|p| p.msg)).collect()
+        self.take(|p| {
+            scoresync_event::SourceTable::from_name(&p.event.schema, &p.event.table) == Some(table)
+                && RowVersion::of_event(&p.event).0 < version
+        })
+    }
+
+    fn take(&mut self, which: impl Fn(&Parked) -> bool) -> Vec<MsgId> {
+        let keys: Vec<RowKey> =
+            self.rows.iter().filter(|(_, p)| which(p)).map(|(k, _)| k.clone()).collect();
+        keys.into_iter().filter_map(|k| self.remove(&k).map(|p| p.msg)).collect()
     }
 
     /// What `scoresync status` shows.
@@ -237,6 +331,87 @@ mod tests {
         assert_eq!(park.len(), 1);
         assert_eq!(park.supersede(&key("a"), &event(12, 0)), Some((0, 2)));
         assert!(park.is_empty());
+    }
+
+    #[test]
+    fn a_replayed_older_change_does_not_replace_the_newer_parked_one() {
+        let mut park = Park::default();
+        let reason = ParkReason::ConversationNotFound("conv".into());
+        assert_eq!(park.park(key("a"), (0, 5), event(20, 0), reason.clone()), None);
+        assert_eq!(park.park(key("a"), (0, 9), event(10, 0), reason), Some((0, 9)));
+        assert_eq!(park.summary()[0].offset, 5, "the newer change stays parked");
+    }
+
+    fn card_event(id: &str, table: &str, lsn: u64) -> ChangeEvent {
+        let text = |name: &str, v: &str| scoresync_event::Column {
+            name: name.into(),
+            type_oid: 25,
+            value: Some(scoresync_event::Value::text(v)),
+        };
+        ChangeEvent {
+            table: table.into(),
+            schema: "director".into(),
+            new_row: Some(scoresync_event::Row {
+                columns: vec![
+                    text("customer_id", "c"),
+                    text("profile_id", "p"),
+                    text("scorecard_id", id),
+                ],
+            }),
+            ..event(lsn, 0)
+        }
+    }
+
+    #[test]
+    fn later_changes_of_a_scorecard_wait_behind_a_parked_one_and_wake_with_it() {
+        let mut park = Park::default();
+        let card = card_event("s1", "scorecards", 10);
+        park.park(key("s1"), (0, 4), card.clone(), ParkReason::ConversationNotFound("x".into()));
+        let score = card_event("s1", "scores", 11);
+        let behind = ParkReason::BehindEarlierChange("s1".into());
+        let score_row: RowKey = (SourceTable::Scores, vec!["sc1".into()]);
+        assert_eq!(park.behind(&score_row, &score, (0, 6)), Some(behind.clone()));
+        let other = card_event("s2", "scores", 11);
+        assert_eq!(park.behind(&score_row, &other, (0, 6)), None, "other cards go on");
+        assert_eq!(
+            park.behind(&score_row, &score, (0, 3)),
+            None,
+            "an earlier message is not behind"
+        );
+        park.park(score_row, (0, 6), score, behind.clone());
+
+        // A retry round: the card comes first and still fails, so the score stays behind it.
+        let round = park.due(Instant::now() + Duration::from_millis(1500));
+        assert_eq!(round.iter().map(|(_, p)| p.msg).collect::<Vec<_>>(), vec![(0, 4), (0, 6)]);
+        for (row, parked) in round {
+            let reason =
+                park.behind(&row, &parked.event, parked.msg).unwrap_or(parked.reason.clone());
+            park.repark(row, parked, reason);
+        }
+        assert_eq!(park.summary()[1].reason, behind.to_string());
+        assert!(park.due(Instant::now() + Duration::from_millis(1500)).is_empty(), "backed off");
+
+        // The card is applied (a newer change of it superseded the parked one): the score is due
+        // at once, and nothing holds it back any more.
+        let newer_card = card_event("s1", "scorecards", 12);
+        assert_eq!(park.supersede(&key("s1"), &newer_card), Some((0, 4)));
+        park.wake_scorecard(&newer_card);
+        let due = park.due(Instant::now());
+        assert_eq!(due.len(), 1, "woken by the card's application");
+        assert_eq!(park.behind(&due[0].0, &due[0].1.event, due[0].1.msg), None);
+    }
+
+    #[test]
+    fn children_waiting_for_an_unknown_scorecard_do_not_hold_its_card_back() {
+        let mut park = Park::default();
+        let score = card_event("s1", "scores", 5);
+        let score_row: RowKey = (SourceTable::Scores, vec!["sc1".into()]);
+        park.park(score_row, (0, 1), score, ParkReason::ScorecardUnknown("s1".into()));
+        let card = card_event("s1", "scorecards", 10);
+        assert_eq!(park.behind(&key("s1"), &card, (0, 2)), None);
+        // A duplicate of a parked change is not behind its own earlier copy.
+        park.park(key("s1"), (0, 2), card.clone(), ParkReason::ConversationNotFound("x".into()));
+        assert_eq!(park.behind(&key("s1"), &card, (0, 3)), None);
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! events reach `max_parked_events`, the assigned partitions are paused (the loop keeps polling,
 //! so the consumer stays in its group) until the backlog halves.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +79,11 @@ pub struct SinkContext {
     revoked: Arc<Mutex<Vec<i32>>>,
     /// Partitions currently assigned (for the rejoin watchdog).
     assigned: Arc<AtomicUsize>,
+    /// True while the loop keeps consumption paused (buffers or park full).
+    paused: Arc<AtomicBool>,
+    /// Partitions assigned back while their revoked generation still had holds: paused until
+    /// those are released.
+    draining: Arc<Mutex<HashSet<i32>>>,
     topic: String,
 }
 
@@ -93,7 +98,7 @@ impl ConsumerContext for SinkContext {
         }
         let mut commit = TopicPartitionList::new();
         let mut gone = Vec::new();
-        if let Ok(offsets) = self.offsets.lock() {
+        if let Ok(mut offsets) = self.offsets.lock() {
             for element in partitions.elements() {
                 gone.push(element.partition());
                 if let Some(offset) = offsets.committable(element.partition()) {
@@ -103,6 +108,7 @@ impl ConsumerContext for SinkContext {
                         Offset::Offset(offset),
                     );
                 }
+                offsets.revoke(element.partition());
             }
         }
         if commit.count() > 0
@@ -121,6 +127,34 @@ impl ConsumerContext for SinkContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Assign(partitions) = rebalance else { return };
         self.assigned.fetch_add(partitions.count(), Ordering::AcqRel);
+        // Paused before the first fetch: while the loop holds consumption, and while rows of
+        // the partition's revoked generation are still in flight.
+        let retired: Vec<i32> = match self.offsets.lock() {
+            Ok(offsets) => partitions
+                .elements()
+                .iter()
+                .map(|e| e.partition())
+                .filter(|p| offsets.has_retired(*p))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut pause = TopicPartitionList::new();
+        for element in partitions.elements() {
+            if self.paused.load(Ordering::Acquire) || retired.contains(&element.partition()) {
+                pause.add_partition(&self.topic, element.partition());
+            }
+        }
+        if !retired.is_empty() {
+            tracing::info!(partitions = ?retired, "assigned back while rows of the revoked assignment are in flight: paused until they are acknowledged");
+            if let Ok(mut draining) = self.draining.lock() {
+                draining.extend(retired);
+            }
+        }
+        if pause.count() > 0
+            && let Err(error) = consumer.pause(&pause)
+        {
+            tracing::error!(%error, "pausing newly assigned partitions failed");
+        }
         let committed =
             consumer.committed_offsets((*partitions).clone(), Duration::from_secs(10)).ok();
         for element in partitions.elements() {
@@ -176,6 +210,10 @@ struct Loop {
     topic: String,
     config: SinkConfig,
     paused: bool,
+    /// `paused`, shared with the rebalance callbacks.
+    paused_flag: Arc<AtomicBool>,
+    /// Shared with the rebalance callbacks: see [`SinkContext`].
+    draining: Arc<Mutex<HashSet<i32>>>,
 }
 
 impl Sink {
@@ -187,11 +225,15 @@ impl Sink {
         let in_flight_rows = Arc::new(AtomicUsize::new(0));
         let revoked = Arc::new(Mutex::new(Vec::new()));
         let assigned = Arc::new(AtomicUsize::new(0));
+        let paused_flag = Arc::new(AtomicBool::new(false));
+        let draining = Arc::new(Mutex::new(HashSet::new()));
         let context = SinkContext {
             offsets: Arc::clone(&offsets),
             in_flight_rows: Arc::clone(&in_flight_rows),
             revoked: Arc::clone(&revoked),
             assigned: Arc::clone(&assigned),
+            paused: Arc::clone(&paused_flag),
+            draining: Arc::clone(&draining),
             topic: self.kafka.change_topic.clone(),
         };
         let consumer: StreamConsumer<SinkContext> = scoresync_bus::client::consumer(
@@ -256,6 +298,8 @@ impl Sink {
             topic: self.kafka.change_topic.clone(),
             config: self.sink.clone(),
             paused: false,
+            paused_flag,
+            draining,
         };
         let rejoin_after = Duration::from_millis(self.kafka.session_timeout_ms * 3);
         let result = state.run(&consumer, &revoked, &assigned, rejoin_after, &shutdown).await;
@@ -394,11 +438,17 @@ impl Loop {
     fn forget_revoked(&mut self, revoked: &Mutex<Vec<i32>>) {
         let gone: Vec<i32> =
             revoked.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+        // Their offset holds were retired when they were revoked; parked events are dropped (the
+        // next owner re-reads them) and release their holds there. Where the cards of those
+        // partitions live is another owner's business meanwhile: the cache is read anew.
+        if !gone.is_empty() {
+            let capacity = self.applier.caches.cards_capacity();
+            self.applier.caches.cards = crate::cache::Bounded::new(capacity);
+        }
         for partition in gone {
-            if let Ok(mut offsets) = self.offsets.lock() {
-                offsets.revoke(partition);
+            for msg in self.applier.park.revoke(partition) {
+                self.release(msg);
             }
-            self.applier.park.revoke(partition);
         }
     }
 
@@ -439,6 +489,13 @@ impl Loop {
     ) -> Result<bool, Error> {
         let table = scoresync_event::SourceTable::from_name(&event.schema, &event.table);
         loop {
+            if let Some(table) = table
+                && let Some(reason) =
+                    self.applier.park.behind(&event_row_key(table, &event), &event, incoming.id)
+            {
+                self.park(table, incoming.id, event, reason);
+                return Ok(true);
+            }
             let flushed = self.applier.batcher.rows() == 0
                 && self.in_flight_rows.load(Ordering::Acquire) == 0;
             let reason = match self.applier.apply(incoming.id, &event, flushed).await {
@@ -473,12 +530,22 @@ impl Loop {
                 Err(err) => return Err(err),
             };
             let Some(table) = table else { return Ok(true) };
-            tracing::debug!(partition = incoming.id.0, offset = incoming.id.1, %reason, "parked");
-            let row = event_row_key(table, &event);
-            if let Some(older) = self.applier.park.park(row, incoming.id, event, reason) {
-                self.release(older);
-            }
+            self.park(table, incoming.id, event, reason);
             return Ok(true);
+        }
+    }
+
+    fn park(
+        &mut self,
+        table: scoresync_event::SourceTable,
+        msg: MsgId,
+        event: ChangeEvent,
+        reason: ParkReason,
+    ) {
+        tracing::debug!(partition = msg.0, offset = msg.1, %reason, "parked");
+        let row = event_row_key(table, &event);
+        if let Some(unneeded) = self.applier.park.park(row, msg, event, reason) {
+            self.release(unneeded);
         }
     }
 
@@ -531,6 +598,10 @@ impl Loop {
         self.applier.prefetch(due.iter().map(|(_, p)| &p.event)).await;
         let mut applied = 0usize;
         for (row, parked) in due {
+            if let Some(reason) = self.applier.park.behind(&row, &parked.event, parked.msg) {
+                self.applier.park.repark(row, parked, reason);
+                continue;
+            }
             let flushed = self.applier.batcher.rows() == 0
                 && self.in_flight_rows.load(Ordering::Acquire) == 0;
             match self.applier.apply(parked.msg, &parked.event, flushed).await {
@@ -541,13 +612,18 @@ impl Loop {
                         "parked event applied"
                     );
                     applied += 1;
+                    self.applier.park.wake_scorecard(&parked.event);
                     self.release(parked.msg);
                 }
                 Ok(Decision::Park(reason)) => self.applier.park.repark(row, parked, reason),
                 Ok(Decision::Poison(error)) => {
+                    self.applier.park.wake_scorecard(&parked.event);
+                    // The key the source gave it (so a redrive lands in the same partition).
+                    let key = scoresync_event::ScorecardKey::of_event(&parked.event)
+                        .map(|k| k.to_message_key());
                     let incoming = Incoming {
                         id: parked.msg,
-                        key: None,
+                        key,
                         payload: scoresync_event::encode(&parked.event),
                     };
                     self.dead_letter(&incoming, &error)?;
@@ -662,6 +738,29 @@ impl Loop {
         let assignment = consumer
             .assignment()
             .map_err(|source| Error::Kafka { context: "reading the assignment".into(), source })?;
+        // Partitions whose revoked generation's rows are all acknowledged now may be consumed.
+        let (drained, draining): (Vec<i32>, HashSet<i32>) = match self.draining.lock() {
+            Ok(mut draining) => {
+                let offsets = self.offsets.lock().map_err(|_| Error::Kafka {
+                    context: "offset bookkeeping poisoned".into(),
+                    source: rdkafka::error::KafkaError::Canceled,
+                })?;
+                let drained =
+                    draining.iter().copied().filter(|p| !offsets.has_retired(*p)).collect();
+                draining.retain(|p| offsets.has_retired(*p));
+                (drained, draining.clone())
+            }
+            Err(_) => (Vec::new(), HashSet::new()),
+        };
+        let pick = |keep: &dyn Fn(i32) -> bool| {
+            let mut list = TopicPartitionList::new();
+            for element in assignment.elements() {
+                if keep(element.partition()) {
+                    list.add_partition(&self.topic, element.partition());
+                }
+            }
+            list
+        };
         if full && !self.paused {
             tracing::warn!(buffered, parked, "buffers full: pausing consumption");
             consumer
@@ -671,10 +770,16 @@ impl Loop {
         } else if self.paused && relaxed {
             tracing::info!(buffered, parked, "buffers drained: resuming consumption");
             consumer
-                .resume(&assignment)
+                .resume(&pick(&|p| !draining.contains(&p)))
                 .map_err(|source| Error::Kafka { context: "resuming".into(), source })?;
             self.paused = false;
+        } else if !self.paused && !drained.is_empty() {
+            tracing::info!(partitions = ?drained, "rows of the revoked assignment acknowledged: resuming");
+            consumer
+                .resume(&pick(&|p| drained.contains(&p)))
+                .map_err(|source| Error::Kafka { context: "resuming".into(), source })?;
         }
+        self.paused_flag.store(self.paused, Ordering::Release);
         Ok(())
     }
 
