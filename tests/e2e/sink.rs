@@ -527,6 +527,61 @@ async fn sink_killed_10_times_during_20k_changes_holds_the_oracle() -> anyhow::R
     Ok(())
 }
 
+#[tokio::test]
+async fn sinks_joining_and_leaving_the_group_under_load_lose_nothing() -> anyhow::Result<()> {
+    let (env, pg) = running("sink_rebalance").await?;
+    let _source = Daemon::start(&env, &["source"])?;
+    let free_port = || -> anyhow::Result<String> {
+        Ok(format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+        ))
+    };
+    let member = |name: &'static str, port: String| {
+        let env = &env;
+        move || {
+            Daemon::start_with(
+                env,
+                &["sink"],
+                &[("SCORESYNC__KAFKA__INSTANCE_ID", name), ("SCORESYNC__METRICS__LISTEN", &port)],
+            )
+        }
+    };
+    let start_a = member("sink-a", free_port()?);
+    let start_b = member("sink-b", free_port()?);
+    let a = start_a()?;
+    wait_until_assigned(&a, env.kafka.partitions).await?;
+    let load = {
+        let (url, config) = (env.pg_admin_url(), env.config_path()?);
+        tokio::spawn(async move {
+            loadgen_output(
+                &url,
+                &config,
+                &["--scorecards", "600", "--conversations-per-shard", "20"],
+            )
+            .await
+        })
+    };
+    // B joins (the group splits the partitions), A leaves (B takes them all), A joins again:
+    // every step revokes partitions with rows in flight.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b = start_b()?;
+    wait::until("sink A to give partitions up", DEADLINE, || async {
+        Ok(a.output().contains("partitions revoked").then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(a.terminate(DEADLINE).await?.success(), "sink A leaves cleanly");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a = start_a()?;
+    let summary = load.await??;
+    assert!(summary.contains("600 scorecard(s) created"), "{summary}");
+    wait_until_consistent(&env, &pg, Duration::from_secs(180)).await?;
+    assert!(b.output().contains("partitions revoked"), "sink B gave partitions up too");
+    drop((a, b));
+    Ok(())
+}
+
 /// Waits until a sink's log shows it was assigned `partitions` partitions.
 async fn wait_until_assigned(sink: &Daemon, partitions: i32) -> anyhow::Result<()> {
     wait::until("the sink to be assigned its partitions", DEADLINE, || async {
