@@ -112,7 +112,15 @@ impl TestEnv {
     /// path. Call again after changing settings.
     pub fn config_path(&self) -> anyhow::Result<std::path::PathBuf> {
         let path = self.dir().join("scoresync.toml");
-        std::fs::write(&path, self.config_toml())?;
+        let toml = self.config_toml();
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(toml.as_str()) {
+            return Ok(path);
+        }
+        // Written aside and renamed: a daemon starting meanwhile reads the old file or the new
+        // one, never half of one.
+        let aside = self.dir().join(format!("scoresync.toml.{}", unique_name("tmp")));
+        std::fs::write(&aside, toml)?;
+        std::fs::rename(&aside, &path)?;
         Ok(path)
     }
 
