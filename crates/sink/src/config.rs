@@ -124,7 +124,8 @@ pub struct SinkConfig {
     pub max_batch_bytes: usize,
     /// Longest a row waits before its batch is flushed.
     pub max_wait_ms: u64,
-    /// Rows buffered or in flight before consumption pauses (memory bound while a shard is down).
+    /// Rows buffered or in flight, plus dead letters awaiting acknowledgement, before consumption
+    /// pauses (memory bound while a shard or the broker is slow).
     pub max_buffered_rows: usize,
     /// Parked events before consumption pauses.
     pub max_parked_events: usize,

@@ -57,7 +57,13 @@ pub struct Lookups {
     shards: Vec<clickhouse::Client>,
     database: String,
     pg: Option<tokio_postgres::Client>,
+    /// Per shard: after a failed request, lookups fail fast until this instant, so a shard that
+    /// hangs costs one timeout per cool-down rather than one per event (the events park).
+    cooling: std::sync::Mutex<Vec<Option<std::time::Instant>>>,
 }
+
+/// How long a shard that failed a lookup is not asked again.
+const COOL_DOWN: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Lookups {
     /// Lookups over `shards`, with PostgreSQL when `pg` is given.
@@ -66,7 +72,33 @@ impl Lookups {
         database: String,
         pg: Option<tokio_postgres::Client>,
     ) -> Self {
-        Lookups { shards, database, pg }
+        let cooling = std::sync::Mutex::new(vec![None; shards.len()]);
+        Lookups { shards, database, pg, cooling }
+    }
+
+    /// Fails fast while `shard` is cooling down after a failure.
+    fn ready(&self, shard: ShardIndex, action: &str) -> Result<(), Error> {
+        let cooling = self.cooling.lock().ok().and_then(|c| c.get(shard).copied().flatten());
+        match cooling {
+            Some(until) if std::time::Instant::now() < until => Err(Error::Timeout {
+                shard,
+                action: format!("{action} (not attempted: the shard failed a request moments ago)"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records the outcome of a request to `shard`: a failure starts a cool-down.
+    fn outcome<T>(&self, shard: ShardIndex, result: Result<T, Error>) -> Result<T, Error> {
+        if let Ok(mut cooling) = self.cooling.lock()
+            && let Some(slot) = cooling.get_mut(shard)
+        {
+            *slot = match &result {
+                Err(err) if err.is_transient() => Some(std::time::Instant::now() + COOL_DOWN),
+                _ => None,
+            };
+        }
+        result
     }
 
     /// The database holding the tables on every shard.
@@ -76,10 +108,13 @@ impl Lookups {
 
     /// Runs a statement that returns nothing (INSERT ... SELECT) on one shard.
     pub async fn execute(&self, shard: ShardIndex, sql: &str) -> Result<(), Error> {
-        tokio::time::timeout(LOOKUP_TIMEOUT, self.shards[shard].query_raw(sql).execute())
-            .await
-            .map_err(|_| Error::Timeout { shard, action: "statement".into() })?
-            .map_err(Error::shard(shard, "statement"))
+        self.ready(shard, "statement")?;
+        let result =
+            tokio::time::timeout(LOOKUP_TIMEOUT, self.shards[shard].query_raw(sql).execute())
+                .await
+                .map_err(|_| Error::Timeout { shard, action: "statement".into() })
+                .and_then(|r| r.map_err(Error::shard(shard, "statement")));
+        self.outcome(shard, result)
     }
 
     /// Runs a SELECT on one shard and returns its TabSeparated lines parsed for `columns`.
@@ -89,15 +124,18 @@ impl Lookups {
         sql: &str,
         columns: &[ChColumn],
     ) -> Result<Vec<Vec<Cell>>, Error> {
-        let client = &self.shards[shard];
-        let mut cursor = client
-            .query_raw(sql)
-            .fetch_bytes("TabSeparated")
-            .map_err(Error::shard(shard, "lookup"))?;
-        let bytes = tokio::time::timeout(LOOKUP_TIMEOUT, cursor.collect())
-            .await
-            .map_err(|_| Error::Timeout { shard, action: "lookup".into() })?
-            .map_err(Error::shard(shard, "lookup"))?;
+        self.ready(shard, "lookup")?;
+        let fetched = async {
+            let mut cursor = self.shards[shard]
+                .query_raw(sql)
+                .fetch_bytes("TabSeparated")
+                .map_err(Error::shard(shard, "lookup"))?;
+            tokio::time::timeout(LOOKUP_TIMEOUT, cursor.collect())
+                .await
+                .map_err(|_| Error::Timeout { shard, action: "lookup".into() })?
+                .map_err(Error::shard(shard, "lookup"))
+        };
+        let bytes = self.outcome(shard, fetched.await)?;
         let text = String::from_utf8_lossy(&bytes);
         text.lines()
             .filter(|l| !l.is_empty())

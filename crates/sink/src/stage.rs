@@ -212,6 +212,8 @@ struct Loop {
     paused: bool,
     /// `paused`, shared with the rebalance callbacks.
     paused_flag: Arc<AtomicBool>,
+    /// When a bounded wait for acknowledgements last ran out.
+    flush_timed_out_at: Option<Instant>,
     /// Shared with the rebalance callbacks: see [`SinkContext`].
     draining: Arc<Mutex<HashSet<i32>>>,
 }
@@ -299,6 +301,7 @@ impl Sink {
             config: self.sink.clone(),
             paused: false,
             paused_flag,
+            flush_timed_out_at: None,
             draining,
         };
         let rejoin_after = Duration::from_millis(self.kafka.session_timeout_ms * 3);
@@ -550,11 +553,23 @@ impl Loop {
     }
 
     /// [`Loop::flush_and_wait`], bounded by `patience`.
+    /// After a wait timed out, the next ones within [`FLUSH_PATIENCE`] give up at once (the
+    /// events park): a shard that hangs costs one wait, not one per event.
     async fn flush_within(&mut self, shutdown: &CancellationToken, patience: Duration) -> Flushed {
+        if self.flush_timed_out_at.is_some_and(|at| at.elapsed() < FLUSH_PATIENCE) {
+            self.flush_ready();
+            return Flushed::TimedOut;
+        }
         match tokio::time::timeout(patience, self.flush_and_wait(shutdown)).await {
-            Ok(true) => Flushed::Done,
+            Ok(true) => {
+                self.flush_timed_out_at = None;
+                Flushed::Done
+            }
             Ok(false) => Flushed::Shutdown,
-            Err(_) => Flushed::TimedOut,
+            Err(_) => {
+                self.flush_timed_out_at = Some(Instant::now());
+                Flushed::TimedOut
+            }
         }
     }
 
@@ -729,7 +744,10 @@ impl Loop {
     }
 
     fn pause_or_resume(&mut self, consumer: &StreamConsumer<SinkContext>) -> Result<(), Error> {
-        let buffered = self.applier.batcher.rows() + self.in_flight_rows.load(Ordering::Acquire);
+        // Dead letters awaiting their acknowledgement hold a copy of their message too.
+        let buffered = self.applier.batcher.rows()
+            + self.in_flight_rows.load(Ordering::Acquire)
+            + self.dlq_acks.len();
         let parked = self.applier.park.len();
         let full =
             buffered >= self.config.max_buffered_rows || parked >= self.config.max_parked_events;
