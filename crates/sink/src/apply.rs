@@ -240,8 +240,9 @@ impl Applier {
         // The very change the shards already hold as the card's newest (a re-read after a crash or
         // a rebalance): a move it made may be half done (the card and each child table of each
         // shard are separate inserts), so its leftovers on other shards are looked for again.
-        let replay =
-            prev.as_ref().is_some_and(|p| p.from_shards && !p.deleted && p.version == version);
+        // (The newest stored row may be the move's delete marker on the old shard, when the new
+        // shard's insert was the one lost.)
+        let replay = prev.as_ref().is_some_and(|p| p.from_shards && p.version == version);
         if (moving || refreshing || replay) && !flushed {
             return Ok(Decision::NeedsFlush);
         }

@@ -122,6 +122,12 @@ fn retry_delay(attempts: u32) -> Duration {
     Duration::from_secs(1_u64 << attempts.min(3))
 }
 
+/// True when `parked` is strictly older than `newer`.
+fn older(parked: &ChangeEvent, newer: &ChangeEvent) -> bool {
+    (RowVersion::of_event(parked), parked.seq_in_tx)
+        < (RowVersion::of_event(newer), newer.seq_in_tx)
+}
+
 /// True when `parked` is older than (or the same change as) `newer`.
 fn not_newer(parked: &ChangeEvent, newer: &ChangeEvent) -> bool {
     (RowVersion::of_event(parked), parked.seq_in_tx)
@@ -165,7 +171,8 @@ impl Park {
         reason: ParkReason,
     ) -> Option<MsgId> {
         let superseded = match self.rows.get(&row) {
-            Some(parked) if !not_newer(&parked.event, &event) => return Some(msg),
+            // The parked change is newer, or the same change (a duplicate): it keeps its place.
+            Some(parked) if !older(&parked.event, &event) => return Some(msg),
             Some(_) => self.remove(&row).map(|p| p.msg),
             None => None,
         };
@@ -338,8 +345,10 @@ mod tests {
         let mut park = Park::default();
         let reason = ParkReason::ConversationNotFound("conv".into());
         assert_eq!(park.park(key("a"), (0, 5), event(20, 0), reason.clone()), None);
-        assert_eq!(park.park(key("a"), (0, 9), event(10, 0), reason), Some((0, 9)));
+        assert_eq!(park.park(key("a"), (0, 9), event(10, 0), reason.clone()), Some((0, 9)));
         assert_eq!(park.summary()[0].offset, 5, "the newer change stays parked");
+        assert_eq!(park.park(key("a"), (0, 12), event(20, 0), reason), Some((0, 12)));
+        assert_eq!(park.summary()[0].offset, 5, "a duplicate does not take the parked one's place");
     }
 
     fn card_event(id: &str, table: &str, lsn: u64) -> ChangeEvent {

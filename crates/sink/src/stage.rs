@@ -8,7 +8,7 @@
 //! so the consumer stays in its group) until the backlog halves.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,7 +76,11 @@ pub struct Sink {
 pub struct SinkContext {
     offsets: Arc<Mutex<Offsets>>,
     in_flight_rows: Arc<AtomicUsize>,
-    revoked: Arc<Mutex<Vec<i32>>>,
+    /// Partitions revoked, each with the revocation count after its revoke.
+    revoked: Arc<Mutex<Vec<(u64, i32)>>>,
+    /// Revocations so far: messages are stamped with it as they arrive, so a message fetched
+    /// before its partition was revoked is told apart from one read after it came back.
+    revocations: Arc<AtomicU64>,
     /// Partitions currently assigned (for the rejoin watchdog).
     assigned: Arc<AtomicUsize>,
     /// True while the loop keeps consumption paused (buffers or park full).
@@ -119,8 +123,9 @@ impl ConsumerContext for SinkContext {
         tracing::info!(partitions = ?gone, "partitions revoked");
         self.assigned
             .fetch_sub(gone.len().min(self.assigned.load(Ordering::Acquire)), Ordering::AcqRel);
+        let count = self.revocations.fetch_add(1, Ordering::AcqRel) + 1;
         if let Ok(mut revoked) = self.revoked.lock() {
-            revoked.extend(gone);
+            revoked.extend(gone.into_iter().map(|p| (count, p)));
         }
     }
 
@@ -190,6 +195,8 @@ impl ConsumerContext for SinkContext {
 /// One consumed message, owned.
 struct Incoming {
     id: MsgId,
+    /// The revocation count when it arrived.
+    stamp: u64,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
 }
@@ -215,6 +222,8 @@ struct Loop {
     /// When a bounded wait for acknowledgements last ran out.
     flush_timed_out_at: Option<Instant>,
     /// Shared with the rebalance callbacks: see [`SinkContext`].
+    revocations: Arc<AtomicU64>,
+    /// Shared with the rebalance callbacks: see [`SinkContext`].
     draining: Arc<Mutex<HashSet<i32>>>,
 }
 
@@ -228,11 +237,13 @@ impl Sink {
         let revoked = Arc::new(Mutex::new(Vec::new()));
         let assigned = Arc::new(AtomicUsize::new(0));
         let paused_flag = Arc::new(AtomicBool::new(false));
+        let revocations = Arc::new(AtomicU64::new(0));
         let draining = Arc::new(Mutex::new(HashSet::new()));
         let context = SinkContext {
             offsets: Arc::clone(&offsets),
             in_flight_rows: Arc::clone(&in_flight_rows),
             revoked: Arc::clone(&revoked),
+            revocations: Arc::clone(&revocations),
             assigned: Arc::clone(&assigned),
             paused: Arc::clone(&paused_flag),
             draining: Arc::clone(&draining),
@@ -302,6 +313,7 @@ impl Sink {
             paused: false,
             paused_flag,
             flush_timed_out_at: None,
+            revocations,
             draining,
         };
         let rejoin_after = Duration::from_millis(self.kafka.session_timeout_ms * 3);
@@ -341,7 +353,7 @@ impl Loop {
     async fn run(
         &mut self,
         consumer: &StreamConsumer<SinkContext>,
-        revoked: &Mutex<Vec<i32>>,
+        revoked: &Mutex<Vec<(u64, i32)>>,
         assigned: &AtomicUsize,
         rejoin_after: Duration,
         shutdown: &CancellationToken,
@@ -366,7 +378,7 @@ impl Loop {
                 }
                 // 3. Timer: flush aged batches, store offsets, retry parked events, pause/resume.
                 _ = tick.tick() => {
-                    self.forget_revoked(revoked);
+                    let _ = self.forget_revoked(revoked);
                     self.flush_ready();
                     self.store_offsets(consumer)?;
                     if last_park_retry.elapsed() >= Duration::from_millis(self.config.park_retry_ms) {
@@ -382,15 +394,20 @@ impl Loop {
                 // 4. New messages.
                 message = consumer.recv() => {
                     let first = message.map_err(|source| Error::Kafka { context: "consuming".into(), source })?;
-                    let mut batch = vec![owned(&first)];
+                    let mut batch = vec![owned(&first, self.revocations.load(Ordering::Acquire))];
                     drop(first);
                     while batch.len() < POLL_BATCH {
                         match consumer.recv().now_or_never() {
-                            Some(Ok(m)) => batch.push(owned(&m)),
+                            Some(Ok(m)) => {
+                                batch.push(owned(&m, self.revocations.load(Ordering::Acquire)));
+                            }
                             _ => break,
                         }
                     }
-                    self.forget_revoked(revoked);
+                    let gone = self.forget_revoked(revoked);
+                    // Fetched before their partition was revoked: the next owner (maybe this
+                    // sink again) reads them anew from the committed offset.
+                    batch.retain(|m| !gone.iter().any(|(at, p)| *p == m.id.0 && m.stamp < *at));
                     if !self.process(batch, shutdown).await? {
                         return Ok(());
                     }
@@ -438,8 +455,10 @@ impl Loop {
         }
     }
 
-    fn forget_revoked(&mut self, revoked: &Mutex<Vec<i32>>) {
-        let gone: Vec<i32> =
+    /// Drops what the sink kept for partitions revoked since the last call; returns them, each
+    /// with the revocation count after its revoke.
+    fn forget_revoked(&mut self, revoked: &Mutex<Vec<(u64, i32)>>) -> Vec<(u64, i32)> {
+        let gone: Vec<(u64, i32)> =
             revoked.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
         // Their offset holds were retired when they were revoked; parked events are dropped (the
         // next owner re-reads them) and release their holds there. Where the cards of those
@@ -448,11 +467,12 @@ impl Loop {
             let capacity = self.applier.caches.cards_capacity();
             self.applier.caches.cards = crate::cache::Bounded::new(capacity);
         }
-        for partition in gone {
+        for &(_, partition) in &gone {
             for msg in self.applier.park.revoke(partition) {
                 self.release(msg);
             }
         }
+        gone
     }
 
     /// Decodes and applies a poll batch. Returns false when shutdown interrupted it.
@@ -499,9 +519,7 @@ impl Loop {
                 self.park(table, incoming.id, event, reason);
                 return Ok(true);
             }
-            let flushed = self.applier.batcher.rows() == 0
-                && self.in_flight_rows.load(Ordering::Acquire) == 0;
-            let reason = match self.applier.apply(incoming.id, &event, flushed).await {
+            let reason = match self.applier.apply(incoming.id, &event, self.flushed()).await {
                 Ok(Decision::Applied) => {
                     if let Some(table) = table {
                         let row = event_row_key(table, &event);
@@ -617,9 +635,25 @@ impl Loop {
                 self.applier.park.repark(row, parked, reason);
                 continue;
             }
-            let flushed = self.applier.batcher.rows() == 0
-                && self.in_flight_rows.load(Ordering::Acquire) == 0;
-            match self.applier.apply(parked.msg, &parked.event, flushed).await {
+            let mut decision = self.applier.apply(parked.msg, &parked.event, self.flushed()).await;
+            if let Ok(Decision::NeedsFlush) = decision {
+                // Flush, then try again at once (as a live event does): under steady traffic a
+                // later round would find new rows buffered again.
+                decision = match self.flush_within(shutdown, FLUSH_PATIENCE).await {
+                    Flushed::Shutdown => {
+                        let reason = parked.reason.clone();
+                        self.applier.park.repark(row, parked, reason);
+                        return Ok(false);
+                    }
+                    Flushed::TimedOut => Ok(Decision::Park(ParkReason::Unavailable(
+                        "earlier rows to be acknowledged by every shard".into(),
+                    ))),
+                    Flushed::Done => {
+                        self.applier.apply(parked.msg, &parked.event, self.flushed()).await
+                    }
+                };
+            }
+            match decision {
                 Ok(Decision::Applied) => {
                     tracing::debug!(
                         partition = parked.msg.0,
@@ -638,17 +672,18 @@ impl Loop {
                         .map(|k| k.to_message_key());
                     let incoming = Incoming {
                         id: parked.msg,
+                        stamp: 0,
                         key,
                         payload: scoresync_event::encode(&parked.event),
                     };
                     self.dead_letter(&incoming, &error)?;
                 }
                 Ok(Decision::NeedsFlush) => {
-                    let reason = parked.reason.clone();
+                    // New rows arrived during the flush (a wake in this round): next round.
+                    let reason = ParkReason::Unavailable(
+                        "earlier rows to be acknowledged by every shard".into(),
+                    );
                     self.applier.park.repark(row, parked, reason);
-                    if let Flushed::Shutdown = self.flush_within(shutdown, FLUSH_PATIENCE).await {
-                        return Ok(false);
-                    }
                 }
                 Err(err) if err.is_transient() => {
                     tracing::debug!(error = %error_chain(&err), "retrying a parked event failed");
@@ -669,6 +704,11 @@ impl Loop {
             );
         }
         Ok(true)
+    }
+
+    /// True when every row is in ClickHouse (nothing buffered, nothing in flight).
+    fn flushed(&self) -> bool {
+        self.applier.batcher.rows() == 0 && self.in_flight_rows.load(Ordering::Acquire) == 0
     }
 
     fn flush_ready(&mut self) {
@@ -862,9 +902,10 @@ fn dependency(err: &Error) -> String {
     }
 }
 
-fn owned(message: &rdkafka::message::BorrowedMessage<'_>) -> Incoming {
+fn owned(message: &rdkafka::message::BorrowedMessage<'_>, stamp: u64) -> Incoming {
     Incoming {
         id: (message.partition(), message.offset()),
+        stamp,
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
     }
