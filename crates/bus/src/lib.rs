@@ -16,4 +16,4 @@ pub mod error;
 pub mod topics;
 
 pub use config::KafkaConfig;
-pub use error::Error;
+pub use error::{Error, error_chain};

@@ -22,8 +22,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use scoresync_bus::KafkaConfig;
 use scoresync_bus::client::OffsetReset;
+use scoresync_bus::{KafkaConfig, error_chain};
 use scoresync_event::{ChangeEvent, decode};
 
 use crate::apply::{Applier, Decision, event_row_key};
@@ -909,16 +909,4 @@ fn owned(message: &rdkafka::message::BorrowedMessage<'_>, stamp: u64) -> Incomin
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
     }
-}
-
-/// An error with its causes, `a: b: c`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -118,7 +118,7 @@ impl Source {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %display_chain(&err), ?delay, slot = %self.postgres.slot, "source failed; restarting from the slot");
+                    tracing::warn!(error = %scoresync_bus::error_chain(&err), ?delay, slot = %self.postgres.slot, "source failed; restarting from the slot");
                     tokio::select! {
                         _ = shutdown.cancelled() => break Ok(()),
                         _ = tokio::time::sleep(delay) => {}
@@ -173,16 +173,4 @@ impl Source {
         };
         stream.run(&mut record, shutdown).await
     }
-}
-
-/// An error with its causes, `a: b: c`.
-pub fn display_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

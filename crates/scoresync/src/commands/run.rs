@@ -28,14 +28,14 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     // Whichever ends first (a permanent error, or shutdown) stops the other.
     tokio::select! {
         result = &mut source_task => {
-            failed |= report("source", result.map(|r| r.map_err(|e| scoresync_source::display_chain(&e))));
+            failed |= report("source", result.map(|r| r.map_err(|e| scoresync_bus::error_chain(&e))));
             sink_stop.cancel();
-            failed |= report("sink", sink_task.await.map(|r| r.map_err(|e| scoresync_sink::stage::error_chain(&e))));
+            failed |= report("sink", sink_task.await.map(|r| r.map_err(|e| scoresync_bus::error_chain(&e))));
         }
         result = &mut sink_task => {
-            failed |= report("sink", result.map(|r| r.map_err(|e| scoresync_sink::stage::error_chain(&e))));
+            failed |= report("sink", result.map(|r| r.map_err(|e| scoresync_bus::error_chain(&e))));
             source_stop.cancel();
-            failed |= report("source", source_task.await.map(|r| r.map_err(|e| scoresync_source::display_chain(&e))));
+            failed |= report("source", source_task.await.map(|r| r.map_err(|e| scoresync_bus::error_chain(&e))));
         }
     }
     shutdown.cancel();

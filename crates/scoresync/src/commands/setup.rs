@@ -24,7 +24,7 @@ pub async fn run(config: &Config, recreate_slot: bool) -> anyhow::Result<ExitCod
     }
     let postgres = scoresync_source::setup::ensure(&config.postgres, &config.kafka, recreate_slot)
         .await
-        .map_err(|e| anyhow::anyhow!(scoresync_source::display_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(scoresync_bus::error_chain(&e)))?;
     for outcome in postgres {
         match outcome {
             Outcome::Existed(what) => println!("existed  {what}"),

@@ -27,7 +27,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     match sink(config, stats).run(shutdown.clone()).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => {
-            eprintln!("scoresync sink: {}", scoresync_sink::stage::error_chain(&err));
+            eprintln!("scoresync sink: {}", scoresync_bus::error_chain(&err));
             shutdown.cancel();
             Ok(ExitCode::FAILURE)
         }

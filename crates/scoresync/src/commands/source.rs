@@ -16,7 +16,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     match source.run(shutdown).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => {
-            eprintln!("scoresync source: {}", scoresync_source::display_chain(&err));
+            eprintln!("scoresync source: {}", scoresync_bus::error_chain(&err));
             Ok(ExitCode::FAILURE)
         }
     }
