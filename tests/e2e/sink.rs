@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
@@ -341,33 +340,17 @@ struct Letter {
 }
 
 fn dead_letters(env: &TestEnv) -> anyhow::Result<Vec<Letter>> {
-    let consumer: BaseConsumer =
-        consumer_config(&env.kafka, "test-dlq-reader", OffsetReset::Earliest)
-            .set("enable.auto.commit", "false")
-            .create()?;
-    let topic = env.kafka.dlq_topic.as_str();
     let mut out = Vec::new();
-    for partition in 0..env.kafka.partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-        if high <= low {
-            continue;
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(low))?;
-        consumer.assign(&tpl)?;
-        let mut next = low;
-        while next < high {
-            let m = consumer.poll(Duration::from_secs(10)).context("dlq read stalled")??;
-            next = m.offset() + 1;
-            let h = |name| scoresync_sink::dlq::header(&m, name).unwrap_or_default().to_owned();
-            out.push(Letter {
-                topic: h(scoresync_sink::dlq::ORIGIN_TOPIC),
-                partition: h(scoresync_sink::dlq::ORIGIN_PARTITION),
-                offset: h(scoresync_sink::dlq::ORIGIN_OFFSET),
-                error: h(scoresync_sink::dlq::ERROR),
-            });
-        }
-    }
+    scoresync_tests::kafka::read_topic(&env.kafka, &env.kafka.dlq_topic, |m| {
+        let h = |name| scoresync_sink::dlq::header(m, name).unwrap_or_default().to_owned();
+        out.push(Letter {
+            topic: h(scoresync_sink::dlq::ORIGIN_TOPIC),
+            partition: h(scoresync_sink::dlq::ORIGIN_PARTITION),
+            offset: h(scoresync_sink::dlq::ORIGIN_OFFSET),
+            error: h(scoresync_sink::dlq::ERROR),
+        });
+        Ok(())
+    })?;
     Ok(out)
 }
 

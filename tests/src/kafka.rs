@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use scoresync_bus::KafkaConfig;
 use scoresync_bus::client::{OffsetReset, consumer_config};
+use scoresync_bus::topics::partition_count;
 use scoresync_event::{ChangeEvent, Operation, Row, RowVersion, SourceTable, decode};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,18 +38,35 @@ pub struct Published {
 
 /// Reads every message of `topic` present now, partition by partition, in offset order.
 pub fn read_events(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<Published>> {
+    let mut out = Vec::new();
+    read_topic(kafka, topic, |message| {
+        let (partition, offset) = (message.partition(), message.offset());
+        let event = decode(message.payload().unwrap_or_default())
+            .with_context(|| format!("partition {partition} offset {offset}"))?;
+        out.push(Published {
+            partition,
+            offset,
+            key: message.key().map(<[u8]>::to_vec),
+            timestamp_ms: message.timestamp().to_millis(),
+            event,
+        });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Calls `visit` on every message of `topic` present now, partition by partition, in offset
+/// order (a reader of its own, no group offsets used).
+pub fn read_topic(
+    kafka: &KafkaConfig,
+    topic: &str,
+    mut visit: impl FnMut(&BorrowedMessage<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let consumer: BaseConsumer =
         consumer_config(kafka, "scoresync-test-reader", OffsetReset::Earliest)
             .set("enable.auto.commit", "false")
             .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map(|t| t.partitions().len() as i32)
-        .context("topic not found")?;
-    let mut out = Vec::new();
+    let partitions = partition_count(consumer.client(), topic)?.context("topic not found")?;
     for partition in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT)?;
         if high <= low {
@@ -63,18 +81,10 @@ pub fn read_events(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<Publi
                 format!("partition {partition} stalled at offset {next} of {high}")
             })??;
             next = message.offset() + 1;
-            let event = decode(message.payload().unwrap_or_default())
-                .with_context(|| format!("partition {partition} offset {}", message.offset()))?;
-            out.push(Published {
-                partition,
-                offset: message.offset(),
-                key: message.key().map(<[u8]>::to_vec),
-                timestamp_ms: message.timestamp().to_millis(),
-                event,
-            });
+            visit(&message)?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A row identity: table name and primary-key values in text form.
@@ -236,18 +246,7 @@ pub fn diff(bus: &BTreeMap<RowId, Row>, pg: &BTreeMap<RowId, Row>) -> Vec<String
 pub fn message_count(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<i64> {
     let consumer: BaseConsumer =
         consumer_config(kafka, "scoresync-test-counter", OffsetReset::Earliest).create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len() as i32);
-    let mut total = 0;
-    for partition in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT)?;
-        total += high - low;
-    }
-    Ok(total)
+    Ok(scoresync_bus::topics::message_count(consumer.client(), topic)?)
 }
 
 /// The sink group's position on the change topic: (messages not yet committed, sum of high

@@ -52,7 +52,7 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Vec<TopicOutcome>, Error
     let admin = crate::client::admin(cfg)?;
     let mut outcomes = Vec::new();
     for (topic, partitions) in planned_topics(cfg) {
-        if let Some(actual) = partition_count(&admin, &topic)? {
+        if let Some(actual) = partition_count(admin.inner(), &topic)? {
             if actual != partitions {
                 return Err(Error::PartitionMismatch { topic, expected: partitions, actual });
             }
@@ -81,17 +81,34 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Vec<TopicOutcome>, Error
     Ok(outcomes)
 }
 
-/// The partition count of `topic`, or `None` when the broker does not know it.
+/// The partition count of `topic`, or `None` when the broker does not know it. Any client will
+/// do (`AdminClient::inner()`, `Consumer::client()`).
 pub fn partition_count<C: rdkafka::client::ClientContext>(
-    admin: &rdkafka::admin::AdminClient<C>,
+    client: &rdkafka::client::Client<C>,
     topic: &str,
 ) -> Result<Option<i32>, Error> {
-    let metadata = admin
-        .inner()
+    let metadata = client
         .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
         .map_err(|source| Error::Topic { topic: topic.into(), action: "read metadata", source })?;
     Ok(metadata.topics().iter().find(|t| t.name() == topic).and_then(|t| match t.error() {
         None => Some(t.partitions().len() as i32),
         Some(_) => None,
     }))
+}
+
+/// How many messages `topic` retains: the sum over its partitions of high minus low watermark
+/// (0 for a topic the broker does not know).
+pub fn message_count<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+) -> Result<i64, Error> {
+    let mut total = 0;
+    for partition in 0..partition_count(client, topic)?.unwrap_or(0) {
+        let (low, high) =
+            client.fetch_watermarks(topic, partition, ADMIN_TIMEOUT).map_err(|source| {
+                Error::Topic { topic: topic.into(), action: "read watermarks", source }
+            })?;
+        total += high - low;
+    }
+    Ok(total)
 }

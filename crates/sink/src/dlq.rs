@@ -202,15 +202,8 @@ impl Reader {
 
     fn ranges(&self) -> Result<Vec<Range>, Error> {
         let topic = self.topic.as_str();
-        let metadata = self
-            .consumer
-            .fetch_metadata(Some(topic), TIMEOUT)
-            .map_err(kafka_err("reading dead-letter topic metadata"))?;
-        let partitions = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map_or(0, |t| t.partitions().len() as i32);
+        let partitions =
+            scoresync_bus::topics::partition_count(self.consumer.client(), topic)?.unwrap_or(0);
         let mut wanted = TopicPartitionList::new();
         for partition in 0..partitions {
             wanted.add_partition(topic, partition);

@@ -46,12 +46,13 @@ impl Publisher {
     pub fn new(kafka: &KafkaConfig) -> Result<Self, Error> {
         let producer = scoresync_bus::client::producer(kafka)?;
         let admin = scoresync_bus::client::admin(kafka)?;
-        let partitions = scoresync_bus::topics::partition_count(&admin, &kafka.change_topic)?
-            .ok_or_else(|| scoresync_bus::Error::Topic {
-                topic: kafka.change_topic.clone(),
-                action: "find (run `scoresync setup`)",
-                source: KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::UnknownTopic),
-            })?;
+        let partitions =
+            scoresync_bus::topics::partition_count(admin.inner(), &kafka.change_topic)?
+                .ok_or_else(|| scoresync_bus::Error::Topic {
+                    topic: kafka.change_topic.clone(),
+                    action: "find (run `scoresync setup`)",
+                    source: KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::UnknownTopic),
+                })?;
         Ok(Publisher { producer, topic: kafka.change_topic.clone(), partitions })
     }
 

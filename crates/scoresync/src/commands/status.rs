@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use scoresync_bus::client::{OffsetReset, consumer_config};
+use scoresync_bus::topics::{message_count, partition_count};
 use scoresync_source::connect::ConnectParams;
 
 use crate::config::Config;
@@ -71,12 +72,7 @@ fn kafka_status(config: &Config) -> anyhow::Result<Value> {
         .set("enable.auto.commit", "false")
         .create()?;
     let topic = kafka.change_topic.as_str();
-    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len() as i32);
+    let partitions = partition_count(consumer.client(), topic)?.unwrap_or(0);
     let mut query = TopicPartitionList::new();
     for p in 0..partitions {
         query.add_partition(topic, p);
@@ -95,17 +91,7 @@ fn kafka_status(config: &Config) -> anyhow::Result<Value> {
         rows.push(json!({ "partition": p, "committed": at, "high_watermark": high, "lag": lag }));
     }
     let dlq = kafka.dlq_topic.as_str();
-    let dlq_partitions = consumer
-        .fetch_metadata(Some(dlq), TIMEOUT)?
-        .topics()
-        .iter()
-        .find(|t| t.name() == dlq)
-        .map_or(0, |t| t.partitions().len() as i32);
-    let mut dead_letters = 0;
-    for p in 0..dlq_partitions {
-        let (low, high) = consumer.fetch_watermarks(dlq, p, TIMEOUT)?;
-        dead_letters += high - low;
-    }
+    let dead_letters = message_count(consumer.client(), dlq)?;
     Ok(json!({
         "group": kafka.consumer_group,
         "topic": topic,
