@@ -47,6 +47,19 @@ async fn loadgen_output(
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Starts `scoresync loadgen` in the background; the task returns its standard output.
+fn spawn_loadgen(
+    env: &TestEnv,
+    args: &[&str],
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<String>>> {
+    let (url, config) = (env.pg_admin_url(), env.config_path()?);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    Ok(tokio::spawn(async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        loadgen_output(&url, &config, &args).await
+    }))
+}
+
 /// `scoresync status --json`.
 pub async fn status(env: &TestEnv) -> anyhow::Result<serde_json::Value> {
     let mut run = Daemon::start(env, &["status", "--json"])?;
@@ -471,17 +484,7 @@ async fn sink_killed_10_times_during_20k_changes_holds_the_oracle() -> anyhow::R
     let _source = Daemon::start(&env, &["source"])?;
     let mut sink = Daemon::start(&env, &["sink"])?;
     // About 1700 x 11 inserts, plus updates and deletes: over 20,000 changes.
-    let load = {
-        let (url, config) = (env.pg_admin_url(), env.config_path()?);
-        tokio::spawn(async move {
-            loadgen_output(
-                &url,
-                &config,
-                &["--scorecards", "1700", "--conversations-per-shard", "30"],
-            )
-            .await
-        })
-    };
+    let load = spawn_loadgen(&env, &["--scorecards", "1700", "--conversations-per-shard", "30"])?;
     let mut seed: u64 = 0x5EED;
     for kill in 0..10 {
         // Kill at a random point of its work: once it holds its partitions, 0.5 to 3 s later.
@@ -534,17 +537,7 @@ async fn sinks_joining_and_leaving_the_group_under_load_lose_nothing() -> anyhow
     let start_b = member("sink-b", free_port()?);
     let a = start_a()?;
     wait_until_assigned(&a, env.kafka.partitions).await?;
-    let load = {
-        let (url, config) = (env.pg_admin_url(), env.config_path()?);
-        tokio::spawn(async move {
-            loadgen_output(
-                &url,
-                &config,
-                &["--scorecards", "600", "--conversations-per-shard", "20"],
-            )
-            .await
-        })
-    };
+    let load = spawn_loadgen(&env, &["--scorecards", "600", "--conversations-per-shard", "20"])?;
     // B joins (the group splits the partitions), A leaves (B takes them all), A joins again:
     // every step revokes partitions with rows in flight.
     tokio::time::sleep(Duration::from_secs(2)).await;
