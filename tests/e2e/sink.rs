@@ -559,7 +559,7 @@ async fn sinks_joining_and_leaving_the_group_under_load_lose_nothing() -> anyhow
 }
 
 /// Waits until a sink's log shows it was assigned `partitions` partitions.
-async fn wait_until_assigned(sink: &Daemon, partitions: i32) -> anyhow::Result<()> {
+pub async fn wait_until_assigned(sink: &Daemon, partitions: i32) -> anyhow::Result<()> {
     wait::until("the sink to be assigned its partitions", DEADLINE, || async {
         let assigned = sink.output().lines().filter(|l| l.contains("partition assigned")).count();
         Ok((assigned >= partitions as usize).then_some(()))

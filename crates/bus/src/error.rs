@@ -27,6 +27,15 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// A consumer-group operation failed (subscribing, consuming, pausing, resuming).
+    #[error("kafka: {context}")]
+    Consume {
+        /// What was being done.
+        context: String,
+        /// What librdkafka said.
+        #[source]
+        source: KafkaError,
+    },
     /// A topic exists with a different partition count than configured.
     #[error(
         "kafka topic {topic} has {actual} partitions but the configuration says {expected}; \
@@ -48,6 +57,8 @@ impl Error {
         match self {
             Error::Client { .. } | Error::PartitionMismatch { .. } => false,
             Error::Topic { source, .. } => kafka_error_is_transient(source),
+            // As before the group member existed: the caller restarts from the last commit.
+            Error::Consume { .. } => true,
         }
     }
 }

@@ -4,6 +4,8 @@
 //! - [`client`]: librdkafka settings that keep the delivery rules of DESIGN.md section 5: the
 //!   producer is idempotent with `acks=all`; consumers never commit on their own and never jump to
 //!   the latest offset when a committed one is missing.
+//! - [`group`]: a consumer-group member that owns the consumer, the hold book of offsets still
+//!   in use, rebalances, pause and resume, offset storing and the rejoin watchdog.
 //! - [`topics`]: creating the change, dead-letter and state topics, idempotently.
 //! - [`backoff`]: capped, jittered retry delays, shared by source and sink.
 //!
@@ -13,6 +15,7 @@ pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod group;
 pub mod topics;
 
 pub use config::KafkaConfig;

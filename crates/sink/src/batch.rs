@@ -14,8 +14,7 @@ use scoresync_event::SourceTable;
 use crate::rows::{Cell, ChRow, RowKey, TableSchema};
 use crate::shard::ShardIndex;
 
-/// A Kafka message: (partition, offset).
-pub type MsgId = (i32, i64);
+pub(crate) use scoresync_bus::group::MsgId;
 
 /// Flush thresholds.
 #[derive(Clone, Copy, Debug)]
@@ -31,8 +30,6 @@ pub struct Limits {
 /// Rows ready to insert into one table of one shard.
 #[derive(Debug)]
 pub struct Batch {
-    /// Unique id (for logs).
-    pub id: u64,
     /// Target shard.
     pub shard: ShardIndex,
     /// Target table.
@@ -57,7 +54,6 @@ struct Buffer {
 pub struct Batcher {
     limits: Limits,
     buffers: BTreeMap<(ShardIndex, SourceTable), Buffer>,
-    next_id: u64,
     rows: usize,
 }
 
@@ -74,7 +70,7 @@ fn estimate(row: &ChRow) -> usize {
 impl Batcher {
     /// Empty buffers with these limits.
     pub fn new(limits: Limits) -> Self {
-        Batcher { limits, buffers: BTreeMap::new(), next_id: 0, rows: 0 }
+        Batcher { limits, buffers: BTreeMap::new(), rows: 0 }
     }
 
     /// Adds a row written by message `origin`. Returns true when `origin` is new to this buffer
@@ -149,14 +145,7 @@ impl Batcher {
     fn take(&mut self, key: (ShardIndex, SourceTable)) -> Option<Batch> {
         let buffer = self.buffers.remove(&key)?;
         self.rows -= buffer.rows.len();
-        self.next_id += 1;
-        Some(Batch {
-            id: self.next_id,
-            shard: key.0,
-            table: key.1,
-            rows: buffer.rows,
-            origins: buffer.origins,
-        })
+        Some(Batch { shard: key.0, table: key.1, rows: buffer.rows, origins: buffer.origins })
     }
 }
 

@@ -55,13 +55,9 @@ impl<K: Clone + Eq + Hash, V> Bounded<K, V> {
     }
 
     /// Entries held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 

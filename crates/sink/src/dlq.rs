@@ -8,7 +8,10 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -16,6 +19,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use scoresync_bus::KafkaConfig;
 use scoresync_bus::client::{OffsetReset, consumer_config};
 
+use crate::batch::MsgId;
 use crate::error::Error;
 
 /// Header: the topic the message was consumed from.
@@ -305,4 +309,81 @@ fn redrive_blocking(kafka: &KafkaConfig) -> Result<u64, Error> {
             .commit(&done, rdkafka::consumer::CommitMode::Sync)
             .map_err(kafka_err("committing redrive progress"))
     })
+}
+
+/// The delivery of one dead letter: its origin message and the topic's answer.
+type Delivery = futures::future::BoxFuture<'static, (MsgId, Result<(), KafkaError>)>;
+
+/// Dead letters on their way to the topic. The loop keeps each origin message held until its
+/// letter is acknowledged ([`Outbox::ack`]).
+pub(crate) struct Outbox {
+    letters: DeadLetters,
+    /// The change topic the letters come from.
+    origin_topic: String,
+    pending: FuturesUnordered<Delivery>,
+}
+
+impl Outbox {
+    /// An outbox for `kafka`'s dead-letter topic, for messages of its change topic.
+    pub(crate) fn new(kafka: &KafkaConfig) -> Result<Self, Error> {
+        Ok(Outbox {
+            letters: DeadLetters::new(kafka)?,
+            origin_topic: kafka.change_topic.clone(),
+            pending: FuturesUnordered::new(),
+        })
+    }
+
+    /// Sends a copy of message `msg` (its key and payload) with `error`.
+    pub(crate) fn send(
+        &mut self,
+        msg: MsgId,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        error: &str,
+    ) -> Result<(), Error> {
+        tracing::warn!(partition = msg.0, offset = msg.1, error, "dead-lettering a poison message");
+        let origin =
+            Origin { topic: &self.origin_topic, partition: msg.0, offset: msg.1, key, payload };
+        let delivery = self.letters.send(&origin, error)?;
+        self.pending.push(Box::pin(async move {
+            let result = match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((err, _))) => Err(err),
+                Err(_) => Err(KafkaError::Canceled),
+            };
+            (msg, result)
+        }));
+        Ok(())
+    }
+
+    /// The next acknowledged letter's origin (pending for ever while none is on its way).
+    pub(crate) async fn ack(&mut self) -> Result<MsgId, Error> {
+        if self.pending.is_empty() {
+            return std::future::pending().await;
+        }
+        let Some((msg, result)) = self.pending.next().await else {
+            return std::future::pending().await;
+        };
+        result.map_err(|source| Error::Kafka {
+            context: format!("dead-letter write of {}/{}@{}", self.origin_topic, msg.0, msg.1),
+            source,
+        })?;
+        Ok(msg)
+    }
+
+    /// Origins of the letters acknowledged already (at shutdown: no waiting).
+    pub(crate) fn acknowledged_now(&mut self) -> Vec<MsgId> {
+        let mut done = Vec::new();
+        while let Some(Some((msg, result))) = self.pending.next().now_or_never() {
+            if result.is_ok() {
+                done.push(msg);
+            }
+        }
+        done
+    }
+
+    /// Letters not yet acknowledged.
+    pub(crate) fn len(&self) -> usize {
+        self.pending.len()
+    }
 }

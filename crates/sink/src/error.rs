@@ -48,6 +48,12 @@ pub enum Error {
     /// A target table cannot take the rows (its schema lacks key columns).
     #[error("clickhouse schema")]
     Schema(#[source] RowError),
+    /// A target table was not found on the shards when the sink started (run `scoresync setup`).
+    #[error("clickhouse table {table} is missing on the shards (run `scoresync setup`)")]
+    NoSchema {
+        /// The table.
+        table: String,
+    },
     /// The shards disagree about a table's columns.
     #[error("clickhouse table {table}: shard {shard} has other columns than shard 0")]
     SchemaMismatch {
@@ -104,7 +110,10 @@ impl Error {
             | Error::Postgres { .. }
             | Error::Kafka { .. } => true,
             Error::Bus(err) => err.is_transient(),
-            Error::Unreadable { .. } | Error::Schema(_) | Error::SchemaMismatch { .. } => false,
+            Error::Unreadable { .. }
+            | Error::Schema(_)
+            | Error::NoSchema { .. }
+            | Error::SchemaMismatch { .. } => false,
         }
     }
 }

@@ -10,65 +10,78 @@
 //!  batch per (shard, table): rows, bytes, max wait; one row per key (latest change wins)
 //!     v
 //!  shard writers (one task per shard, retry with backoff) ──> shard-local ReplacingMergeTree
-//!     | acknowledged
+//!     | acknowledged (with the messages the batch covered)
 //!     v
-//!  offsets: release the batch's messages ──> store_offsets ──> (auto) commit
+//!  group member: release their holds ──> store_offsets ──> (auto) commit
 //! ```
 //!
 //! # Progress tracking
 //!
-//! A Kafka offset is stored only when every message before it in its partition is done: its rows
-//! acknowledged by every shard they went to, or its dead-letter copy acknowledged, or it was
-//! superseded ([`offsets`]). A parked message stays held, so the stored offset never passes it;
-//! after a restart it is read and parked again. On a partition revoke the sink waits (bounded)
-//! for batches already with the writers and commits what is done; the new owner re-reads the
-//! rest, which is harmless: every row carries its source version, and ClickHouse keeps the
-//! greatest. Holds of a revoked partition are kept apart; if the partition comes back to this
-//! sink while rows of its old assignment are still in flight, it stays paused until they are
-//! acknowledged, so an old batch's acknowledgement never releases a message read anew.
+//! The loop (`stage`) owns every piece of mutable state; the consumer-group member
+//! ([`scoresync_bus::group`]) owns the hold book. Every message is held from the moment it
+//! arrives; another hold is taken for each batch that carries its rows, for a dead-letter write,
+//! and for as long as it is parked. Writers acknowledge a batch with the messages it covered and
+//! the loop releases their holds. A Kafka offset is stored only when every message before it in
+//! its partition is done: its rows acknowledged by every shard they went to, or its dead-letter
+//! copy acknowledged, or it was superseded. A parked message stays held, so the stored offset
+//! never passes it; after a restart it is read and parked again.
+//!
+//! On a partition revoke the member commits what is stored and retires the partition's holds;
+//! the new owner re-reads the rest, which is harmless: every row carries its source version, and
+//! ClickHouse keeps the greatest. If the partition comes back to this sink while rows of its old
+//! assignment are still in flight, it stays paused until they are acknowledged, so an old
+//! batch's acknowledgement never releases a message read anew.
 //!
 //! # Order within a scorecard
 //!
 //! The changes of one scorecard (card, scores, historic scores) share a partition and are applied
-//! in that order: while one is parked, the later ones park behind it ([`park`]). A re-read card
+//! in that order: while one is parked, the later ones park behind it (`park`). A re-read card
 //! change that the shards already hold as the card's newest completes any move it made that a
-//! crash may have cut short (each shard and table is a separate insert), see [`apply`].
+//! crash may have cut short (each shard and table is a separate insert), see `plan`.
 //!
 //! # Where a child's scorecard comes from
 //!
 //! Scores and historic scores need their scorecard's shard and fields. The sink looks in its
 //! cache (every scorecard event it applies updates it), then on the shards (the newest row of
-//! the card across shards), then in PostgreSQL, read-only, as the last resort (a sink started
-//! mid-stream can meet a child whose card event it has not seen and no shard holds, e.g. because
-//! the card is parked). A card known nowhere parks the child until it is.
+//! the card across shards), then in PostgreSQL, read-only, as the last resort (`locate`). A
+//! card known nowhere parks the child until it is.
 //!
 //! # Modules
 //!
-//! - [`config`], [`shard`], [`schema`]: settings, shard clients, per-shard DDL.
-//! - [`route`], [`rows`], [`apply`]: routing, row mapping, applying one event.
-//! - [`batch`], [`writer`], [`offsets`]: batching, shard writers, offset holds.
-//! - [`park`], [`dlq`]: waiting events and dead letters.
-//! - [`lookup`], [`cache`]: what the sink asks ClickHouse and PostgreSQL, and remembers.
-//! - [`stage`]: the consumer loop that ties them together; [`stats`]: what it counts.
+//! - `role`: wiring (clients, group, writers) and shutdown; `stage`: the loop;
+//!   `settle`: what becomes of one event (applied, parked, dead-lettered), for every path.
+//! - `plan`: what a scorecard change writes, decided with no I/O; `apply`: carrying it out,
+//!   and children and TRUNCATEs; [`route`]: routing; [`rows`]: row mapping; `toast`:
+//!   unchanged-TOAST values.
+//! - `locate`, [`lookup`], `cache`: where a scorecard lives; what the sink asks ClickHouse
+//!   and PostgreSQL, and remembers.
+//! - `batch`, `writer`: batching and shard writers.
+//! - `park`, [`dlq`]: waiting events and dead letters.
+//! - [`config`], [`shard`], [`schema`], [`error`], [`stats`]: settings, shard clients, per-shard
+//!   DDL, errors, counters.
 
-pub mod apply;
-pub mod batch;
-pub mod cache;
+mod apply;
+mod batch;
+mod cache;
 pub mod config;
 pub mod dlq;
 pub mod error;
+mod locate;
 pub mod lookup;
-pub mod offsets;
-pub mod park;
+mod park;
+mod plan;
+mod role;
 pub mod route;
 pub mod rows;
 pub mod schema;
+mod settle;
 pub mod shard;
-pub mod stage;
+mod stage;
 pub mod stats;
-pub mod writer;
+mod toast;
+mod writer;
 
 pub use config::{ClickHouseConfig, SinkConfig};
 pub use error::Error;
-pub use stage::Sink;
+pub use role::Sink;
 pub use stats::SinkStats;

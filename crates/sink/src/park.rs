@@ -255,6 +255,7 @@ impl Park {
     }
 
     /// True when nothing is parked.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }

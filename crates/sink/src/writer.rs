@@ -1,62 +1,144 @@
-//! One writer task per shard: inserts batches in order, retrying a failed insert with capped,
-//! jittered backoff until it succeeds (a shard that is down holds its batches; nothing is
-//! skipped), then releases the batch's Kafka messages. Shard-local tables only, never a
-//! Distributed table.
+//! Shard writers: one task per shard inserts that shard's batches in order, retrying a failed
+//! insert with capped, jittered backoff until it succeeds (a shard that is down holds its
+//! batches; nothing is skipped), then acknowledges the batch with the messages it covered.
+//! Shard-local tables only, never a Distributed table.
+//!
+//! [`WriterPool`] is the loop's side: it queues batches per shard (a writer takes two at a time),
+//! counts the rows in flight, and hands each acknowledgement back to the loop, which alone
+//! releases the offset holds.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::backoff::Backoff;
 
-use crate::batch::Batch;
-use crate::offsets::Offsets;
+use crate::batch::{Batch, MsgId};
 use crate::rows::{TableSchema, write_row_binary};
 use crate::shard::ShardIndex;
 use crate::stats::SinkStats;
 
 /// Longest one insert attempt may take before it is retried.
-pub const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a writer reports after a batch is in ClickHouse.
 #[derive(Debug)]
-pub struct Ack {
-    /// The shard.
-    pub shard: ShardIndex,
+pub(crate) struct Ack {
     /// Rows inserted.
     pub rows: usize,
+    /// The messages whose rows the batch carried (each releases one hold).
+    pub origins: BTreeSet<MsgId>,
 }
 
 /// Inserts batches for one shard.
-pub struct ShardWriter {
-    /// The shard.
-    pub shard: ShardIndex,
-    /// Its client.
-    pub client: clickhouse::Client,
-    /// Database on the shard.
-    pub database: String,
-    /// Target table schemas.
-    pub schemas: Arc<Vec<TableSchema>>,
-    /// Batches to insert.
-    pub batches: mpsc::Receiver<Batch>,
-    /// Where acknowledgements go.
-    pub acks: mpsc::Sender<Ack>,
-    /// Offsets to release after each insert.
-    pub offsets: Arc<Mutex<Offsets>>,
-    /// Counters.
-    pub stats: Arc<SinkStats>,
-    /// Rows handed to writers and not yet inserted (shared with the sink loop).
-    pub in_flight_rows: Arc<AtomicUsize>,
+struct ShardWriter {
+    shard: ShardIndex,
+    client: clickhouse::Client,
+    database: String,
+    schemas: Arc<Vec<TableSchema>>,
+    batches: mpsc::Receiver<Batch>,
+    acks: mpsc::Sender<Ack>,
+    stats: Arc<SinkStats>,
+}
+
+/// The loop's handle on the shard writers.
+pub(crate) struct WriterPool {
+    senders: Vec<mpsc::Sender<Batch>>,
+    queues: Vec<VecDeque<Batch>>,
+    acks: mpsc::Receiver<Ack>,
+    in_flight_rows: usize,
+    tasks: Vec<JoinHandle<()>>,
+    stop: CancellationToken,
+}
+
+impl WriterPool {
+    /// Starts one writer per client (shard order).
+    pub(crate) fn start(
+        clients: &[clickhouse::Client],
+        database: &str,
+        schemas: &Arc<Vec<TableSchema>>,
+        stats: &Arc<SinkStats>,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let (ack_tx, acks) = mpsc::channel(1024);
+        let mut senders = Vec::new();
+        let mut tasks = Vec::new();
+        for (shard, client) in clients.iter().enumerate() {
+            let (tx, batches) = mpsc::channel(2);
+            senders.push(tx);
+            let writer = ShardWriter {
+                shard,
+                client: client.clone(),
+                database: database.to_owned(),
+                schemas: Arc::clone(schemas),
+                batches,
+                acks: ack_tx.clone(),
+                stats: Arc::clone(stats),
+            };
+            tasks.push(tokio::spawn(writer.run(stop.clone())));
+        }
+        let queues = senders.iter().map(|_| VecDeque::new()).collect();
+        WriterPool { senders, queues, acks, in_flight_rows: 0, tasks, stop }
+    }
+
+    /// Queues a batch for its shard's writer.
+    pub(crate) fn send(&mut self, batch: Batch) {
+        self.in_flight_rows += batch.rows.len();
+        let shard = batch.shard;
+        self.queues[shard].push_back(batch);
+        self.push();
+    }
+
+    /// Hands queued batches to writers with room.
+    fn push(&mut self) {
+        for (shard, queue) in self.queues.iter_mut().enumerate() {
+            while let Some(batch) = queue.pop_front() {
+                match self.senders[shard].try_send(batch) {
+                    Ok(()) => {}
+                    Err(
+                        mpsc::error::TrySendError::Full(batch)
+                        | mpsc::error::TrySendError::Closed(batch),
+                    ) => {
+                        queue.push_front(batch);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next acknowledgement (`None` once every writer stopped).
+    pub(crate) async fn ack(&mut self) -> Option<Ack> {
+        let ack = self.acks.recv().await?;
+        self.in_flight_rows -= ack.rows;
+        self.push();
+        Some(ack)
+    }
+
+    /// Rows handed to the writers and not yet acknowledged.
+    pub(crate) fn in_flight_rows(&self) -> usize {
+        self.in_flight_rows
+    }
+
+    /// Stops the writers (a batch not yet inserted stays unacknowledged: its messages are read
+    /// again) and waits for them.
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
 }
 
 impl ShardWriter {
     /// Runs until the batch channel closes or `shutdown` is cancelled (an unfinished batch is
     /// then left unacknowledged: its messages are not stored and will be read again).
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken) {
         while let Some(batch) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => None,
@@ -65,13 +147,10 @@ impl ShardWriter {
             if !self.insert_until_done(&batch, &shutdown).await {
                 return;
             }
-            if let Ok(mut offsets) = self.offsets.lock() {
-                for origin in &batch.origins {
-                    offsets.release(*origin);
-                }
+            let ack = Ack { rows: batch.rows.len(), origins: batch.origins };
+            if self.acks.send(ack).await.is_err() {
+                return;
             }
-            self.in_flight_rows.fetch_sub(batch.rows.len(), Ordering::AcqRel);
-            let _ = self.acks.send(Ack { shard: self.shard, rows: batch.rows.len() }).await;
         }
     }
 
@@ -101,26 +180,20 @@ impl ShardWriter {
                 Ok(result) => result.map_err(|e| e.to_string()),
                 Err(_) => Err(format!("no answer within {INSERT_TIMEOUT:?}")),
             };
-            match result {
-                Ok(()) => {
-                    self.stats.insert(
-                        self.shard,
-                        batch.table.name(),
-                        batch.rows.len(),
-                        Some(started.elapsed().as_secs_f64()),
-                    );
-                    self.record_lag(batch);
-                    return true;
-                }
-                Err(error) => {
-                    self.stats.insert(self.shard, batch.table.name(), batch.rows.len(), None);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(shard = self.shard, table = %batch.table, rows = batch.rows.len(), attempt = backoff.attempts(), ?delay, %error, "insert failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
+            let rows = batch.rows.len();
+            let table = batch.table.name();
+            let Err(error) = result else {
+                let seconds = Some(started.elapsed().as_secs_f64());
+                self.stats.insert(self.shard, table, rows, seconds);
+                self.record_lag(batch);
+                return true;
+            };
+            self.stats.insert(self.shard, table, rows, None);
+            let delay = backoff.next_delay();
+            tracing::warn!(shard = self.shard, table, rows, attempt = backoff.attempts(), ?delay, %error, "insert failed; retrying");
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(delay) => {}
             }
         }
     }

@@ -1,6 +1,6 @@
-//! Which Kafka offsets the sink may store (DESIGN.md rule 5).
+//! The hold book: which Kafka offsets a group member may store (DESIGN.md rule 5).
 //!
-//! Every consumed message is held from the moment it arrives; more holds are taken for each batch
+//! Owned by [`super::GroupMember`], and changed only through it. Every consumed message is held from the moment it arrives; more holds are taken for each batch
 //! that carries its rows, for a dead-letter write, and for as long as it is parked. A message is
 //! done when its last hold is released. The storable offset of a partition is the lowest message
 //! still held (or, when none is, one past the highest message seen): everything before it is in
@@ -9,13 +9,13 @@
 //!
 //! A revoked partition's holds are kept apart ("retired"): batches already cut may still carry its
 //! rows, and their acknowledgements must not release holds of the messages the next owner (this
-//! sink again, after an eager rebalance) reads anew. A partition assigned back while it has
-//! retired holds stays paused until they are all released (see `stage`), so the two generations
+//! member again, after an eager rebalance) reads anew. A partition assigned back while it has
+//! retired holds stays paused until they are all released (see [`super`]), so the two generations
 //! never hold the same partition at once.
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::batch::MsgId;
+use super::MsgId;
 
 #[derive(Debug, Default)]
 struct PartitionState {
@@ -23,35 +23,35 @@ struct PartitionState {
     held: BTreeMap<i64, u32>,
     /// One past the highest offset seen.
     next: Option<i64>,
-    /// Last offset handed out by [`Offsets::storable`].
+    /// Last offset handed out by [`Holds::storable`].
     stored: Option<i64>,
 }
 
 /// Holds per message, per partition.
 #[derive(Debug, Default)]
-pub struct Offsets {
+pub(crate) struct Holds {
     partitions: HashMap<i32, PartitionState>,
     /// Holds of revoked partitions still outstanding (rows in flight, dead letters unacknowledged).
     retired: HashMap<i32, BTreeMap<i64, u32>>,
 }
 
-impl Offsets {
+impl Holds {
     /// A message arrived: hold it until processing finishes.
-    pub fn received(&mut self, (partition, offset): MsgId) {
+    pub(crate) fn received(&mut self, (partition, offset): MsgId) {
         let state = self.partitions.entry(partition).or_default();
         *state.held.entry(offset).or_insert(0) += 1;
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
     }
 
     /// Takes another hold on a message already received.
-    pub fn hold(&mut self, (partition, offset): MsgId) {
+    pub(crate) fn hold(&mut self, (partition, offset): MsgId) {
         if let Some(state) = self.partitions.get_mut(&partition) {
             *state.held.entry(offset).or_insert(0) += 1;
         }
     }
 
     /// Releases one hold (of the current generation of the partition, else of its retired one).
-    pub fn release(&mut self, (partition, offset): MsgId) {
+    pub(crate) fn release(&mut self, (partition, offset): MsgId) {
         if let Some(state) = self.partitions.get_mut(&partition)
             && release_in(&mut state.held, offset)
         {
@@ -66,13 +66,14 @@ impl Offsets {
     }
 
     /// The offset to store for `partition`: everything before it is done.
-    pub fn committable(&self, partition: i32) -> Option<i64> {
+    #[cfg(test)]
+    pub(crate) fn committable(&self, partition: i32) -> Option<i64> {
         let state = self.partitions.get(&partition)?;
         state.held.keys().next().copied().or(state.next)
     }
 
     /// Partitions whose storable offset moved since the last call, with that offset.
-    pub fn storable(&mut self) -> Vec<(i32, i64)> {
+    pub(crate) fn storable(&mut self) -> Vec<(i32, i64)> {
         let mut out = Vec::new();
         for (partition, state) in &mut self.partitions {
             let Some(offset) = state.held.keys().next().copied().or(state.next) else { continue };
@@ -86,7 +87,7 @@ impl Offsets {
     }
 
     /// Forgets a partition this consumer no longer owns; its outstanding holds are retired.
-    pub fn revoke(&mut self, partition: i32) {
+    pub(crate) fn revoke(&mut self, partition: i32) {
         let Some(state) = self.partitions.remove(&partition) else { return };
         if state.held.is_empty() {
             return;
@@ -98,12 +99,12 @@ impl Offsets {
     }
 
     /// True while a revoked generation of `partition` still has holds outstanding.
-    pub fn has_retired(&self, partition: i32) -> bool {
+    pub(crate) fn has_retired(&self, partition: i32) -> bool {
         self.retired.contains_key(&partition)
     }
 
     /// Messages still held, across partitions.
-    pub fn held(&self) -> usize {
+    pub(crate) fn held(&self) -> usize {
         self.partitions.values().map(|s| s.held.len()).sum()
     }
 }
@@ -124,7 +125,7 @@ mod tests {
 
     #[test]
     fn stores_only_past_fully_released_messages() {
-        let mut o = Offsets::default();
+        let mut o = Holds::default();
         for offset in 10..13 {
             o.received((0, offset));
         }
@@ -146,7 +147,7 @@ mod tests {
 
     #[test]
     fn partitions_are_independent_and_revocable() {
-        let mut o = Offsets::default();
+        let mut o = Holds::default();
         o.received((0, 5));
         o.received((1, 7));
         o.release((1, 7));
@@ -159,7 +160,7 @@ mod tests {
 
     #[test]
     fn holds_of_a_revoked_generation_never_release_the_next_one() {
-        let mut o = Offsets::default();
+        let mut o = Holds::default();
         // Generation one: message 100 has rows in a batch still in flight when revoked.
         o.received((0, 100));
         o.hold((0, 100));
@@ -186,7 +187,7 @@ mod tests {
             seed
         };
         for _ in 0..200 {
-            let mut o = Offsets::default();
+            let mut o = Holds::default();
             let mut holds = Vec::new();
             for offset in 0..40 {
                 o.received((3, offset));

@@ -1,0 +1,178 @@
+//! Applying one change event: which rows it writes, on which shard, or why it must wait.
+//!
+//! - A scorecard change is planned by [`crate::plan`] (no I/O) and carried out here
+//!   ([`card`]): the card row, delete markers, and the children a move or refresh copies.
+//! - A score or historic score goes to its scorecard's current shard, carrying its fields
+//!   ([`child`]).
+//! - A TRUNCATE writes delete markers, at its version, for every live row older than it, on every
+//!   shard: rows written after it (greater versions) are untouched, so replaying it is harmless
+//!   ([`truncate`]).
+//! - An unchanged TOAST column takes the stored value ([`crate::toast`]).
+//!
+//! Rows go to the [`Batcher`]; each message that put rows into a buffer is listed for the loop,
+//! which holds its offset until the batch is acknowledged ([`Applier::take_fresh_holds`]).
+
+mod card;
+mod child;
+mod truncate;
+
+use std::sync::Arc;
+
+use scoresync_event::{ChangeEvent, Operation, Row, RowVersion, ScorecardKey, SourceTable, Value};
+
+use crate::batch::{Batcher, MsgId};
+use crate::error::Error;
+use crate::locate::Locator;
+use crate::park::ParkReason;
+use crate::plan::Wait;
+use crate::rows::{ChRow, RowError, RowKey, TableSchema, delete_row};
+use crate::shard::ShardIndex;
+
+/// What became of an event.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Decision {
+    /// Its rows are in the batches (or it had nothing left to write).
+    Applied,
+    /// It waits, for this reason.
+    Park(ParkReason),
+    /// It can never be applied: dead-letter it with this error.
+    Poison(String),
+    /// It needs every buffered row in ClickHouse first (it reads back what is stored); flush,
+    /// wait for the acknowledgements, and apply it again.
+    NeedsFlush,
+}
+
+impl From<Wait> for Decision {
+    fn from(wait: Wait) -> Self {
+        match wait {
+            Wait::Flush => Decision::NeedsFlush,
+            Wait::Park(reason) => Decision::Park(reason),
+            Wait::Poison(error) => Decision::Poison(error),
+        }
+    }
+}
+
+/// The sink's state for applying events.
+pub(crate) struct Applier {
+    shards: usize,
+    schemas: Arc<Vec<TableSchema>>,
+    /// Where scorecards live (caches and lookups).
+    pub(crate) locate: Locator,
+    /// Row buffers.
+    pub(crate) batcher: Batcher,
+    /// Messages whose rows entered a buffer that held none of theirs, not yet taken by the loop.
+    fresh_holds: Vec<MsgId>,
+}
+
+/// The identity of the row an event changes (from its key columns).
+pub(crate) fn event_row_key(table: SourceTable, event: &ChangeEvent) -> RowKey {
+    let text = |name: &str| {
+        event
+            .key
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.value.as_ref())
+            .map(value_text)
+            .unwrap_or_default()
+    };
+    (table, table.primary_key().iter().map(|k| text(k)).collect())
+}
+
+fn value_text(value: &Value) -> String {
+    use scoresync_event::v1::value::Kind;
+    match &value.kind {
+        Some(Kind::Text(s)) => s.clone(),
+        Some(Kind::Int(i) | Kind::TimestampUs(i)) => i.to_string(),
+        Some(Kind::Float(f)) => f.to_string(),
+        Some(Kind::Boolean(b)) => b.to_string(),
+        _ => String::new(),
+    }
+}
+
+fn scorecard_of_row(row: &Row) -> Option<ScorecardKey> {
+    ScorecardKey::of_event(&ChangeEvent { new_row: Some(row.clone()), ..Default::default() })
+}
+
+impl Applier {
+    /// An applier for `schemas` over the shards `locate` knows.
+    pub(crate) fn new(
+        shards: usize,
+        schemas: Arc<Vec<TableSchema>>,
+        locate: Locator,
+        batcher: Batcher,
+    ) -> Self {
+        Applier { shards, schemas, locate, batcher, fresh_holds: Vec::new() }
+    }
+
+    /// The messages whose offsets must now be held until their batch is acknowledged.
+    pub(crate) fn take_fresh_holds(&mut self) -> Vec<MsgId> {
+        std::mem::take(&mut self.fresh_holds)
+    }
+
+    fn schema(&self, table: SourceTable) -> Result<&TableSchema, Error> {
+        self.schemas
+            .iter()
+            .find(|s| s.table == table)
+            .ok_or_else(|| Error::NoSchema { table: table.name().into() })
+    }
+
+    /// Adds a row to the batch of `shard` on behalf of `msg`.
+    fn add(&mut self, shard: ShardIndex, row: ChRow, msg: MsgId) -> Result<(), Error> {
+        let schemas = Arc::clone(&self.schemas);
+        let schema = schemas
+            .iter()
+            .find(|s| s.table == row.table)
+            .ok_or_else(|| Error::NoSchema { table: row.table.name().into() })?;
+        if self.batcher.add(shard, schema, row, msg) {
+            self.fresh_holds.push(msg);
+        }
+        Ok(())
+    }
+
+    /// A delete marker for `old` at this stamp, stamped with the event's commit time.
+    fn marker(&self, table: SourceTable, old: &Row, event: &ChangeEvent) -> Result<ChRow, Error> {
+        let version = RowVersion::of_event(event).0;
+        let mut marker = delete_row(self.schema(table)?, old, version, event.seq_in_tx)
+            .map_err(Error::Schema)?;
+        marker.commit_time_us = event.commit_time_us;
+        Ok(marker)
+    }
+
+    /// Applies one event. `flushed` says whether every earlier row is already in ClickHouse.
+    /// A value that does not fit its column, or a missing key value, makes the event poison
+    /// (dead-lettered); a table that lacks a column every row needs stops the sink.
+    pub(crate) async fn apply(
+        &mut self,
+        msg: MsgId,
+        event: &ChangeEvent,
+        flushed: bool,
+    ) -> Result<Decision, Error> {
+        match self.apply_event(msg, event, flushed).await {
+            Err(Error::Schema(err @ (RowError::Type { .. } | RowError::NoKey(..)))) => {
+                Ok(Decision::Poison(err.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    async fn apply_event(
+        &mut self,
+        msg: MsgId,
+        event: &ChangeEvent,
+        flushed: bool,
+    ) -> Result<Decision, Error> {
+        let Some(table) = SourceTable::from_name(&event.schema, &event.table) else {
+            return Ok(Decision::Poison(format!("unknown table {}.{}", event.schema, event.table)));
+        };
+        match (event.op(), table) {
+            (Operation::Truncate, _) if !flushed => Ok(Decision::NeedsFlush),
+            (Operation::Truncate, _) => {
+                self.truncate(table, RowVersion::of_event(event).0).await?;
+                Ok(Decision::Applied)
+            }
+            (Operation::Unspecified, _) => Ok(Decision::Poison("unspecified operation".into())),
+            (_, SourceTable::Scorecards) => self.apply_card(msg, event, flushed).await,
+            (_, child) => self.apply_child(msg, event, child, flushed).await,
+        }
+    }
+}

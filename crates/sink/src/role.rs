@@ -1,0 +1,98 @@
+//! The sink role: connects to the shards, PostgreSQL and the consumer group, starts the shard
+//! writers and runs the loop ([`crate::stage`]) until shutdown, then drains.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use scoresync_bus::KafkaConfig;
+use scoresync_bus::client::OffsetReset;
+use scoresync_bus::group::GroupMember;
+
+use crate::apply::Applier;
+use crate::batch::{Batcher, Limits};
+use crate::config::{ClickHouseConfig, SinkConfig};
+use crate::dlq::Outbox;
+use crate::error::Error;
+use crate::locate::Locator;
+use crate::lookup::Lookups;
+use crate::park::Park;
+use crate::stage::Loop;
+use crate::stats::SinkStats;
+use crate::writer::WriterPool;
+
+/// The sink role.
+pub struct Sink {
+    /// Kafka settings (change topic, dead-letter topic, group).
+    pub kafka: KafkaConfig,
+    /// Shards.
+    pub clickhouse: ClickHouseConfig,
+    /// Batching and bounds.
+    pub sink: SinkConfig,
+    /// PostgreSQL URL for last-resort lookups (`None`: park instead).
+    pub postgres_url: Option<String>,
+    /// What it counts.
+    pub stats: Arc<SinkStats>,
+}
+
+impl Sink {
+    /// Runs until `shutdown` (drains, stores offsets, returns `Ok`) or a permanent error.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let schemas = Arc::new(crate::schema::load(&self.clickhouse).await?);
+        let clients = crate::shard::clients(&self.clickhouse);
+        let rejoin_after = Duration::from_millis(self.kafka.session_timeout_ms * 3);
+        let group = GroupMember::join(
+            &self.kafka,
+            &self.kafka.consumer_group,
+            &self.kafka.change_topic,
+            OffsetReset::Earliest,
+            rejoin_after,
+        )?;
+        let pg = match &self.postgres_url {
+            Some(url) => Some(connect_postgres(url).await?),
+            None => None,
+        };
+        let database = &self.clickhouse.database;
+        let lookups = Lookups::new(clients.clone(), database.clone(), pg);
+        let locate = Locator::new(clients.len(), lookups, self.sink.cache_entries);
+        let limits = Limits {
+            max_rows: self.sink.max_batch_rows,
+            max_bytes: self.sink.max_batch_bytes,
+            max_wait: Duration::from_millis(self.sink.max_wait_ms),
+        };
+        let mut sink_loop = Loop {
+            group,
+            applier: Applier::new(
+                clients.len(),
+                Arc::clone(&schemas),
+                locate,
+                Batcher::new(limits),
+            ),
+            park: Park::default(),
+            pool: WriterPool::start(&clients, database, &schemas, &self.stats),
+            outbox: Outbox::new(&self.kafka)?,
+            stats: Arc::clone(&self.stats),
+            config: self.sink.clone(),
+            flush_timed_out_at: None,
+        };
+        let result = sink_loop.run(&shutdown).await;
+        sink_loop.drain().await;
+        let Loop { group, pool, .. } = sink_loop;
+        pool.stop().await;
+        group.close().await;
+        result
+    }
+}
+
+async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|source| Error::Postgres { context: "connecting for lookups".into(), source })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "postgres lookup connection ended");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,289 @@
+//! Settling one event: apply it, park it, or dead-letter it, in one place for every path (a
+//! message read just now, or a parked event retried).
+//!
+//! The order of the rules:
+//! 1. A change of a scorecard with an earlier change parked waits behind it (one scorecard's
+//!    changes apply in commit order, see [`crate::park`]).
+//! 2. Apply. A change that reads back stored rows first has every buffered row acknowledged
+//!    (bounded by [`FLUSH_PATIENCE`]: a shard that is slow or down parks the change instead of
+//!    stalling every partition).
+//! 3. Applied: an older parked change of the same row is superseded (its hold released), the
+//!    scorecard's changes parked behind are woken, a TRUNCATE drops the parked changes it made
+//!    moot, and the message's own hold is released.
+//! 4. Parked (a dependency not there yet, or unavailable): kept with its reason, hold kept.
+//! 5. Poison: dead-lettered; the hold is released once the letter is acknowledged.
+//!
+//! A permanent error stops the sink.
+
+use std::time::{Duration, Instant};
+
+use scoresync_bus::error_chain;
+use scoresync_bus::group::Message;
+use scoresync_event::{ChangeEvent, Operation, RowVersion, ScorecardKey, SourceTable};
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::{Decision, event_row_key};
+use crate::batch::MsgId;
+use crate::error::Error;
+use crate::park::{ParkReason, Parked};
+use crate::rows::RowKey;
+use crate::stage::Loop;
+use crate::stats::SinkStats;
+
+/// How long an event that reads back stored rows (a move, a TRUNCATE) waits for earlier rows to
+/// be acknowledged before it is parked instead (a shard may be down). After a wait ran out, the
+/// next ones within the same span give up at once: a shard that hangs costs one wait, not one
+/// per event.
+const FLUSH_PATIENCE: Duration = Duration::from_secs(10);
+
+/// An event on its way to being settled.
+pub(crate) enum Attempt {
+    /// Read from the topic just now.
+    Live(Message, ChangeEvent),
+    /// Parked before, due for a retry (keeps its attempts and age when parked again).
+    Retry(RowKey, Parked),
+}
+
+/// How an attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    Applied,
+    Parked,
+    DeadLettered,
+    /// Shutdown came first (a live event keeps its hold and is read again).
+    Interrupted,
+}
+
+impl Settled {
+    /// False when shutdown interrupted it.
+    pub(crate) fn finished(self) -> bool {
+        self != Settled::Interrupted
+    }
+
+    pub(crate) fn applied(self) -> bool {
+        self == Settled::Applied
+    }
+}
+
+/// How a bounded flush ended.
+enum Flushed {
+    Done,
+    Shutdown,
+    TimedOut,
+}
+
+impl Attempt {
+    fn msg(&self) -> MsgId {
+        match self {
+            Attempt::Live(message, _) => message.id,
+            Attempt::Retry(_, parked) => parked.msg,
+        }
+    }
+
+    fn event(&self) -> &ChangeEvent {
+        match self {
+            Attempt::Live(_, event) => event,
+            Attempt::Retry(_, parked) => &parked.event,
+        }
+    }
+
+    fn row(&self) -> Option<RowKey> {
+        match self {
+            Attempt::Live(_, event) => SourceTable::from_name(&event.schema, &event.table)
+                .map(|table| event_row_key(table, event)),
+            Attempt::Retry(row, _) => Some(row.clone()),
+        }
+    }
+}
+
+fn unacknowledged() -> ParkReason {
+    ParkReason::Unavailable("earlier rows to be acknowledged by every shard".into())
+}
+
+impl Loop {
+    /// Settles one event; see the module doc.
+    pub(crate) async fn settle(
+        &mut self,
+        attempt: Attempt,
+        shutdown: &CancellationToken,
+    ) -> Result<Settled, Error> {
+        let (msg, row) = (attempt.msg(), attempt.row());
+        if let Some(key) = &row
+            && let Some(reason) = self.park.behind(key, attempt.event(), msg)
+        {
+            return self.park_attempt(attempt, row, reason);
+        }
+        let decision = match self.apply_flushing(msg, attempt.event(), shutdown).await {
+            Some(decision) => decision,
+            None => {
+                if let Attempt::Retry(row, parked) = attempt {
+                    let reason = parked.reason.clone();
+                    self.park.repark(row, parked, reason);
+                }
+                return Ok(Settled::Interrupted);
+            }
+        };
+        match decision {
+            Ok(Decision::Applied) => {
+                self.applied(attempt.event(), row.as_ref(), msg);
+                Ok(Settled::Applied)
+            }
+            Ok(Decision::Park(reason)) => self.park_attempt(attempt, row, reason),
+            Ok(Decision::NeedsFlush) => self.park_attempt(attempt, row, unacknowledged()),
+            Ok(Decision::Poison(error)) => {
+                self.park.wake_scorecard(attempt.event());
+                self.dead_letter(attempt, &error)?;
+                Ok(Settled::DeadLettered)
+            }
+            Err(err) if err.is_transient() => {
+                let error = error_chain(&err);
+                let (partition, offset) = msg;
+                match attempt {
+                    Attempt::Live(..) => {
+                        tracing::warn!(partition, offset, %error, "cannot apply now; parking")
+                    }
+                    Attempt::Retry(..) => {
+                        tracing::debug!(partition, offset, %error, "retrying a parked event failed")
+                    }
+                }
+                self.park_attempt(attempt, row, ParkReason::Unavailable(dependency(&err)))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Applies, and when the event asks for it, flushes (bounded) and applies once more.
+    /// `None` when shutdown came first.
+    async fn apply_flushing(
+        &mut self,
+        msg: MsgId,
+        event: &ChangeEvent,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<Decision, Error>> {
+        let first = self.apply_holding(msg, event).await;
+        if !matches!(first, Ok(Decision::NeedsFlush)) {
+            return Some(first);
+        }
+        match self.flush_within(shutdown).await {
+            Flushed::Done => Some(self.apply_holding(msg, event).await),
+            Flushed::Shutdown => None,
+            Flushed::TimedOut => Some(Ok(Decision::Park(unacknowledged()))),
+        }
+    }
+
+    /// Applies once; every message that put rows into a buffer is held until its batch is
+    /// acknowledged.
+    async fn apply_holding(&mut self, msg: MsgId, event: &ChangeEvent) -> Result<Decision, Error> {
+        let flushed = self.flushed();
+        let decision = self.applier.apply(msg, event, flushed).await;
+        for held in self.applier.take_fresh_holds() {
+            self.group.hold(held);
+        }
+        decision
+    }
+
+    fn applied(&mut self, event: &ChangeEvent, row: Option<&RowKey>, msg: MsgId) {
+        if event.op() == Operation::Truncate
+            && let Some(table) = SourceTable::from_name(&event.schema, &event.table)
+        {
+            // Parked changes of the table older than the TRUNCATE are moot now.
+            for moot in self.park.drop_older(table, RowVersion::of_event(event).0) {
+                self.group.release(moot);
+            }
+        }
+        if let Some(row) = row
+            && let Some(older) = self.park.supersede(row, event)
+        {
+            self.group.release(older);
+        }
+        self.park.wake_scorecard(event);
+        SinkStats::add(&self.stats.events_applied, 1);
+        self.group.release(msg);
+    }
+
+    fn park_attempt(
+        &mut self,
+        attempt: Attempt,
+        row: Option<RowKey>,
+        reason: ParkReason,
+    ) -> Result<Settled, Error> {
+        let Some(row) = row else {
+            // Only events of a known table reach a park decision; anything else is poison.
+            self.dead_letter(attempt, &format!("cannot park ({reason}): unknown table"))?;
+            return Ok(Settled::DeadLettered);
+        };
+        match attempt {
+            Attempt::Retry(_, parked) => self.park.repark(row, parked, reason),
+            Attempt::Live(message, event) => {
+                tracing::debug!(partition = message.id.0, offset = message.id.1, %reason, "parked");
+                if let Some(unneeded) = self.park.park(row, message.id, event, reason) {
+                    self.group.release(unneeded);
+                }
+            }
+        }
+        Ok(Settled::Parked)
+    }
+
+    fn dead_letter(&mut self, attempt: Attempt, error: &str) -> Result<(), Error> {
+        match attempt {
+            Attempt::Live(message, _) => {
+                self.outbox.send(message.id, message.key.as_deref(), &message.payload, error)?
+            }
+            Attempt::Retry(_, parked) => {
+                // The key the source gave it (so a redrive lands in the same partition).
+                let key = ScorecardKey::of_event(&parked.event).map(|k| k.to_message_key());
+                let payload = scoresync_event::encode(&parked.event);
+                self.outbox.send(parked.msg, key.as_deref(), &payload, error)?
+            }
+        }
+        SinkStats::add(&self.stats.dead_lettered, 1);
+        Ok(())
+    }
+
+    /// Sends every buffered row and waits, at most [`FLUSH_PATIENCE`], until ClickHouse
+    /// acknowledged all of it.
+    async fn flush_within(&mut self, shutdown: &CancellationToken) -> Flushed {
+        if self.flush_timed_out_at.is_some_and(|at| at.elapsed() < FLUSH_PATIENCE) {
+            self.flush_ready();
+            return Flushed::TimedOut;
+        }
+        match tokio::time::timeout(FLUSH_PATIENCE, self.flush_and_wait(shutdown)).await {
+            Ok(true) => {
+                self.flush_timed_out_at = None;
+                Flushed::Done
+            }
+            Ok(false) => Flushed::Shutdown,
+            Err(_) => {
+                self.flush_timed_out_at = Some(Instant::now());
+                Flushed::TimedOut
+            }
+        }
+    }
+
+    /// Sends every buffered row and waits until ClickHouse acknowledged all of it. Returns false
+    /// when shutdown came first.
+    pub(crate) async fn flush_and_wait(&mut self, shutdown: &CancellationToken) -> bool {
+        for batch in self.applier.batcher.drain() {
+            self.pool.send(batch);
+        }
+        while self.pool.in_flight_rows() > 0 {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                ack = self.pool.ack() => match ack {
+                    Some(ack) => self.on_ack(ack),
+                    None => return false,
+                },
+            }
+        }
+        true
+    }
+}
+
+/// What an applying error waits for, for the park reason.
+fn dependency(err: &Error) -> String {
+    match (err.shard_index(), err) {
+        (Some(shard), _) => format!("clickhouse shard {shard}"),
+        (None, Error::Postgres { .. }) => "postgres".into(),
+        (None, other) => error_chain(other),
+    }
+}
