@@ -458,7 +458,7 @@ impl Applier {
             self.lookups.execute(shard, &sql).await?;
         }
         if table == SourceTable::Scorecards {
-            self.caches.cards = crate::cache::Bounded::new(self.caches.cards_capacity());
+            self.caches.cards.clear();
         }
         // Parked changes of the table older than the TRUNCATE are moot now.
         let moot = self.park.drop_older(table, version);

@@ -464,8 +464,7 @@ impl Loop {
         // next owner re-reads them) and release their holds there. Where the cards of those
         // partitions live is another owner's business meanwhile: the cache is read anew.
         if !gone.is_empty() {
-            let capacity = self.applier.caches.cards_capacity();
-            self.applier.caches.cards = crate::cache::Bounded::new(capacity);
+            self.applier.caches.cards.clear();
         }
         for &(_, partition) in &gone {
             for msg in self.applier.park.revoke(partition) {
