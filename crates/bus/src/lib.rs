@@ -5,11 +5,9 @@
 //!   producer is idempotent with `acks=all`; consumers never commit on their own and never jump to
 //!   the latest offset when a committed one is missing.
 //! - [`topics`]: creating the change, dead-letter and state topics, idempotently.
-//! - [`backoff`]: capped, jittered retry delays, shared by source and sink.
 //!
 //! Errors are [`Error`]; each one knows whether retrying can help ([`Error::is_transient`]).
 
-pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod error;

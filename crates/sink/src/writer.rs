@@ -7,11 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-use scoresync_bus::backoff::Backoff;
 
 use crate::batch::Batch;
 use crate::offsets::Offsets;
@@ -21,6 +20,14 @@ use crate::stats::SinkStats;
 
 /// Longest one insert attempt may take before it is retried.
 pub const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Waits between insert attempts: 200 ms doubling to 15 s, each drawn from the upper half of its
+/// step so that writers retrying one shard do not wake in step. backon's jitter adds up to 100%,
+/// so the steps it doubles are half that: 100 ms to 7.5 s. The schedule never ends.
+const INSERT_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_millis(7_500))
+    .with_jitter()
+    .without_max_times();
 
 /// What a writer reports after a batch is in ClickHouse.
 #[derive(Debug)]
@@ -89,7 +96,8 @@ impl ShardWriter {
             batch.table.name(),
             schema.column_list()
         );
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+        let mut backoff = INSERT_BACKOFF.build();
+        let mut failures = 0_u32;
         loop {
             let started = Instant::now();
             let attempt = async {
@@ -114,8 +122,9 @@ impl ShardWriter {
                 }
                 Err(error) => {
                     self.stats.insert(self.shard, batch.table.name(), batch.rows.len(), None);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(shard = self.shard, table = %batch.table, rows = batch.rows.len(), attempt = backoff.attempts(), ?delay, %error, "insert failed; retrying");
+                    failures = failures.saturating_add(1);
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(15));
+                    tracing::warn!(shard = self.shard, table = %batch.table, rows = batch.rows.len(), attempt = failures, ?delay, %error, "insert failed; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => return false,
                         _ = tokio::time::sleep(delay) => {}
@@ -135,5 +144,21 @@ impl ShardWriter {
         if let Ok(mut lag) = self.stats.commit_to_ack_seconds.lock() {
             lag.insert(batch.table.name().to_owned(), (now_us - newest).max(0) as f64 / 1e6);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_retries_wait_200ms_doubling_to_15s_from_the_upper_half_of_each_step() {
+        let delays: Vec<Duration> = INSERT_BACKOFF.build().take(20).collect();
+        assert_eq!(delays.len(), 20, "the schedule never ends");
+        let ms = Duration::from_millis;
+        assert!(delays[0] >= ms(100) && delays[0] <= ms(200), "{delays:?}");
+        assert!(delays[3] >= ms(800) && delays[3] <= ms(1_600), "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= ms(15_000)), "{delays:?}");
+        assert!(delays[19] >= ms(7_500), "capped delays stay near the cap: {delays:?}");
     }
 }
