@@ -14,4 +14,4 @@ pub mod error;
 pub mod topics;
 
 pub use config::KafkaConfig;
-pub use error::{Error, error_chain};
+pub use error::Error;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use error_reporter::Report;
 use futures::FutureExt;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -22,8 +23,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use scoresync_bus::KafkaConfig;
 use scoresync_bus::client::OffsetReset;
-use scoresync_bus::{KafkaConfig, error_chain};
 use scoresync_event::{ChangeEvent, decode};
 
 use crate::apply::{Applier, Decision, event_row_key};
@@ -488,7 +489,7 @@ impl Loop {
             }
             match decode(&incoming.payload) {
                 Ok(event) => events.push((incoming, event)),
-                Err(err) => self.dead_letter(&incoming, &error_chain(&err))?,
+                Err(err) => self.dead_letter(&incoming, &Report::new(&err).to_string())?,
             }
         }
         self.applier.prefetch(events.iter().map(|(_, e)| e)).await;
@@ -544,7 +545,7 @@ impl Loop {
                     ),
                 },
                 Err(err) if err.is_transient() => {
-                    tracing::warn!(partition = incoming.id.0, offset = incoming.id.1, error = %error_chain(&err), "cannot apply now; parking");
+                    tracing::warn!(partition = incoming.id.0, offset = incoming.id.1, error = %Report::new(&err), "cannot apply now; parking");
                     ParkReason::Unavailable(dependency(&err))
                 }
                 Err(err) => return Err(err),
@@ -685,7 +686,7 @@ impl Loop {
                     self.applier.park.repark(row, parked, reason);
                 }
                 Err(err) if err.is_transient() => {
-                    tracing::debug!(error = %error_chain(&err), "retrying a parked event failed");
+                    tracing::debug!(error = %Report::new(&err), "retrying a parked event failed");
                     self.applier.park.repark(
                         row,
                         parked,
@@ -897,7 +898,7 @@ fn dependency(err: &Error) -> String {
     match (err.shard_index(), err) {
         (Some(shard), _) => format!("clickhouse shard {shard}"),
         (None, Error::Postgres { .. }) => "postgres".into(),
-        (None, other) => error_chain(other),
+        (None, other) => Report::new(other).to_string(),
     }
 }
 

@@ -55,6 +55,7 @@ pub mod text;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use error_reporter::Report;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::KafkaConfig;
@@ -126,7 +127,7 @@ impl Source {
                         backoff = RESTART_BACKOFF.build();
                     }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                    tracing::warn!(error = %scoresync_bus::error_chain(&err), ?delay, slot = %self.postgres.slot, "source failed; restarting from the slot");
+                    tracing::warn!(error = %Report::new(&err), ?delay, slot = %self.postgres.slot, "source failed; restarting from the slot");
                     tokio::select! {
                         _ = shutdown.cancelled() => break Ok(()),
                         _ = tokio::time::sleep(delay) => {}

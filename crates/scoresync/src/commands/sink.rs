@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use error_reporter::Report;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_sink::{Sink, SinkStats};
@@ -27,7 +28,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     match sink(config, stats).run(shutdown.clone()).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => {
-            eprintln!("scoresync sink: {}", scoresync_bus::error_chain(&err));
+            eprintln!("scoresync sink: {}", Report::new(&err));
             shutdown.cancel();
             Ok(ExitCode::FAILURE)
         }
