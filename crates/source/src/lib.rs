@@ -56,6 +56,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use error_reporter::Report;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::KafkaConfig;
@@ -108,8 +109,8 @@ impl Source {
 
     /// Runs until `shutdown` (returns `Ok`) or a permanent error.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let params =
-            ConnectParams::parse(&self.postgres.url).map_err(Error::sql("parsing postgres.url"))?;
+        let params = ConnectParams::parse(self.postgres.url.expose_secret())
+            .map_err(Error::sql("parsing postgres.url"))?;
         let heartbeat = (self.postgres.heartbeat_interval_ms > 0).then(|| {
             let beat = Heartbeat {
                 params: params.clone(),

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use error_reporter::Report;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_sink::{Sink, SinkStats};
@@ -16,7 +17,7 @@ pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
         kafka: config.kafka.clone(),
         clickhouse: config.clickhouse.clone(),
         sink: config.sink.clone(),
-        postgres_url: Some(config.postgres.url.clone()),
+        postgres_url: Some(config.postgres.url.expose_secret().to_owned()),
         stats,
     }
 }
