@@ -10,6 +10,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
+use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
 use scoresync_bus::client::{OffsetReset, consumer, producer, producer_config};
@@ -35,7 +36,7 @@ async fn postgres_logical_slot_streams_a_committed_insert() -> anyhow::Result<()
     let start: WireLsn = row.get::<_, String>(0).parse().context("slot lsn")?;
 
     // Stream as the least-privilege role, the way the daemon does.
-    let params = ConnectParams::parse(&env.postgres.url)?;
+    let params = ConnectParams::parse(env.postgres.url.expose_secret())?;
     let repl = params.replication(&env.postgres.slot, &env.postgres.publication, start);
     let mut client = ReplicationClient::connect(repl).await?;
     client.wait_started().await?;

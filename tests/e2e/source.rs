@@ -5,9 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use secrecy::ExposeSecret;
 
 use scoresync_event::v1::value::Kind;
 use scoresync_event::{Operation, ScorecardKey};
+use scoresync_source::config::PostgresUrl;
 use scoresync_tests::kafka::{Published, diff, fold, pg_state, read_events, value_text};
 use scoresync_tests::{Daemon, TestEnv, wait};
 
@@ -521,7 +523,10 @@ async fn broker_down_longer_than_wal_sender_timeout_holds_the_slot_and_loses_not
     let mut broker = scoresync_tests::broker::PrivateBroker::start(env.dir().join("broker"))?;
     env.kafka.brokers = broker.address();
     // A walsender that gives up on a silent client after 3 s.
-    env.postgres.url = format!("{}?options=-c%20wal_sender_timeout%3D3s", env.postgres.url);
+    env.postgres.url = PostgresUrl::new(format!(
+        "{}?options=-c%20wal_sender_timeout%3D3s",
+        env.postgres.url.expose_secret()
+    ));
     env.postgres.status_interval_ms = 500;
     env.postgres.heartbeat_interval_ms = 1_000;
     setup(&env).await?;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use secrecy::ExposeSecret;
 
 use scoresync_bus::KafkaConfig;
 use scoresync_sink::ClickHouseConfig;
@@ -136,7 +137,7 @@ impl TestEnv {
              [clickhouse]\nshards = [{shards}]\ndatabase = {database:?}\n\n\
              [metrics]\nlisten = {metrics:?}\n\n{extra}\n",
             metrics = self.metrics_listen,
-            url = self.postgres.url,
+            url = self.postgres.url.expose_secret(),
             heartbeat = self.postgres.heartbeat_interval_ms,
             status = self.postgres.status_interval_ms,
             extra = self.extra_toml,

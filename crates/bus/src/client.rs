@@ -47,7 +47,7 @@ fn base(cfg: &KafkaConfig) -> ClientConfig {
 }
 
 fn with_extras(mut c: ClientConfig, cfg: &KafkaConfig) -> ClientConfig {
-    for (k, v) in &cfg.librdkafka {
+    for (k, v) in cfg.librdkafka.exposed() {
         c.set(k, v);
     }
     c

@@ -1,8 +1,8 @@
 //! The `[kafka]` section of the scoresync configuration.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Default change topic.
@@ -27,7 +27,7 @@ pub const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 120_000;
 pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 10_000;
 
 /// Kafka connection and topic settings.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port[,host:port...]`.
@@ -64,7 +64,45 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
     /// Values of keys that look secret are never printed.
     #[serde(default)]
-    pub librdkafka: BTreeMap<String, String>,
+    pub librdkafka: LibrdkafkaProperties,
+}
+
+/// The `[kafka.librdkafka]` table: property name to value. Values of names that look secret
+/// (password, secret, token, key) are held as secrets: they never print, and are exposed only
+/// to configure a client.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(from = "BTreeMap<String, String>")]
+pub struct LibrdkafkaProperties {
+    plain: BTreeMap<String, String>,
+    secret: BTreeMap<String, SecretString>,
+}
+
+impl LibrdkafkaProperties {
+    /// Sets `key` to `value` (a secret when the name looks secret).
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        let (key, value) = (key.into(), value.into());
+        if is_secret_property(&key) {
+            self.secret.insert(key, value.into());
+        } else {
+            self.plain.insert(key, value);
+        }
+    }
+
+    /// Every property with its value, secrets exposed: only for configuring a client.
+    pub(crate) fn exposed(&self) -> impl Iterator<Item = (&str, &str)> {
+        let plain = self.plain.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        plain.chain(self.secret.iter().map(|(k, v)| (k.as_str(), v.expose_secret())))
+    }
+}
+
+impl From<BTreeMap<String, String>> for LibrdkafkaProperties {
+    fn from(properties: BTreeMap<String, String>) -> Self {
+        let mut all = LibrdkafkaProperties::default();
+        for (key, value) in properties {
+            all.insert(key, value);
+        }
+        all
+    }
 }
 
 fn default_change_topic() -> String {
@@ -106,7 +144,7 @@ impl KafkaConfig {
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
             session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS,
             instance_id: None,
-            librdkafka: BTreeMap::new(),
+            librdkafka: LibrdkafkaProperties::default(),
         }
     }
 
@@ -179,34 +217,9 @@ impl KafkaConfig {
 }
 
 /// True for librdkafka property names whose values must never be printed.
-pub fn is_secret_property(key: &str) -> bool {
+fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     ["password", "secret", "token", "key"].iter().any(|s| key.contains(s))
-}
-
-impl fmt::Debug for KafkaConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let librdkafka: BTreeMap<&str, &str> = self
-            .librdkafka
-            .iter()
-            .map(|(k, v)| {
-                (k.as_str(), if is_secret_property(k) { "<redacted>" } else { v.as_str() })
-            })
-            .collect();
-        f.debug_struct("KafkaConfig")
-            .field("brokers", &self.brokers)
-            .field("change_topic", &self.change_topic)
-            .field("dlq_topic", &self.dlq_topic)
-            .field("state_topic", &self.state_topic)
-            .field("partitions", &self.partitions)
-            .field("replication_factor", &self.replication_factor)
-            .field("consumer_group", &self.consumer_group)
-            .field("delivery_timeout_ms", &self.delivery_timeout_ms)
-            .field("session_timeout_ms", &self.session_timeout_ms)
-            .field("instance_id", &self.instance_id)
-            .field("librdkafka", &librdkafka)
-            .finish()
-    }
 }
 
 #[cfg(test)]
@@ -226,11 +239,23 @@ mod tests {
 
     #[test]
     fn debug_redacts_secret_properties() {
-        let mut cfg = KafkaConfig::new("b:1");
-        cfg.librdkafka.insert("sasl.password".into(), "hunter2".into());
-        cfg.librdkafka.insert("security.protocol".into(), "SASL_SSL".into());
+        let cfg: KafkaConfig = toml::from_str(
+            "brokers = \"b:1\"\n[librdkafka]\n\"sasl.password\" = \"hunter2\"\n\
+             \"ssl.key.password\" = \"swordfish\"\n\"security.protocol\" = \"SASL_SSL\"\n",
+        )
+        .expect("valid");
         let printed = format!("{cfg:?}");
-        assert!(!printed.contains("hunter2"), "{printed}");
-        assert!(printed.contains("SASL_SSL"), "{printed}");
+        assert!(!printed.contains("hunter2") && !printed.contains("swordfish"), "{printed}");
+        assert!(printed.contains("SASL_SSL") && printed.contains("sasl.password"), "{printed}");
+        let mut exposed: Vec<(&str, &str)> = cfg.librdkafka.exposed().collect();
+        exposed.sort();
+        assert_eq!(
+            exposed,
+            [
+                ("sasl.password", "hunter2"),
+                ("security.protocol", "SASL_SSL"),
+                ("ssl.key.password", "swordfish")
+            ]
+        );
     }
 }

@@ -88,15 +88,3 @@ pub fn kafka_error_is_transient(err: &KafkaError) -> bool {
         None => matches!(err, KafkaError::Canceled),
     }
 }
-
-/// An error with its causes, `a: b: c` (for logs and messages that must name the root cause).
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

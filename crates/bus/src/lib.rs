@@ -7,11 +7,9 @@
 //! - [`group`]: a consumer-group member that owns the consumer, the hold book of offsets still
 //!   in use, rebalances, pause and resume, offset storing and the rejoin watchdog.
 //! - [`topics`]: creating the change, dead-letter and state topics, idempotently.
-//! - [`backoff`]: capped, jittered retry delays, shared by source and sink.
 //!
 //! Errors are [`Error`]; each one knows whether retrying can help ([`Error::is_transient`]).
 
-pub mod backoff;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -19,4 +17,4 @@ pub mod group;
 pub mod topics;
 
 pub use config::KafkaConfig;
-pub use error::{Error, error_chain};
+pub use error::Error;

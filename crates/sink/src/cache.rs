@@ -1,63 +1,60 @@
 //! Bounded caches of what routing needs: where each scorecard lives with its fields, and which
-//! shard holds each conversation. Entries are evicted oldest-first past the bound; a miss only
-//! costs a lookup (ClickHouse, then PostgreSQL).
+//! shard holds each conversation. Past the bound the least recently used entry is evicted (the
+//! `lru` crate); a miss only costs a lookup (ClickHouse, then PostgreSQL).
 
-use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::num::NonZeroUsize;
+
+use lru::LruCache;
 
 use scoresync_event::ScorecardKey;
 
 use crate::route::{CardFields, Conversation};
 use crate::shard::ShardIndex;
 
-/// A map that forgets its oldest entries past `capacity`.
+/// A map that forgets its least recently used entries past `capacity`.
 #[derive(Debug)]
-pub struct Bounded<K, V> {
-    capacity: usize,
-    map: HashMap<K, V>,
-    order: VecDeque<K>,
+pub struct Bounded<K: Hash + Eq, V> {
+    map: LruCache<K, V>,
 }
 
-impl<K: Clone + Eq + Hash, V> Bounded<K, V> {
-    /// An empty cache holding at most `capacity` entries.
+impl<K: Hash + Eq, V> Bounded<K, V> {
+    /// An empty cache holding at most `capacity` entries (at least one); memory grows with use.
     pub fn new(capacity: usize) -> Self {
-        Bounded { capacity: capacity.max(1), map: HashMap::new(), order: VecDeque::new() }
+        Bounded { map: LruCache::sparse(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)) }
     }
 
-    /// The entry for `key`.
-    pub fn get(&self, key: &K) -> Option<&V> {
+    /// The entry for `key`, marked as recently used.
+    pub fn get(&mut self, key: &K) -> Option<&V> {
         self.map.get(key)
     }
 
-    /// Inserts or replaces.
+    /// Inserts or replaces, evicting the least recently used entry when full.
     pub fn insert(&mut self, key: K, value: V) {
-        if self.map.insert(key.clone(), value).is_none() {
-            self.order.push_back(key);
-        }
-        while self.map.len() > self.capacity {
-            match self.order.pop_front() {
-                Some(old) => {
-                    self.map.remove(&old);
-                }
-                None => break,
-            }
-        }
-        // Keys replaced in place leave stale order entries; trim them when they pile up.
-        if self.order.len() > self.capacity * 2 {
-            let map = &self.map;
-            self.order.retain(|k| map.contains_key(k));
-        }
+        self.map.put(key, value);
+    }
+
+    /// Forgets every entry (the bound stays).
+    pub fn clear(&mut self) {
+        self.map.clear();
     }
 
     /// The most entries held.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.map.cap().get()
     }
 
     /// Entries held.
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// True when empty.
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 
@@ -110,11 +107,6 @@ impl Caches {
     pub fn new(capacity: usize) -> Self {
         Caches { cards: Bounded::new(capacity), conversations: Bounded::new(capacity) }
     }
-
-    /// The bound of the scorecard cache.
-    pub fn cards_capacity(&self) -> usize {
-        self.cards.capacity()
-    }
 }
 
 #[cfg(test)]
@@ -122,19 +114,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn evicts_oldest_beyond_capacity() {
+    fn evicts_least_recently_used_beyond_capacity() {
         let mut c = Bounded::new(2);
         c.insert("a", 1);
         c.insert("b", 2);
-        c.insert("a", 3);
-        c.insert("c", 4);
+        assert_eq!(c.get(&"a"), Some(&1), "a is now the most recently used");
+        c.insert("c", 3);
         assert_eq!(c.len(), 2);
-        assert_eq!(c.get(&"a"), None, "oldest inserted goes first");
-        assert_eq!(c.get(&"c"), Some(&4));
+        assert_eq!(c.get(&"b"), None, "least recently used goes first");
+        assert_eq!(c.get(&"a"), Some(&1));
+        assert_eq!(c.get(&"c"), Some(&3));
         for i in 0..100 {
-            c.insert("b", i);
+            c.insert("c", i);
         }
-        assert_eq!(c.get(&"b"), Some(&99));
-        assert!(c.len() <= 2);
+        assert_eq!(c.get(&"c"), Some(&99));
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.capacity(), 2);
+        c.clear();
+        assert!(c.is_empty());
+        assert_eq!(c.capacity(), 2, "clearing keeps the bound");
+        assert_eq!(Bounded::<u8, u8>::new(0).capacity(), 1);
     }
 }

@@ -1,7 +1,6 @@
 //! The `[clickhouse]` section of the scoresync configuration.
 
-use std::fmt;
-
+use secrecy::SecretString;
 use serde::Deserialize;
 
 /// Default database holding the target tables on every shard.
@@ -10,7 +9,7 @@ pub const DEFAULT_DATABASE: &str = "director";
 pub const DEFAULT_USER: &str = "default";
 
 /// ClickHouse shards and credentials.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseConfig {
     /// HTTP URL of each shard; shard index = position in this list. Changing the order or the
@@ -24,7 +23,7 @@ pub struct ClickHouseConfig {
     pub user: String,
     /// Password for every shard; never printed.
     #[serde(default)]
-    pub password: String,
+    pub password: SecretString,
 }
 
 fn default_database() -> String {
@@ -41,7 +40,7 @@ impl ClickHouseConfig {
             shards,
             database: default_database(),
             user: default_user(),
-            password: String::new(),
+            password: SecretString::default(),
         }
     }
 
@@ -71,19 +70,10 @@ impl ClickHouseConfig {
     }
 }
 
-impl fmt::Debug for ClickHouseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClickHouseConfig")
-            .field("shards", &self.shards)
-            .field("database", &self.database)
-            .field("user", &self.user)
-            .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret;
+
     use super::*;
 
     #[test]
@@ -94,8 +84,16 @@ mod tests {
         assert!(cfg.validate().expect_err("invalid").contains("repeats"));
         cfg.shards[1] = "http://b:8123".into();
         assert_eq!(cfg.validate(), Ok(()));
-        cfg.password = "pw".into();
-        assert!(!format!("{cfg:?}").contains("pw\""));
+        cfg.password = "s3cret".into();
+        assert!(!format!("{cfg:?}").contains("s3cret"));
+        let read: ClickHouseConfig =
+            serde_json::from_str(r#"{"shards": ["http://a:8123"], "password": "s3cret"}"#)
+                .expect("valid");
+        assert_eq!(read.password.expose_secret(), "s3cret");
+        assert!(!format!("{read:?}").contains("s3cret"));
+        let read: ClickHouseConfig =
+            serde_json::from_str(r#"{"shards": ["http://a:8123"]}"#).expect("valid");
+        assert_eq!(read.password.expose_secret(), "", "no password by default");
     }
 }
 

@@ -1,5 +1,9 @@
 //! Errors of the sink. Shard and broker trouble is transient (retried with backoff, nothing
 //! stored past it); a schema that cannot take the rows is permanent.
+//!
+//! Logs, park reasons and dead letters show an error with its causes on one line, `a: b: c`:
+//! `error_reporter::Report`, a stable copy of the standard library's unstable
+//! `std::error::Report` (moving to std will change only the import).
 
 use rdkafka::error::KafkaError;
 

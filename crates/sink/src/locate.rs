@@ -60,8 +60,7 @@ impl Locator {
 
     /// Forgets every cached scorecard (after a TRUNCATE, or when partitions changed owner).
     pub(crate) fn forget_cards(&mut self) {
-        let capacity = self.caches.cards_capacity();
-        self.caches.cards = crate::cache::Bounded::new(capacity);
+        self.caches.cards.clear();
     }
 
     /// Where a scorecard lives now, from the cache or the shards.

@@ -1,20 +1,14 @@
-//! The per-shard ClickHouse schema (`schemas/clickhouse/*.sql`, embedded at build time) and
+//! The per-shard ClickHouse schema (every `schemas/clickhouse/*.sql`, embedded at build time) and
 //! `scoresync setup`'s ClickHouse part: create the database and any missing table on every
 //! shard; leave existing ones alone.
 
 use crate::config::ClickHouseConfig;
 use crate::shard::ShardIndex;
 
-/// The DDL files, in order: (table, statement).
-pub const TABLES: [(&str, &str); 4] = [
-    ("conversations", include_str!("../../../schemas/clickhouse/001_conversations.sql")),
-    ("scorecards", include_str!("../../../schemas/clickhouse/002_scorecards.sql")),
-    ("scores", include_str!("../../../schemas/clickhouse/003_scores.sql")),
-    (
-        "historic_scorecard_scores",
-        include_str!("../../../schemas/clickhouse/004_historic_scorecard_scores.sql"),
-    ),
-];
+/// The DDL files, `schemas/clickhouse/*.sql` in name order, each with the table its
+/// `CREATE TABLE IF NOT EXISTS <name>` statement creates: (table, statement). `build.rs` lists
+/// the directory, so every file there is applied, as the local stack and the tests apply them.
+pub const TABLES: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/clickhouse_tables.rs"));
 
 /// What setup found or made on one shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,7 +53,7 @@ pub async fn ensure(cfg: &ClickHouseConfig) -> Result<Vec<ShardOutcome>, SchemaE
             .await
             .map_err(fail(format!("CREATE DATABASE {db}")))?;
         let mut outcome = ShardOutcome { shard, existed: Vec::new(), created: Vec::new() };
-        for (table, ddl) in TABLES {
+        for &(table, ddl) in TABLES {
             let exists: u8 = server
                 .query(&format!("EXISTS TABLE {db}.{table}"))
                 .fetch_one()
@@ -116,4 +110,41 @@ pub async fn load(
         schemas.push(TableSchema::new(table, &columns).map_err(Error::Schema)?);
     }
     Ok(schemas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ddl_file_is_embedded_in_name_order_with_its_table() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/clickhouse");
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .expect("schemas/clickhouse is readable")
+            .map(|entry| entry.expect("directory entry").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "sql"))
+            .collect();
+        files.sort();
+        assert!(files.len() >= 4, "the schema directory holds the DDL: {files:?}");
+        assert_eq!(TABLES.len(), files.len(), "one embedded statement per file");
+        for (path, &(table, ddl)) in files.iter().zip(TABLES) {
+            let text = std::fs::read_to_string(path).expect("readable");
+            assert_eq!(ddl, text, "{} is embedded in name order", path.display());
+            let rest = text
+                .split_once(&format!("CREATE TABLE IF NOT EXISTS {table}"))
+                .map(|(_, rest)| rest);
+            assert!(
+                rest.is_some_and(
+                    |r| r.starts_with(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                ),
+                "{} creates the table {table}",
+                path.display()
+            );
+        }
+        let names: Vec<&str> = TABLES.iter().map(|&(table, _)| table).collect();
+        for table in scoresync_event::SourceTable::ALL {
+            assert!(names.contains(&table.name()), "{} has its DDL", table.name());
+        }
+        assert!(names.contains(&"conversations"));
+    }
 }

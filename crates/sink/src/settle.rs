@@ -17,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use scoresync_bus::error_chain;
+use error_reporter::Report;
 use scoresync_bus::group::Message;
 use scoresync_event::{ChangeEvent, Operation, RowVersion, ScorecardKey, SourceTable};
 use tokio_util::sync::CancellationToken;
@@ -136,7 +136,7 @@ impl Loop {
                 Ok(Settled::DeadLettered)
             }
             Err(err) if err.is_transient() => {
-                let error = error_chain(&err);
+                let error = Report::new(&err).to_string();
                 let (partition, offset) = msg;
                 match attempt {
                     Attempt::Live(..) => {
@@ -284,6 +284,6 @@ fn dependency(err: &Error) -> String {
     match (err.shard_index(), err) {
         (Some(shard), _) => format!("clickhouse shard {shard}"),
         (None, Error::Postgres { .. }) => "postgres".into(),
-        (None, other) => error_chain(other),
+        (None, other) => Report::new(other).to_string(),
     }
 }

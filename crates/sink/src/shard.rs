@@ -1,6 +1,8 @@
 //! One ClickHouse client per shard. The sink writes to shard-local tables directly, never through
 //! a Distributed table (inserts through Distributed can be lost on restart).
 
+use secrecy::ExposeSecret;
+
 use crate::config::ClickHouseConfig;
 
 /// The index of a shard: its position in `clickhouse.shards`.
@@ -15,7 +17,7 @@ pub fn client(cfg: &ClickHouseConfig, index: ShardIndex) -> Option<clickhouse::C
             .with_url(url)
             .with_database(&cfg.database)
             .with_user(&cfg.user)
-            .with_password(&cfg.password)
+            .with_password(cfg.password.expose_secret())
             .with_validation(false),
     )
 }

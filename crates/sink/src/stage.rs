@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use scoresync_bus::error_chain;
+use error_reporter::Report;
 use scoresync_bus::group::{GroupMember, Message};
 use scoresync_event::decode;
 
@@ -125,7 +125,7 @@ impl Loop {
                 Ok(event) => events.push((message, event)),
                 Err(err) => {
                     let (key, payload) = (message.key.as_deref(), &message.payload);
-                    self.outbox.send(message.id, key, payload, &error_chain(&err))?;
+                    self.outbox.send(message.id, key, payload, &Report::new(&err).to_string())?;
                     SinkStats::add(&self.stats.dead_lettered, 1);
                 }
             }

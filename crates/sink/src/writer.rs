@@ -11,12 +11,11 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-use scoresync_bus::backoff::Backoff;
 
 use crate::batch::{Batch, MsgId};
 use crate::rows::{TableSchema, write_row_binary};
@@ -25,6 +24,14 @@ use crate::stats::SinkStats;
 
 /// Longest one insert attempt may take before it is retried.
 pub(crate) const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Waits between insert attempts: 200 ms doubling to 15 s, each drawn from the upper half of its
+/// step so that writers retrying one shard do not wake in step. backon's jitter adds up to 100%,
+/// so the steps it doubles are half that: 100 ms to 7.5 s. The schedule never ends.
+const INSERT_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(100))
+    .with_max_delay(Duration::from_millis(7_500))
+    .with_jitter()
+    .without_max_times();
 
 /// What a writer reports after a batch is in ClickHouse.
 #[derive(Debug)]
@@ -168,7 +175,8 @@ impl ShardWriter {
             batch.table.name(),
             schema.column_list()
         );
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+        let mut backoff = INSERT_BACKOFF.build();
+        let mut failures = 0_u32;
         loop {
             let started = Instant::now();
             let attempt = async {
@@ -189,8 +197,9 @@ impl ShardWriter {
                 return true;
             };
             self.stats.insert(self.shard, table, rows, None);
-            let delay = backoff.next_delay();
-            tracing::warn!(shard = self.shard, table, rows, attempt = backoff.attempts(), ?delay, %error, "insert failed; retrying");
+            failures = failures.saturating_add(1);
+            let delay = backoff.next().unwrap_or(Duration::from_secs(15));
+            tracing::warn!(shard = self.shard, table, rows, attempt = failures, ?delay, %error, "insert failed; retrying");
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 _ = tokio::time::sleep(delay) => {}
@@ -208,5 +217,21 @@ impl ShardWriter {
         if let Ok(mut lag) = self.stats.commit_to_ack_seconds.lock() {
             lag.insert(batch.table.name().to_owned(), (now_us - newest).max(0) as f64 / 1e6);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_retries_wait_200ms_doubling_to_15s_from_the_upper_half_of_each_step() {
+        let delays: Vec<Duration> = INSERT_BACKOFF.build().take(20).collect();
+        assert_eq!(delays.len(), 20, "the schedule never ends");
+        let ms = Duration::from_millis;
+        assert!(delays[0] >= ms(100) && delays[0] <= ms(200), "{delays:?}");
+        assert!(delays[3] >= ms(800) && delays[3] <= ms(1_600), "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= ms(15_000)), "{delays:?}");
+        assert!(delays[19] >= ms(7_500), "capped delays stay near the cap: {delays:?}");
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Default replication slot name.
@@ -15,12 +16,12 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
 
 /// PostgreSQL connection and replication settings.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// Connection URL, `postgres://user:password@host:port/database`. The password is never
     /// printed.
-    pub url: String,
+    pub url: PostgresUrl,
     /// Logical replication slot (pgoutput) the source streams from.
     #[serde(default = "default_slot")]
     pub slot: String,
@@ -53,7 +54,7 @@ impl PostgresConfig {
     /// Settings for `url` with every other field at its default.
     pub fn new(url: impl Into<String>) -> Self {
         PostgresConfig {
-            url: url.into(),
+            url: PostgresUrl::new(url),
             slot: default_slot(),
             publication: default_publication(),
             heartbeat_interval_ms: DEFAULT_HEARTBEAT_INTERVAL_MS,
@@ -63,7 +64,7 @@ impl PostgresConfig {
 
     /// Checks every field; the message names the field and the constraint it breaks.
     pub fn validate(&self) -> Result<(), String> {
-        crate::connect::ConnectParams::parse(&self.url)
+        crate::connect::ConnectParams::parse(self.url.expose_secret())
             .map_err(|e| format!("postgres.url is not a usable PostgreSQL URL: {e}"))?;
         for (field, name) in
             [("postgres.slot", &self.slot), ("postgres.publication", &self.publication)]
@@ -81,33 +82,52 @@ impl PostgresConfig {
         }
         Ok(())
     }
+}
 
-    /// The URL with its password replaced, for logs and `validate` output.
-    pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+/// A PostgreSQL connection URL, kept as a secret because it carries the password: it prints
+/// (`Debug`) as [`PostgresUrl::redacted`], and only [`ExposeSecret::expose_secret`] gives the URL
+/// itself, to connect with.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct PostgresUrl(SecretString);
+
+impl PostgresUrl {
+    /// Wraps `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresUrl(SecretString::from(url.into()))
+    }
+
+    /// The URL with its password replaced by `<redacted>`, for logs and `validate` output.
+    pub fn redacted(&self) -> String {
+        redact_url(self.0.expose_secret())
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host/...` URL with `<redacted>`.
-pub fn redact_url(url: &str) -> String {
+impl ExposeSecret<str> for PostgresUrl {
+    fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.redacted(), f)
+    }
+}
+
+/// Replaces the password of a `scheme://user:password@host/...` URL with `<redacted>`. A
+/// password given any other way (`password=` as a query parameter or in the `key=value` form)
+/// hides the whole URL.
+fn redact_url(url: &str) -> String {
+    if url.to_ascii_lowercase().contains("password") {
+        return "<redacted>".into();
+    }
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let Some(at) = rest.rfind('@') else { return url.to_owned() };
     let (userinfo, host) = rest.split_at(at);
     match userinfo.split_once(':') {
         Some((user, _)) => format!("{scheme}://{user}:<redacted>{host}"),
         None => url.to_owned(),
-    }
-}
-
-impl fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("url", &self.redacted_url())
-            .field("slot", &self.slot)
-            .field("publication", &self.publication)
-            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
-            .field("status_interval_ms", &self.status_interval_ms)
-            .finish()
     }
 }
 
@@ -122,8 +142,17 @@ mod tests {
             "postgres://scoresync:<redacted>@db:5432/director"
         );
         assert_eq!(redact_url("postgres://db/director"), "postgres://db/director");
-        let cfg = PostgresConfig::new("postgres://u:pw@h/d");
-        assert!(!format!("{cfg:?}").contains("pw@"));
+        assert_eq!(redact_url("postgres://u@db/d?password=s3cret"), "<redacted>");
+        assert_eq!(redact_url("host=db user=u password=s3cret"), "<redacted>");
+        let cfg = PostgresConfig::new("postgres://u:s3cret@h/d");
+        let printed = format!("{cfg:?}");
+        assert!(printed.contains("postgres://u:<redacted>@h/d"), "{printed}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert_eq!(cfg.url.expose_secret(), "postgres://u:s3cret@h/d");
+        let read: PostgresConfig =
+            serde_json::from_str(r#"{"url": "postgres://u:s3cret@h/d"}"#).expect("valid");
+        assert_eq!(read.url.expose_secret(), "postgres://u:s3cret@h/d");
+        assert!(!format!("{read:?}").contains("s3cret"));
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Errors of the source, each one transient (retry from the slot after a backoff) or permanent
 //! (halt with a message that names the slot, table or position).
+//!
+//! Logs and the CLI show an error with its causes on one line, `a: b: c`:
+//! `error_reporter::Report`, a stable copy of the standard library's unstable
+//! `std::error::Report` (moving to std will change only the import).
 
 use pgwire_replication::PgWireError;
 use rdkafka::error::KafkaError;

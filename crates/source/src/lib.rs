@@ -54,10 +54,12 @@ pub mod text;
 
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
+use error_reporter::Report;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::KafkaConfig;
-use scoresync_bus::backoff::Backoff;
 
 pub use config::PostgresConfig;
 pub use error::Error;
@@ -73,6 +75,14 @@ use stream::Stream;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 20_000;
 /// A run that lasted this long before failing starts the retry schedule over.
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
+/// Waits before restarting from the slot: 500 ms doubling to 30 s, each drawn from the upper half
+/// of its step so that restarting sources do not wake in step. backon's jitter adds up to 100%,
+/// so the steps it doubles are half that: 250 ms to 15 s. The schedule never ends.
+const RESTART_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(250))
+    .with_max_delay(Duration::from_secs(15))
+    .with_jitter()
+    .without_max_times();
 
 /// The source role: snapshot (once), then stream, restarting from the slot on transient errors.
 pub struct Source {
@@ -99,8 +109,8 @@ impl Source {
 
     /// Runs until `shutdown` (returns `Ok`) or a permanent error.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let params =
-            ConnectParams::parse(&self.postgres.url).map_err(Error::sql("parsing postgres.url"))?;
+        let params = ConnectParams::parse(self.postgres.url.expose_secret())
+            .map_err(Error::sql("parsing postgres.url"))?;
         let heartbeat = (self.postgres.heartbeat_interval_ms > 0).then(|| {
             let beat = Heartbeat {
                 params: params.clone(),
@@ -108,17 +118,17 @@ impl Source {
             };
             tokio::spawn(beat.run(shutdown.child_token()))
         });
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let mut backoff = RESTART_BACKOFF.build();
         let result = loop {
             let started = Instant::now();
             match self.run_once(&params, &shutdown).await {
                 Ok(()) => break Ok(()),
                 Err(err) if err.is_transient() && !shutdown.is_cancelled() => {
                     if started.elapsed() > HEALTHY_RUN {
-                        backoff.reset();
+                        backoff = RESTART_BACKOFF.build();
                     }
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %scoresync_bus::error_chain(&err), ?delay, slot = %self.postgres.slot, "source failed; restarting from the slot");
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    tracing::warn!(error = %Report::new(&err), ?delay, slot = %self.postgres.slot, "source failed; restarting from the slot");
                     tokio::select! {
                         _ = shutdown.cancelled() => break Ok(()),
                         _ = tokio::time::sleep(delay) => {}
@@ -172,5 +182,21 @@ impl Source {
             max_in_flight: self.max_in_flight,
         };
         stream.run(&mut record, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_wait_500ms_doubling_to_30s_from_the_upper_half_of_each_step() {
+        let delays: Vec<Duration> = RESTART_BACKOFF.build().take(20).collect();
+        assert_eq!(delays.len(), 20, "the schedule never ends");
+        let ms = Duration::from_millis;
+        assert!(delays[0] >= ms(250) && delays[0] <= ms(500), "{delays:?}");
+        assert!(delays[3] >= ms(2_000) && delays[3] <= ms(4_000), "{delays:?}");
+        assert!(delays.iter().all(|d| *d <= ms(30_000)), "{delays:?}");
+        assert!(delays[19] >= ms(15_000), "capped delays stay near the cap: {delays:?}");
     }
 }

@@ -4,6 +4,8 @@
 //! an error, never silently recreated (its changes are gone); `recreate_slot` drops and creates
 //! it and starts a new pipeline record with a pending snapshot.
 
+use secrecy::ExposeSecret;
+
 use scoresync_bus::KafkaConfig;
 use scoresync_event::SourceTable;
 
@@ -28,7 +30,8 @@ pub async fn ensure(
     kafka: &KafkaConfig,
     recreate_slot: bool,
 ) -> Result<Vec<Outcome>, Error> {
-    let params = ConnectParams::parse(&cfg.url).map_err(Error::sql("parsing postgres.url"))?;
+    let params = ConnectParams::parse(cfg.url.expose_secret())
+        .map_err(Error::sql("parsing postgres.url"))?;
     let sql = params.connect_sql().await.map_err(Error::sql("connecting"))?;
     let mut report = vec![ensure_publication(&sql, &cfg.publication).await?];
 

@@ -3,13 +3,15 @@
 
 use std::process::ExitCode;
 
+use error_reporter::Report;
+
 use crate::config::Config;
 
 /// Redrives every dead letter not redriven before; prints how many.
 pub async fn redrive(config: &Config) -> anyhow::Result<ExitCode> {
     let count = scoresync_sink::dlq::redrive(&config.kafka)
         .await
-        .map_err(|e| anyhow::anyhow!(scoresync_bus::error_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(Report::new(&e).to_string()))?;
     println!(
         "redrove {count} dead letter(s) from {} to {}",
         config.kafka.dlq_topic, config.kafka.change_topic
@@ -21,7 +23,7 @@ pub async fn redrive(config: &Config) -> anyhow::Result<ExitCode> {
 pub async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let letters = scoresync_sink::dlq::list(&config.kafka)
         .await
-        .map_err(|e| anyhow::anyhow!(scoresync_bus::error_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(Report::new(&e).to_string()))?;
     for letter in &letters {
         if json {
             println!("{}", serde_json::to_string(letter)?);

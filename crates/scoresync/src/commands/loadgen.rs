@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use secrecy::ExposeSecret;
 
 use scoresync_source::connect::ConnectParams;
 
@@ -80,7 +81,7 @@ fn quote(s: &str) -> String {
 
 /// Writes the workload; prints what it did.
 pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode> {
-    let url = args.pg_url.clone().unwrap_or_else(|| config.postgres.url.clone());
+    let url = args.pg_url.clone().unwrap_or_else(|| config.postgres.url.expose_secret().to_owned());
     let pg = ConnectParams::parse(&url)?.connect_sql().await.context("connecting to PostgreSQL")?;
     let mut rng = Rng(args.seed.max(1));
     let convs = seed_conversations(config, args, &mut rng).await?;

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use error_reporter::Report;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_sink::SinkStats;
@@ -28,14 +29,14 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     // Whichever ends first (a permanent error, or shutdown) stops the other.
     tokio::select! {
         result = &mut source_task => {
-            failed |= report("source", result.map(|r| r.map_err(|e| scoresync_bus::error_chain(&e))));
+            failed |= report("source", result.map(|r| r.map_err(|e| Report::new(&e).to_string())));
             sink_stop.cancel();
-            failed |= report("sink", sink_task.await.map(|r| r.map_err(|e| scoresync_bus::error_chain(&e))));
+            failed |= report("sink", sink_task.await.map(|r| r.map_err(|e| Report::new(&e).to_string())));
         }
         result = &mut sink_task => {
-            failed |= report("sink", result.map(|r| r.map_err(|e| scoresync_bus::error_chain(&e))));
+            failed |= report("sink", result.map(|r| r.map_err(|e| Report::new(&e).to_string())));
             source_stop.cancel();
-            failed |= report("source", source_task.await.map(|r| r.map_err(|e| scoresync_bus::error_chain(&e))));
+            failed |= report("source", source_task.await.map(|r| r.map_err(|e| Report::new(&e).to_string())));
         }
     }
     shutdown.cancel();

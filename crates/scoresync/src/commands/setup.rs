@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use error_reporter::Report;
 
 use scoresync_bus::topics::{TopicOutcome, ensure_topics};
 use scoresync_source::setup::Outcome;
@@ -24,7 +25,7 @@ pub async fn run(config: &Config, recreate_slot: bool) -> anyhow::Result<ExitCod
     }
     let postgres = scoresync_source::setup::ensure(&config.postgres, &config.kafka, recreate_slot)
         .await
-        .map_err(|e| anyhow::anyhow!(scoresync_bus::error_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!(Report::new(&e).to_string()))?;
     for outcome in postgres {
         match outcome {
             Outcome::Existed(what) => println!("existed  {what}"),

@@ -3,6 +3,8 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use error_reporter::Report;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_sink::{Sink, SinkStats};
@@ -15,7 +17,7 @@ pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
         kafka: config.kafka.clone(),
         clickhouse: config.clickhouse.clone(),
         sink: config.sink.clone(),
-        postgres_url: Some(config.postgres.url.clone()),
+        postgres_url: Some(config.postgres.url.expose_secret().to_owned()),
         stats,
     }
 }
@@ -27,7 +29,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     match sink(config, stats).run(shutdown.clone()).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => {
-            eprintln!("scoresync sink: {}", scoresync_bus::error_chain(&err));
+            eprintln!("scoresync sink: {}", Report::new(&err));
             shutdown.cancel();
             Ok(ExitCode::FAILURE)
         }

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use error_reporter::Report;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_source::Source;
@@ -16,7 +17,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
     match source.run(shutdown).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => {
-            eprintln!("scoresync source: {}", scoresync_bus::error_chain(&err));
+            eprintln!("scoresync source: {}", Report::new(&err));
             Ok(ExitCode::FAILURE)
         }
     }

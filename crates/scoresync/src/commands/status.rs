@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -42,7 +43,7 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn slot_status(config: &Config) -> anyhow::Result<Value> {
-    let params = ConnectParams::parse(&config.postgres.url)?;
+    let params = ConnectParams::parse(config.postgres.url.expose_secret())?;
     let sql = tokio::time::timeout(TIMEOUT, params.connect_sql()).await.context("timed out")??;
     let row = sql
         .query_opt(

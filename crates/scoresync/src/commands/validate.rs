@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use secrecy::ExposeSecret;
 
 use crate::config::Config;
 use scoresync_bus::client::{OffsetReset, consumer_config};
@@ -23,7 +24,7 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
             println!("FAIL  {name}: {err:#}");
         }
     };
-    report(format!("postgres {}", config.postgres.redacted_url()), check_postgres(config).await);
+    report(format!("postgres {}", config.postgres.url.redacted()), check_postgres(config).await);
     report(format!("kafka {}", config.kafka.brokers), check_kafka(config).await);
     for (i, url) in config.clickhouse.shards.iter().enumerate() {
         report(format!("clickhouse shard {i} {url}"), check_shard(config, i).await);
@@ -32,7 +33,7 @@ pub async fn run(config: &Config) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_postgres(config: &Config) -> anyhow::Result<String> {
-    let params = ConnectParams::parse(&config.postgres.url)?;
+    let params = ConnectParams::parse(config.postgres.url.expose_secret())?;
     let client = tokio::time::timeout(CHECK_TIMEOUT, params.connect_sql())
         .await
         .context("timed out connecting")??;
