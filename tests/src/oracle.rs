@@ -13,7 +13,8 @@ use anyhow::Context;
 
 use scoresync_event::v1::value::Kind;
 use scoresync_event::{Row, SourceTable, Value};
-use scoresync_sink::rows::{Cell, ChColumn, parse_tsv_line};
+use scoresync_sink::rows::parse_tsv_line;
+use scoresync_sink::table::{Cell, ChColumn};
 
 use crate::kafka::{RowId, pg_state, value_text};
 use crate::test_env::TestEnv;
@@ -69,7 +70,7 @@ async fn live_rows(
     let list: Vec<String> = parsed
         .iter()
         .map(|c| match c.ty {
-            scoresync_sink::rows::ChType::DateTime => format!("toUInt32(`{}`)", c.name),
+            scoresync_sink::table::ChType::DateTime => format!("toUInt32(`{}`)", c.name),
             _ => format!("`{}`", c.name),
         })
         .collect();

@@ -26,10 +26,9 @@ use crate::lookup::Lookups;
 use crate::offsets::Offsets;
 use crate::park::{Park, ParkReason};
 use crate::route::{CardFields, Conversation, Route};
-use crate::rows::{
-    Cell, ChRow, ChType, Denormalized, RowError, RowKey, TableSchema, delete_row, upsert_row,
-};
+use crate::rows::{ChRow, Denormalized, RowError, RowKey, delete_row, upsert_row};
 use crate::shard::ShardIndex;
+use crate::table::{Cell, ChType, TableSchema};
 
 /// What became of an event.
 #[derive(Debug, PartialEq)]

@@ -45,7 +45,8 @@
 //! # Modules
 //!
 //! - [`config`], [`shard`], [`schema`]: settings, shard clients, per-shard DDL.
-//! - [`route`], [`rows`], [`apply`]: routing, row mapping, applying one event.
+//! - [`table`], [`rows`], [`rowbinary`]: a target table's columns, row mapping, RowBinary.
+//! - [`route`], [`apply`]: routing, applying one event.
 //! - [`batch`], [`writer`], [`offsets`]: batching, shard writers, offset holds.
 //! - [`park`], [`dlq`]: waiting events and dead letters.
 //! - [`lookup`], [`cache`]: what the sink asks ClickHouse and PostgreSQL, and remembers.
@@ -61,11 +62,13 @@ pub mod lookup;
 pub mod offsets;
 pub mod park;
 pub mod route;
+pub mod rowbinary;
 pub mod rows;
 pub mod schema;
 pub mod shard;
 pub mod stage;
 pub mod stats;
+pub mod table;
 pub mod writer;
 
 pub use config::{ClickHouseConfig, SinkConfig};

@@ -15,8 +15,9 @@ use scoresync_event::{ScorecardKey, SourceTable};
 use crate::cache::ConversationKey;
 use crate::error::Error;
 use crate::route::{CardFields, Conversation};
-use crate::rows::{Cell, ChColumn, ChType, TableSchema, parse_tsv_line};
+use crate::rows::parse_tsv_line;
 use crate::shard::ShardIndex;
+use crate::table::{Cell, ChColumn, ChType, TableSchema};
 
 /// Most keys in one `IN (...)` list.
 const CHUNK: usize = 500;

@@ -84,9 +84,9 @@ pub async fn ensure(cfg: &ClickHouseConfig) -> Result<Vec<ShardOutcome>, SchemaE
 /// Reads the target tables' columns from every shard (`system.columns`); all shards must agree.
 pub async fn load(
     cfg: &ClickHouseConfig,
-) -> Result<Vec<crate::rows::TableSchema>, crate::error::Error> {
+) -> Result<Vec<crate::table::TableSchema>, crate::error::Error> {
     use crate::error::Error;
-    use crate::rows::TableSchema;
+    use crate::table::TableSchema;
     use scoresync_event::SourceTable;
 
     let mut schemas: Vec<TableSchema> = Vec::new();

@@ -15,9 +15,10 @@ use scoresync_bus::backoff::Backoff;
 
 use crate::batch::Batch;
 use crate::offsets::Offsets;
-use crate::rows::{TableSchema, write_row_binary};
+use crate::rowbinary::write_row_binary;
 use crate::shard::ShardIndex;
 use crate::stats::SinkStats;
+use crate::table::TableSchema;
 
 /// Longest one insert attempt may take before it is retried.
 pub const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
