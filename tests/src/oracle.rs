@@ -9,12 +9,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::Context;
-
 use scoresync_event::v1::value::Kind;
 use scoresync_event::{Row, SourceTable, Value};
-use scoresync_sink::rows::parse_tsv_line;
-use scoresync_sink::table::{Cell, ChColumn};
+use scoresync_sink::table::{Cell, TableSchema};
 
 use crate::kafka::{RowId, pg_state, value_text};
 use crate::test_env::TestEnv;
@@ -51,46 +48,23 @@ pub async fn conversations(
 /// A ClickHouse row: cells by column name.
 type ChRowByName = BTreeMap<String, Cell>;
 
-/// Live rows of one table on one shard: key -> cells by column name.
+/// Live rows of one table on one shard, each as cells by column name.
 async fn live_rows(
     env: &TestEnv,
     shard: usize,
-    table: SourceTable,
-) -> anyhow::Result<Vec<BTreeMap<String, Cell>>> {
-    let client = env.shard(shard);
-    let columns: Vec<(String, String)> = client
-        .query(&format!(
-            "SELECT name, type FROM system.columns WHERE database = '{}' AND table = '{}'",
-            env.clickhouse.database,
-            table.name()
-        ))
-        .fetch_all()
-        .await?;
-    let parsed: Vec<ChColumn> = columns.iter().map(|(n, t)| ChColumn::new(n, t)).collect();
-    let list: Vec<String> = parsed
-        .iter()
-        .map(|c| match c.ty {
-            scoresync_sink::table::ChType::DateTime => format!("toUInt32(`{}`)", c.name),
-            _ => format!("`{}`", c.name),
-        })
-        .collect();
-    let bytes = client
-        .query(&format!(
-            "SELECT {} FROM {} FINAL WHERE _deleted = 0",
-            list.join(", "),
-            table.name()
-        ))
-        .fetch_bytes("TabSeparated")?
-        .collect()
-        .await?;
-    let text = String::from_utf8_lossy(&bytes);
-    text.lines()
-        .filter(|l| !l.is_empty())
-        .map(|line| {
-            let cells = parse_tsv_line(&parsed, line).context("unreadable ClickHouse row")?;
-            Ok(columns.iter().map(|(n, _)| n.clone()).zip(cells).collect())
-        })
-        .collect()
+    schema: &TableSchema,
+) -> anyhow::Result<Vec<ChRowByName>> {
+    let rows = scoresync_sink::lookup::live_rows(
+        &env.shard(shard),
+        shard,
+        &env.clickhouse.database,
+        schema,
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|cells| schema.columns.iter().map(|c| c.name.clone()).zip(cells).collect())
+        .collect())
 }
 
 fn cell_key(table: SourceTable, row: &ChRowByName) -> Vec<String> {
@@ -164,10 +138,13 @@ pub async fn check(env: &TestEnv, pg: &tokio_postgres::Client) -> anyhow::Result
     }
 
     // Every live ClickHouse row, by key: (shard, cells).
+    // Columns as the shards list them (`system.columns`; every shard must agree).
+    let schemas = scoresync_sink::schema::load(&env.clickhouse).await?;
     let mut live: HashMap<RowId, Vec<(usize, ChRowByName)>> = HashMap::new();
-    for table in SourceTable::ALL {
+    for schema in &schemas {
+        let table = schema.table;
         for shard in 0..shards {
-            for row in live_rows(env, shard, table).await? {
+            for row in live_rows(env, shard, schema).await? {
                 live.entry((table.name().to_owned(), cell_key(table, &row)))
                     .or_default()
                     .push((shard, row));

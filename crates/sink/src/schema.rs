@@ -94,13 +94,10 @@ pub async fn load(
         let mut first: Option<Vec<(String, String)>> = None;
         for shard in 0..cfg.shards.len() {
             let Some(client) = crate::shard::client(cfg, shard) else { continue };
-            let sql = format!(
-                "SELECT name, type FROM system.columns WHERE database = '{}' AND table = '{}'",
-                cfg.database,
-                table.name()
-            );
             let columns: Vec<(String, String)> = client
-                .query_raw(&sql)
+                .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+                .bind(&cfg.database)
+                .bind(table.name())
                 .fetch_all()
                 .await
                 .map_err(Error::shard(shard, format!("reading the columns of {}", table.name())))?;

@@ -115,20 +115,6 @@ impl TableSchema {
     pub fn column_list(&self) -> String {
         self.columns.iter().map(|c| format!("`{}`", c.name)).collect::<Vec<_>>().join(", ")
     }
-
-    /// Every column for a SELECT whose TabSeparated output [`crate::rows::parse_tsv_line`]
-    /// reads: `DateTime` columns as Unix seconds (their text form depends on the server's time
-    /// zone).
-    pub fn select_list(&self) -> String {
-        self.columns
-            .iter()
-            .map(|c| match c.ty {
-                ChType::DateTime => format!("toUInt32(`{}`)", c.name),
-                _ => format!("`{}`", c.name),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
 }
 
 /// A value in a ClickHouse row.

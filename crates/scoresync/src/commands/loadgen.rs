@@ -238,7 +238,7 @@ async fn seed_conversations(
             }
             continue;
         }
-        let mut values = Vec::new();
+        let mut seeded = Vec::new();
         for k in 0..args.conversations_per_shard {
             let conv = Conv {
                 id: format!("{}-conv-{shard}-{k}", args.prefix),
@@ -246,27 +246,28 @@ async fn seed_conversations(
                 profile: format!("prof-{}", rng.below(2)),
             };
             let start = 1_700_000_000 + rng.below(10_000_000) as i64;
-            values.push(format!(
-                "({}, {}, {}, toDateTime({start}), {})",
-                quote_ch(&conv.id),
-                quote_ch(&conv.customer),
-                quote_ch(&conv.profile),
-                quote_ch(["en", "de", "fr"][rng.below(3)])
-            ));
+            let language = ["en", "de", "fr"][rng.below(3)];
+            seeded.push((conv.clone(), start, language));
             convs.push(conv);
         }
-        client
-            .query_raw(&format!(
-                "INSERT INTO conversations (conversation_id, customer_id, profile_id, conversation_start_time, language_code) VALUES {}",
-                values.join(", ")
-            ))
+        // One bound `(?, ?, ?, toDateTime(?), ?)` per conversation.
+        let values = vec!["(?, ?, ?, toDateTime(?), ?)"; seeded.len()].join(", ");
+        let insert = client.query(&format!(
+            "INSERT INTO conversations (conversation_id, customer_id, profile_id, conversation_start_time, language_code) VALUES {values}"
+        ));
+        seeded
+            .iter()
+            .fold(insert, |insert, (conv, start, language)| {
+                insert
+                    .bind(&conv.id)
+                    .bind(&conv.customer)
+                    .bind(&conv.profile)
+                    .bind(start)
+                    .bind(language)
+            })
             .execute()
             .await
             .with_context(|| format!("seeding conversations on shard {shard}"))?;
     }
     Ok(convs)
-}
-
-fn quote_ch(s: &str) -> String {
-    scoresync_sink::lookup::quote(s)
 }
