@@ -3,10 +3,10 @@
 //!
 //! Column sets come from the shard (`system.columns`, see [`crate::table`]), not from code: a
 //! column added to a target table is written as soon as events carry it; an event column the
-//! table lacks is left out (it still travels on the bus). Timestamps go to `Int64` microsecond
-//! columns as they are, booleans to `UInt8`, `DateTime` columns take Unix seconds.
-
-use std::fmt::Write as _;
+//! table lacks is left out (it still travels on the bus). So a row is cells aligned with its
+//! table's schema, mapped here by hand, not a Rust struct a serde derive could fill. Timestamps
+//! go to `Int64` microsecond columns as they are, booleans to `UInt8`, `DateTime` columns take
+//! Unix seconds.
 
 use scoresync_event::v1::value::Kind;
 use scoresync_event::{Row, SourceTable, Value};
@@ -70,7 +70,7 @@ impl ChRow {
 }
 
 /// The text of a cell, as used in row keys.
-pub fn cell_text(cell: &Cell) -> String {
+pub(crate) fn cell_text(cell: &Cell) -> String {
     match cell {
         Cell::Null => String::new(),
         Cell::Str(s) => s.clone(),
@@ -229,110 +229,10 @@ fn check_key(schema: &TableSchema, row: &ChRow) -> Result<(), RowError> {
     Ok(())
 }
 
-/// Appends rows as TabSeparated lines (columns in schema order).
-pub fn write_tsv(schema: &TableSchema, rows: &[ChRow], out: &mut Vec<u8>) {
-    let mut line = String::new();
-    for row in rows {
-        line.clear();
-        for (i, (cell, column)) in row.cells.iter().zip(&schema.columns).enumerate() {
-            if i > 0 {
-                line.push('\t');
-            }
-            write_cell(&mut line, cell, column);
-        }
-        line.push('\n');
-        out.extend_from_slice(line.as_bytes());
-    }
-}
-
-fn write_cell(out: &mut String, cell: &Cell, column: &ChColumn) {
-    match cell {
-        Cell::Null if column.nullable => out.push_str("\\N"),
-        Cell::Null => match column.ty {
-            ChType::Str => {}
-            ChType::Int | ChType::UInt | ChType::DateTime => out.push('0'),
-            ChType::Float => out.push('0'),
-        },
-        Cell::Str(s) => {
-            for c in s.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\t' => out.push_str("\\t"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    '\0' => out.push_str("\\0"),
-                    c => out.push(c),
-                }
-            }
-        }
-        Cell::Int(i) => {
-            let _ = write!(out, "{i}");
-        }
-        Cell::UInt(u) => {
-            let _ = write!(out, "{u}");
-        }
-        Cell::Float(f) if f.is_nan() => out.push_str("nan"),
-        Cell::Float(f) if f.is_infinite() => out.push_str(if *f > 0.0 { "inf" } else { "-inf" }),
-        Cell::Float(f) => {
-            let _ = write!(out, "{f:?}");
-        }
-    }
-}
-
-/// Parses one TabSeparated line (as ClickHouse writes it) into cells for `columns`.
-pub fn parse_tsv_line(columns: &[ChColumn], line: &str) -> Option<Vec<Cell>> {
-    let fields: Vec<&str> = line.split('\t').collect();
-    if fields.len() != columns.len() {
-        return None;
-    }
-    fields
-        .iter()
-        .zip(columns)
-        .map(|(field, column)| {
-            if *field == "\\N" {
-                return Some(Cell::Null);
-            }
-            Some(match column.ty {
-                ChType::Str => Cell::Str(unescape(field)),
-                ChType::Int => Cell::Int(field.parse().ok()?),
-                ChType::UInt => Cell::UInt(field.parse().ok()?),
-                ChType::Float => Cell::Float(match *field {
-                    "nan" | "-nan" => f64::NAN,
-                    "inf" => f64::INFINITY,
-                    "-inf" => f64::NEG_INFINITY,
-                    other => other.parse().ok()?,
-                }),
-                ChType::DateTime => Cell::Int(field.parse().ok()?),
-            })
-        })
-        .collect()
-}
-
-fn unescape(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut chars = field.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('t') => out.push('\t'),
-            Some('n') => out.push('\n'),
-            Some('r') => out.push('\r'),
-            Some('0') => out.push('\0'),
-            Some('b') => out.push('\u{8}'),
-            Some('f') => out.push('\u{c}'),
-            Some(other) => out.push(other),
-            None => out.push('\\'),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rowbinary::{read_row_binary, write_row_binary};
     use scoresync_event::Column;
 
     fn schema() -> TableSchema {
@@ -404,17 +304,17 @@ mod tests {
     }
 
     #[test]
-    fn tsv_round_trips_escapes_nulls_and_special_floats() {
+    fn mapped_rows_round_trip_through_row_binary() {
         let s = schema();
         let row = upsert_row(&s, &source(), 7, 0, None).expect("row");
         let mut out = Vec::new();
-        write_tsv(&s, std::slice::from_ref(&row), &mut out);
-        let text = String::from_utf8(out).expect("utf8");
-        assert!(text.contains("s\\t1") && text.contains("nan") && text.contains("\\N"), "{text}");
-        let parsed = parse_tsv_line(&s.columns, text.trim_end_matches('\n')).expect("parses");
+        write_row_binary(&s, std::slice::from_ref(&row), &mut out);
+        let decoded = read_row_binary(&s.columns, &out).expect("decodes");
         // NaN != NaN: compare everything else.
-        for (i, (a, b)) in parsed.iter().zip(&row.cells).enumerate() {
-            if i != s.position("numeric_value").expect("nv") {
+        let nv = s.position("numeric_value").expect("nv");
+        assert!(matches!(decoded[0][nv], Cell::Float(f) if f.is_nan()));
+        for (i, (a, b)) in decoded[0].iter().zip(&row.cells).enumerate() {
+            if i != nv {
                 assert_eq!(a, b, "column {}", s.columns[i].name);
             }
         }
@@ -423,10 +323,9 @@ mod tests {
         without.columns.retain(|c| c.name != "not_applicable");
         let row = upsert_row(&s, &without, 7, 0, None).expect("row");
         let mut out = Vec::new();
-        write_tsv(&s, &[row], &mut out);
-        let text = String::from_utf8(out).expect("utf8");
-        let fields: Vec<&str> = text.trim_end().split('\t').collect();
-        assert_eq!(fields[s.position("not_applicable").expect("na")], "0", "{text}");
+        write_row_binary(&s, &[row], &mut out);
+        let decoded = read_row_binary(&s.columns, &out).expect("decodes");
+        assert_eq!(decoded[0][s.position("not_applicable").expect("na")], Cell::UInt(0));
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The type model of a target table as a shard has it: its columns (from `system.columns`, not
 //! from code), the shape of each column's values, its primary key, and the value of one cell.
 //!
-//! Shapes are coarse on purpose: a column is a string, a signed or unsigned integer of some
-//! width, a float, or a `DateTime`; `Nullable` and `LowCardinality` wrappers are seen through.
-//! That is what the row mapping ([`crate::rows`]) and the RowBinary codec
-//! ([`crate::rowbinary`]) need, and all the target tables use (`schemas/clickhouse`).
+//! Hand-written, and coarse on purpose: a column is a string, a signed or unsigned integer of
+//! some width, a float, or a `DateTime`; `Nullable` and `LowCardinality` wrappers are seen
+//! through. That is all the row mapping ([`crate::rows`]) and the RowBinary codec
+//! ([`crate::rowbinary`]) dispatch on, and all the target tables use (`schemas/clickhouse`);
+//! the `clickhouse` crate's own type model serves its compile-time row types, not a column set
+//! read at run time. A column of another type (Date, Decimal, UUID, Enum) would be taken for a
+//! string, which RowBinary does not forgive: such a column needs a shape here first.
 
 use std::collections::HashMap;
 
