@@ -9,11 +9,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::Context;
-
 use scoresync_event::v1::value::Kind;
 use scoresync_event::{Row, SourceTable, Value};
-use scoresync_sink::rows::{Cell, ChColumn, parse_tsv_line};
+use scoresync_sink::table::{Cell, TableSchema};
 
 use crate::kafka::{RowId, pg_state, value_text};
 use crate::test_env::TestEnv;
@@ -50,46 +48,23 @@ pub async fn conversations(
 /// A ClickHouse row: cells by column name.
 type ChRowByName = BTreeMap<String, Cell>;
 
-/// Live rows of one table on one shard: key -> cells by column name.
+/// Live rows of one table on one shard, each as cells by column name.
 async fn live_rows(
     env: &TestEnv,
     shard: usize,
-    table: SourceTable,
-) -> anyhow::Result<Vec<BTreeMap<String, Cell>>> {
-    let client = env.shard(shard);
-    let columns: Vec<(String, String)> = client
-        .query(&format!(
-            "SELECT name, type FROM system.columns WHERE database = '{}' AND table = '{}'",
-            env.clickhouse.database,
-            table.name()
-        ))
-        .fetch_all()
-        .await?;
-    let parsed: Vec<ChColumn> = columns.iter().map(|(n, t)| ChColumn::new(n, t)).collect();
-    let list: Vec<String> = parsed
-        .iter()
-        .map(|c| match c.ty {
-            scoresync_sink::rows::ChType::DateTime => format!("toUInt32(`{}`)", c.name),
-            _ => format!("`{}`", c.name),
-        })
-        .collect();
-    let bytes = client
-        .query(&format!(
-            "SELECT {} FROM {} FINAL WHERE _deleted = 0",
-            list.join(", "),
-            table.name()
-        ))
-        .fetch_bytes("TabSeparated")?
-        .collect()
-        .await?;
-    let text = String::from_utf8_lossy(&bytes);
-    text.lines()
-        .filter(|l| !l.is_empty())
-        .map(|line| {
-            let cells = parse_tsv_line(&parsed, line).context("unreadable ClickHouse row")?;
-            Ok(columns.iter().map(|(n, _)| n.clone()).zip(cells).collect())
-        })
-        .collect()
+    schema: &TableSchema,
+) -> anyhow::Result<Vec<ChRowByName>> {
+    let rows = scoresync_sink::lookup::live_rows(
+        &env.shard(shard),
+        shard,
+        &env.clickhouse.database,
+        schema,
+    )
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|cells| schema.columns.iter().map(|c| c.name.clone()).zip(cells).collect())
+        .collect())
 }
 
 fn cell_key(table: SourceTable, row: &ChRowByName) -> Vec<String> {
@@ -162,17 +137,7 @@ pub async fn check(env: &TestEnv, pg: &tokio_postgres::Client) -> anyhow::Result
         }
     }
 
-    // Every live ClickHouse row, by key: (shard, cells).
-    let mut live: HashMap<RowId, Vec<(usize, ChRowByName)>> = HashMap::new();
-    for table in SourceTable::ALL {
-        for shard in 0..shards {
-            for row in live_rows(env, shard, table).await? {
-                live.entry((table.name().to_owned(), cell_key(table, &row)))
-                    .or_default()
-                    .push((shard, row));
-            }
-        }
-    }
+    let live = live_copies(env).await?;
 
     for (id, pg_row) in &pg_rows {
         let card_key = (
@@ -212,39 +177,7 @@ pub async fn check(env: &TestEnv, pg: &tokio_postgres::Client) -> anyhow::Result
                     }
                 }
                 if id.0 != "scorecards" {
-                    let is_process = card
-                        .column("scorecard_type")
-                        .and_then(|c| c.value.as_ref())
-                        .and_then(Value::as_int)
-                        == Some(2);
-                    for name in [
-                        "scorecard_type",
-                        "template_id",
-                        "template_revision",
-                        "agent_user_id",
-                        "conversation_id",
-                        "process_interaction_at",
-                    ] {
-                        let want = card.column(name).and_then(|c| c.value.as_ref());
-                        if !same(want, row.get(name)) {
-                            problems.push(format!("{id:?}.{name} (from its scorecard): clickhouse {:?}, postgres {:?}", row.get(name), want));
-                        }
-                    }
-                    if !is_process {
-                        let conv = convs.get(&(
-                            card_key.0.clone(),
-                            card_key.1.clone(),
-                            text(card, "conversation_id").unwrap_or_default(),
-                        ));
-                        let want_start = conv.map(|c| Cell::Int(c.start)).unwrap_or(Cell::Null);
-                        let want_language =
-                            conv.map(|c| Cell::Str(c.language.clone())).unwrap_or(Cell::Null);
-                        if row.get("conversation_start_time") != Some(&want_start)
-                            || row.get("language_code") != Some(&want_language)
-                        {
-                            problems.push(format!("{id:?}: conversation fields {:?}/{:?}, expected {want_start:?}/{want_language:?}", row.get("conversation_start_time"), row.get("language_code")));
-                        }
-                    }
+                    check_carried(id, card, row, &convs, &mut problems);
                 }
             }
             many => problems.push(format!(
@@ -264,6 +197,74 @@ pub async fn check(env: &TestEnv, pg: &tokio_postgres::Client) -> anyhow::Result
     }
     problems.sort();
     Ok(problems)
+}
+
+/// Every live ClickHouse row on every shard, by key: (shard, cells by column name). Columns as
+/// the shards list them (`system.columns`; every shard must agree).
+async fn live_copies(env: &TestEnv) -> anyhow::Result<HashMap<RowId, Vec<(usize, ChRowByName)>>> {
+    let schemas = scoresync_sink::schema::load(&env.clickhouse).await?;
+    let mut live: HashMap<RowId, Vec<(usize, ChRowByName)>> = HashMap::new();
+    for schema in &schemas {
+        let table = schema.table;
+        for shard in 0..env.clickhouse.shards.len() {
+            for row in live_rows(env, shard, schema).await? {
+                live.entry((table.name().to_owned(), cell_key(table, &row)))
+                    .or_default()
+                    .push((shard, row));
+            }
+        }
+    }
+    Ok(live)
+}
+
+/// Checks what a child row (score, historic score) carries from its scorecard `card`: the
+/// card's fields, and for a conversation scorecard the conversation's start time and language.
+fn check_carried(
+    id: &RowId,
+    card: &Row,
+    row: &ChRowByName,
+    convs: &HashMap<(String, String, String), Conv>,
+    problems: &mut Vec<String>,
+) {
+    let is_process =
+        card.column("scorecard_type").and_then(|c| c.value.as_ref()).and_then(Value::as_int)
+            == Some(2);
+    for name in [
+        "scorecard_type",
+        "template_id",
+        "template_revision",
+        "agent_user_id",
+        "conversation_id",
+        "process_interaction_at",
+    ] {
+        let want = card.column(name).and_then(|c| c.value.as_ref());
+        if !same(want, row.get(name)) {
+            problems.push(format!(
+                "{id:?}.{name} (from its scorecard): clickhouse {:?}, postgres {:?}",
+                row.get(name),
+                want
+            ));
+        }
+    }
+    if is_process {
+        return;
+    }
+    let conv = convs.get(&(
+        text(card, "customer_id").unwrap_or_default(),
+        text(card, "profile_id").unwrap_or_default(),
+        text(card, "conversation_id").unwrap_or_default(),
+    ));
+    let want_start = conv.map(|c| Cell::Int(c.start)).unwrap_or(Cell::Null);
+    let want_language = conv.map(|c| Cell::Str(c.language.clone())).unwrap_or(Cell::Null);
+    if row.get("conversation_start_time") != Some(&want_start)
+        || row.get("language_code") != Some(&want_language)
+    {
+        problems.push(format!(
+            "{id:?}: conversation fields {:?}/{:?}, expected {want_start:?}/{want_language:?}",
+            row.get("conversation_start_time"),
+            row.get("language_code")
+        ));
+    }
 }
 
 /// Waits until the pipeline has caught up and the oracle holds; on timeout the error lists the

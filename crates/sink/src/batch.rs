@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use scoresync_event::SourceTable;
 
-use crate::rows::{Cell, ChRow, RowKey, TableSchema};
+use crate::rows::{ChRow, RowKey};
 use crate::shard::ShardIndex;
+use crate::table::{Cell, TableSchema};
 
 pub(crate) use scoresync_bus::group::MsgId;
 
@@ -152,7 +153,7 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rows::TableSchema;
+    use crate::table::TableSchema;
 
     fn schema() -> TableSchema {
         let cols: Vec<(String, String)> = [

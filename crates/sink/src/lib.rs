@@ -51,8 +51,8 @@
 //! - `role`: wiring (clients, group, writers) and shutdown; `stage`: the loop;
 //!   `settle`: what becomes of one event (applied, parked, dead-lettered), for every path.
 //! - `plan`: what a scorecard change writes, decided with no I/O; `apply`: carrying it out,
-//!   and children and TRUNCATEs; [`route`]: routing; [`rows`]: row mapping; `toast`:
-//!   unchanged-TOAST values.
+//!   and children and TRUNCATEs; [`route`]: routing; `toast`: unchanged-TOAST values.
+//! - [`table`], [`rows`], `rowbinary`: a target table's columns, row mapping, RowBinary.
 //! - `locate`, [`lookup`], `cache`: where a scorecard lives; what the sink asks ClickHouse
 //!   and PostgreSQL, and remembers.
 //! - `batch`, `writer`: batching and shard writers.
@@ -72,12 +72,14 @@ mod park;
 mod plan;
 mod role;
 pub mod route;
+mod rowbinary;
 pub mod rows;
 pub mod schema;
 mod settle;
 pub mod shard;
 mod stage;
 pub mod stats;
+pub mod table;
 mod toast;
 mod writer;
 

@@ -1,92 +1,18 @@
-//! Change events to ClickHouse rows, and rows to and from ClickHouse's TabSeparated format.
+//! Change events to ClickHouse rows: the row a change writes (an upsert or a delete marker), the
+//! fields a child copies from its scorecard, and a row's identity.
 //!
-//! Column sets come from the shard (`system.columns`), not from code: a column added to a target
-//! table is written as soon as events carry it; an event column the table lacks is left out (it
-//! still travels on the bus). Timestamps go to `Int64` microsecond columns as they are, booleans
-//! to `UInt8`, `DateTime` columns take Unix seconds.
-
-use std::collections::HashMap;
-use std::fmt::Write as _;
+//! Column sets come from the shard (`system.columns`, see [`crate::table`]), not from code: a
+//! column added to a target table is written as soon as events carry it; an event column the
+//! table lacks is left out (it still travels on the bus). So a row is cells aligned with its
+//! table's schema, mapped here by hand, not a Rust struct a serde derive could fill. Timestamps
+//! go to `Int64` microsecond columns as they are, booleans to `UInt8`, `DateTime` columns take
+//! Unix seconds.
 
 use scoresync_event::v1::value::Kind;
 use scoresync_event::{Row, SourceTable, Value};
 
 use crate::route::{CardFields, Conversation};
-
-/// The shape of a ClickHouse column's values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChType {
-    /// String (and anything without a closer mapping).
-    Str,
-    /// Signed integers.
-    Int,
-    /// Unsigned integers.
-    UInt,
-    /// Floats.
-    Float,
-    /// DateTime (Unix seconds in TabSeparated).
-    DateTime,
-}
-
-/// One column of a target table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChColumn {
-    /// Name.
-    pub name: String,
-    /// Value shape.
-    pub ty: ChType,
-    /// `Nullable(...)`.
-    pub nullable: bool,
-    /// Bytes of a fixed-width value in RowBinary (8 for Int64, 2 for Int16, 4 for DateTime).
-    pub width: u8,
-}
-
-impl ChColumn {
-    /// Parses a ClickHouse type name (`Nullable(Int64)`, `LowCardinality(String)`, ...).
-    pub fn new(name: &str, type_name: &str) -> ChColumn {
-        let mut inner = type_name.trim();
-        let mut nullable = false;
-        loop {
-            if let Some(rest) = inner.strip_prefix("Nullable(").and_then(|r| r.strip_suffix(')')) {
-                nullable = true;
-                inner = rest;
-            } else if let Some(rest) =
-                inner.strip_prefix("LowCardinality(").and_then(|r| r.strip_suffix(')'))
-            {
-                inner = rest;
-            } else {
-                break;
-            }
-        }
-        let bits = |prefix: &str| {
-            inner.strip_prefix(prefix).and_then(|b| b.parse::<u8>().ok()).map(|b| b / 8)
-        };
-        let (ty, width) = if inner.starts_with("DateTime") && !inner.starts_with("DateTime64") {
-            (ChType::DateTime, 4)
-        } else if let Some(width) = bits("UInt") {
-            (ChType::UInt, width)
-        } else if let Some(width) = bits("Int") {
-            (ChType::Int, width)
-        } else if let Some(width) = bits("Float") {
-            (ChType::Float, width)
-        } else {
-            (ChType::Str, 0)
-        };
-        ChColumn { name: name.to_owned(), ty, nullable, width }
-    }
-}
-
-/// A target table as a shard has it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TableSchema {
-    /// The table.
-    pub table: SourceTable,
-    /// Its columns, in table order.
-    pub columns: Vec<ChColumn>,
-    index: HashMap<String, usize>,
-    /// Positions of the primary-key columns, in key order.
-    pub key: Vec<usize>,
-}
+use crate::table::{Cell, ChColumn, ChType, TableSchema};
 
 /// A row that cannot be mapped to its table (dead-lettered).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -109,64 +35,6 @@ pub enum RowError {
     /// A primary-key column is missing or NULL.
     #[error("{0}: primary-key column {1} is missing or NULL")]
     NoKey(String, String),
-}
-
-impl TableSchema {
-    /// A schema from `(name, ClickHouse type)` pairs; fails when a primary-key column, `_version`
-    /// or `_deleted` is missing.
-    pub fn new(table: SourceTable, columns: &[(String, String)]) -> Result<TableSchema, RowError> {
-        let columns: Vec<ChColumn> = columns.iter().map(|(n, t)| ChColumn::new(n, t)).collect();
-        let index: HashMap<String, usize> =
-            columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
-        let missing = |name: &str| RowError::MissingColumn(table.name().into(), name.into());
-        let key = table
-            .primary_key()
-            .iter()
-            .map(|k| index.get(*k).copied().ok_or_else(|| missing(k)))
-            .collect::<Result<_, _>>()?;
-        for required in ["_version", "_deleted"] {
-            index.get(required).ok_or_else(|| missing(required))?;
-        }
-        Ok(TableSchema { table, columns, index, key })
-    }
-
-    /// The position of column `name`.
-    pub fn position(&self, name: &str) -> Option<usize> {
-        self.index.get(name).copied()
-    }
-
-    /// Every column name, for INSERT column lists.
-    pub fn column_list(&self) -> String {
-        self.columns.iter().map(|c| format!("`{}`", c.name)).collect::<Vec<_>>().join(", ")
-    }
-
-    /// Every column for a SELECT whose TabSeparated output [`parse_tsv_line`] reads: `DateTime`
-    /// columns as Unix seconds (their text form depends on the server's time zone).
-    pub fn select_list(&self) -> String {
-        self.columns
-            .iter()
-            .map(|c| match c.ty {
-                ChType::DateTime => format!("toUInt32(`{}`)", c.name),
-                _ => format!("`{}`", c.name),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-/// A value in a ClickHouse row.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Cell {
-    /// NULL (or the type's default in a non-nullable column).
-    Null,
-    /// A string.
-    Str(String),
-    /// A signed integer.
-    Int(i64),
-    /// An unsigned integer.
-    UInt(u64),
-    /// A float.
-    Float(f64),
 }
 
 /// The identity of a row: table and primary-key values in text form.
@@ -202,7 +70,7 @@ impl ChRow {
 }
 
 /// The text of a cell, as used in row keys.
-pub fn cell_text(cell: &Cell) -> String {
+pub(crate) fn cell_text(cell: &Cell) -> String {
     match cell {
         Cell::Null => String::new(),
         Cell::Str(s) => s.clone(),
@@ -361,173 +229,10 @@ fn check_key(schema: &TableSchema, row: &ChRow) -> Result<(), RowError> {
     Ok(())
 }
 
-/// Appends rows as TabSeparated lines (columns in schema order).
-pub fn write_tsv(schema: &TableSchema, rows: &[ChRow], out: &mut Vec<u8>) {
-    let mut line = String::new();
-    for row in rows {
-        line.clear();
-        for (i, (cell, column)) in row.cells.iter().zip(&schema.columns).enumerate() {
-            if i > 0 {
-                line.push('\t');
-            }
-            write_cell(&mut line, cell, column);
-        }
-        line.push('\n');
-        out.extend_from_slice(line.as_bytes());
-    }
-}
-
-/// Appends rows in ClickHouse's RowBinary format (columns in schema order). Binary floats
-/// arrive exactly as they left PostgreSQL; ClickHouse 18.16's text float parser can be off by an
-/// ulp (3.47 became 3.4699999999999998), which TabSeparated inserts would store.
-pub fn write_row_binary(schema: &TableSchema, rows: &[ChRow], out: &mut Vec<u8>) {
-    for row in rows {
-        for (cell, column) in row.cells.iter().zip(&schema.columns) {
-            if column.nullable {
-                if *cell == Cell::Null {
-                    out.push(1);
-                    continue;
-                }
-                out.push(0);
-            }
-            write_binary_cell(out, cell, column);
-        }
-    }
-}
-
-fn write_binary_cell(out: &mut Vec<u8>, cell: &Cell, column: &ChColumn) {
-    let width = usize::from(column.width);
-    match column.ty {
-        ChType::Str => {
-            let bytes: &[u8] = match cell {
-                Cell::Str(s) => s.as_bytes(),
-                _ => &[],
-            };
-            let mut len = bytes.len() as u64;
-            loop {
-                let byte = (len & 0x7f) as u8;
-                len >>= 7;
-                if len == 0 {
-                    out.push(byte);
-                    break;
-                }
-                out.push(byte | 0x80);
-            }
-            out.extend_from_slice(bytes);
-        }
-        ChType::Int | ChType::UInt | ChType::DateTime => {
-            let value: i64 = match cell {
-                Cell::Int(i) => *i,
-                Cell::UInt(u) => *u as i64,
-                Cell::Float(f) => *f as i64,
-                Cell::Str(_) | Cell::Null => 0,
-            };
-            out.extend_from_slice(&value.to_le_bytes()[..width.clamp(1, 8)]);
-        }
-        ChType::Float => {
-            let value = match cell {
-                Cell::Float(f) => *f,
-                Cell::Int(i) => *i as f64,
-                Cell::UInt(u) => *u as f64,
-                Cell::Str(_) | Cell::Null => 0.0,
-            };
-            if width == 4 {
-                out.extend_from_slice(&(value as f32).to_le_bytes());
-            } else {
-                out.extend_from_slice(&value.to_le_bytes());
-            }
-        }
-    }
-}
-
-fn write_cell(out: &mut String, cell: &Cell, column: &ChColumn) {
-    match cell {
-        Cell::Null if column.nullable => out.push_str("\\N"),
-        Cell::Null => match column.ty {
-            ChType::Str => {}
-            ChType::Int | ChType::UInt | ChType::DateTime => out.push('0'),
-            ChType::Float => out.push('0'),
-        },
-        Cell::Str(s) => {
-            for c in s.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\t' => out.push_str("\\t"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    '\0' => out.push_str("\\0"),
-                    c => out.push(c),
-                }
-            }
-        }
-        Cell::Int(i) => {
-            let _ = write!(out, "{i}");
-        }
-        Cell::UInt(u) => {
-            let _ = write!(out, "{u}");
-        }
-        Cell::Float(f) if f.is_nan() => out.push_str("nan"),
-        Cell::Float(f) if f.is_infinite() => out.push_str(if *f > 0.0 { "inf" } else { "-inf" }),
-        Cell::Float(f) => {
-            let _ = write!(out, "{f:?}");
-        }
-    }
-}
-
-/// Parses one TabSeparated line (as ClickHouse writes it) into cells for `columns`.
-pub fn parse_tsv_line(columns: &[ChColumn], line: &str) -> Option<Vec<Cell>> {
-    let fields: Vec<&str> = line.split('\t').collect();
-    if fields.len() != columns.len() {
-        return None;
-    }
-    fields
-        .iter()
-        .zip(columns)
-        .map(|(field, column)| {
-            if *field == "\\N" {
-                return Some(Cell::Null);
-            }
-            Some(match column.ty {
-                ChType::Str => Cell::Str(unescape(field)),
-                ChType::Int => Cell::Int(field.parse().ok()?),
-                ChType::UInt => Cell::UInt(field.parse().ok()?),
-                ChType::Float => Cell::Float(match *field {
-                    "nan" | "-nan" => f64::NAN,
-                    "inf" => f64::INFINITY,
-                    "-inf" => f64::NEG_INFINITY,
-                    other => other.parse().ok()?,
-                }),
-                ChType::DateTime => Cell::Int(field.parse().ok()?),
-            })
-        })
-        .collect()
-}
-
-fn unescape(field: &str) -> String {
-    let mut out = String::with_capacity(field.len());
-    let mut chars = field.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('t') => out.push('\t'),
-            Some('n') => out.push('\n'),
-            Some('r') => out.push('\r'),
-            Some('0') => out.push('\0'),
-            Some('b') => out.push('\u{8}'),
-            Some('f') => out.push('\u{c}'),
-            Some(other) => out.push(other),
-            None => out.push('\\'),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rowbinary::{read_row_binary, write_row_binary};
     use scoresync_event::Column;
 
     fn schema() -> TableSchema {
@@ -599,17 +304,17 @@ mod tests {
     }
 
     #[test]
-    fn tsv_round_trips_escapes_nulls_and_special_floats() {
+    fn mapped_rows_round_trip_through_row_binary() {
         let s = schema();
         let row = upsert_row(&s, &source(), 7, 0, None).expect("row");
         let mut out = Vec::new();
-        write_tsv(&s, std::slice::from_ref(&row), &mut out);
-        let text = String::from_utf8(out).expect("utf8");
-        assert!(text.contains("s\\t1") && text.contains("nan") && text.contains("\\N"), "{text}");
-        let parsed = parse_tsv_line(&s.columns, text.trim_end_matches('\n')).expect("parses");
+        write_row_binary(&s, std::slice::from_ref(&row), &mut out);
+        let decoded = read_row_binary(&s.columns, &out).expect("decodes");
         // NaN != NaN: compare everything else.
-        for (i, (a, b)) in parsed.iter().zip(&row.cells).enumerate() {
-            if i != s.position("numeric_value").expect("nv") {
+        let nv = s.position("numeric_value").expect("nv");
+        assert!(matches!(decoded[0][nv], Cell::Float(f) if f.is_nan()));
+        for (i, (a, b)) in decoded[0].iter().zip(&row.cells).enumerate() {
+            if i != nv {
                 assert_eq!(a, b, "column {}", s.columns[i].name);
             }
         }
@@ -618,54 +323,9 @@ mod tests {
         without.columns.retain(|c| c.name != "not_applicable");
         let row = upsert_row(&s, &without, 7, 0, None).expect("row");
         let mut out = Vec::new();
-        write_tsv(&s, &[row], &mut out);
-        let text = String::from_utf8(out).expect("utf8");
-        let fields: Vec<&str> = text.trim_end().split('\t').collect();
-        assert_eq!(fields[s.position("not_applicable").expect("na")], "0", "{text}");
-    }
-
-    #[test]
-    fn row_binary_layout() {
-        let cols: Vec<(String, String)> = [
-            ("customer_id", "String"),
-            ("profile_id", "String"),
-            ("score_id", "String"),
-            ("numeric_value", "Nullable(Float64)"),
-            ("scorecard_type", "Nullable(Int16)"),
-            ("_version", "UInt64"),
-            ("_deleted", "UInt8"),
-        ]
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-        let s = TableSchema::new(SourceTable::Scores, &cols).expect("schema");
-        let row = ChRow {
-            table: SourceTable::Scores,
-            cells: vec![
-                Cell::Str("c".into()),
-                Cell::Str("p".repeat(200)),
-                Cell::Str(String::new()),
-                Cell::Float(3.47),
-                Cell::Null,
-                Cell::UInt(258),
-                Cell::UInt(1),
-            ],
-            version: 258,
-            seq: 0,
-            unknown: Vec::new(),
-            commit_time_us: 0,
-        };
-        let mut out = Vec::new();
         write_row_binary(&s, &[row], &mut out);
-        let mut expected = vec![1, b'c', 0xC8, 0x01];
-        expected.extend(std::iter::repeat_n(b'p', 200));
-        expected.push(0);
-        expected.push(0);
-        expected.extend(3.47_f64.to_le_bytes());
-        expected.push(1);
-        expected.extend(258_u64.to_le_bytes());
-        expected.push(1);
-        assert_eq!(out, expected);
+        let decoded = read_row_binary(&s.columns, &out).expect("decodes");
+        assert_eq!(decoded[0][s.position("not_applicable").expect("na")], Cell::UInt(0));
     }
 
     #[test]
@@ -688,18 +348,5 @@ mod tests {
         bad.columns[8] = col("created_at", Value::text("yesterday"));
         let err = upsert_row(&s, &bad, 1, 0, None).expect_err("mismatch");
         assert!(err.to_string().contains("scores.created_at"), "{err}");
-    }
-
-    #[test]
-    fn clickhouse_type_names() {
-        assert_eq!(
-            ChColumn::new("a", "Nullable(Int64)"),
-            ChColumn { name: "a".into(), ty: ChType::Int, nullable: true, width: 8 }
-        );
-        assert_eq!(ChColumn::new("a", "Int16").width, 2);
-        assert_eq!(ChColumn::new("a", "UInt8").ty, ChType::UInt);
-        assert_eq!(ChColumn::new("a", "LowCardinality(Nullable(String))").ty, ChType::Str);
-        assert_eq!(ChColumn::new("a", "DateTime('UTC')").ty, ChType::DateTime);
-        assert_eq!(ChColumn::new("a", "Float64").ty, ChType::Float);
     }
 }

@@ -78,9 +78,9 @@ pub async fn ensure(cfg: &ClickHouseConfig) -> Result<Vec<ShardOutcome>, SchemaE
 /// Reads the target tables' columns from every shard (`system.columns`); all shards must agree.
 pub async fn load(
     cfg: &ClickHouseConfig,
-) -> Result<Vec<crate::rows::TableSchema>, crate::error::Error> {
+) -> Result<Vec<crate::table::TableSchema>, crate::error::Error> {
     use crate::error::Error;
-    use crate::rows::TableSchema;
+    use crate::table::TableSchema;
     use scoresync_event::SourceTable;
 
     let mut schemas: Vec<TableSchema> = Vec::new();
@@ -88,13 +88,10 @@ pub async fn load(
         let mut first: Option<Vec<(String, String)>> = None;
         for shard in 0..cfg.shards.len() {
             let Some(client) = crate::shard::client(cfg, shard) else { continue };
-            let sql = format!(
-                "SELECT name, type FROM system.columns WHERE database = '{}' AND table = '{}'",
-                cfg.database,
-                table.name()
-            );
             let columns: Vec<(String, String)> = client
-                .query_raw(&sql)
+                .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+                .bind(&cfg.database)
+                .bind(table.name())
                 .fetch_all()
                 .await
                 .map_err(Error::shard(shard, format!("reading the columns of {}", table.name())))?;

@@ -11,8 +11,9 @@ use crate::error::Error;
 use crate::lookup::Lookups;
 use crate::park::ParkReason;
 use crate::plan::Wait;
-use crate::rows::{Cell, ChRow, ChType, TableSchema};
+use crate::rows::ChRow;
 use crate::shard::ShardIndex;
+use crate::table::{Cell, ChType, TableSchema};
 
 /// Fills the unknown cells of `row` from the stored row on one of `shards` (searched in order).
 /// `Some` when the change must wait: for a flush, or parked.

@@ -18,9 +18,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, MsgId};
-use crate::rows::{TableSchema, write_row_binary};
+use crate::rowbinary::write_row_binary;
 use crate::shard::ShardIndex;
 use crate::stats::SinkStats;
+use crate::table::TableSchema;
 
 /// Longest one insert attempt may take before it is retried.
 pub(crate) const INSERT_TIMEOUT: Duration = Duration::from_secs(60);

@@ -2,12 +2,15 @@
 //! and benchmarks. Conversations are seeded on the ClickHouse shards first (they belong to
 //! another pipeline in production). Then scorecards are created the way CreateScorecard does (the
 //! card, its scores and its historic scores in one transaction), some are updated (AutoQA
-//! rescoring, edited comments), some deleted. Deterministic for a given `--seed`.
+//! rescoring, edited comments), some deleted. Deterministic for a given `--seed`. Every value is
+//! a statement parameter (PostgreSQL) or bound (ClickHouse), never spliced into SQL text.
 
 use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
+use tokio_postgres::{Client, Statement};
 
 use scoresync_source::connect::ConnectParams;
 
@@ -75,131 +78,105 @@ struct Conv {
     profile: String,
 }
 
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// A generated scorecard's identity and routing fields.
+struct Card {
+    customer: String,
+    profile: String,
+    id: String,
+    /// `scorecard_type`: 2 (process), 1 or NULL (conversation).
+    kind: Option<i16>,
+    conversation: Option<String>,
+    process_interaction_at: Option<SystemTime>,
+}
+
+/// The workload's statements, prepared once; every value is a statement parameter.
+struct Statements {
+    insert_card: Statement,
+    insert_score: Statement,
+    insert_historic: Statement,
+    rescore_card: Statement,
+    rescore_score: Statement,
+    delete: [Statement; 3],
+}
+
+impl Statements {
+    async fn prepare(pg: &Client) -> Result<Statements, tokio_postgres::Error> {
+        // A large comment (TOASTed) is built by PostgreSQL from the card id when `$10` is NULL.
+        let insert_card = "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, \
+             template_id, template_revision, scorecard_type, conversation_id, process_interaction_at, \
+             agent_user_id, creator_user_id, score, comment, submitted_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'rev-1', $5, $6, $7, $8, 'creator-1', $9, \
+             COALESCE($10, (SELECT string_agg(md5(g::text || $3), '') FROM generate_series(1, 350) g)), \
+             now(), now(), now())";
+        let insert_score = "INSERT INTO director.scores (customer_id, profile_id, score_id, \
+             scorecard_id, criterion_id, numeric_value, not_applicable, ai_scored, comment, created_at, \
+             updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, false, NULL, now(), now())";
+        let insert_historic = "INSERT INTO director.historic_scorecard_scores (customer_id, \
+             profile_id, scorecard_id, revision, criterion_id, score_id, numeric_value, not_applicable, \
+             scored_at) VALUES ($1, $2, $3, $4, $5, $6, $7, false, now())";
+        let rescore_card = "UPDATE director.scorecards SET score = $4, updated_at = now() \
+             WHERE customer_id = $1 AND profile_id = $2 AND scorecard_id = $3";
+        let rescore_score = "UPDATE director.scores SET numeric_value = $4, ai_scored = true, \
+             updated_at = now() WHERE customer_id = $1 AND profile_id = $2 AND score_id = $3";
+        let filter = "WHERE customer_id = $1 AND profile_id = $2 AND scorecard_id = $3";
+        Ok(Statements {
+            insert_card: pg.prepare(insert_card).await?,
+            insert_score: pg.prepare(insert_score).await?,
+            insert_historic: pg.prepare(insert_historic).await?,
+            rescore_card: pg.prepare(rescore_card).await?,
+            rescore_score: pg.prepare(rescore_score).await?,
+            delete: [
+                pg.prepare(&format!("DELETE FROM director.historic_scorecard_scores {filter}"))
+                    .await?,
+                pg.prepare(&format!("DELETE FROM director.scores {filter}")).await?,
+                pg.prepare(&format!("DELETE FROM director.scorecards {filter}")).await?,
+            ],
+        })
+    }
 }
 
 /// Writes the workload; prints what it did.
 pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode> {
     let url = args.pg_url.clone().unwrap_or_else(|| config.postgres.url.expose_secret().to_owned());
-    let pg = ConnectParams::parse(&url)?.connect_sql().await.context("connecting to PostgreSQL")?;
+    let mut pg =
+        ConnectParams::parse(&url)?.connect_sql().await.context("connecting to PostgreSQL")?;
     let mut rng = Rng(args.seed.max(1));
     let convs = seed_conversations(config, args, &mut rng).await?;
     anyhow::ensure!(
         !convs.is_empty() || args.process_share >= 1.0,
         "no conversations on the shards: pass --conversations-per-shard N to seed some"
     );
+    let statements = Statements::prepare(&pg).await.context("preparing the workload")?;
 
     let mut cards = Vec::with_capacity(args.scorecards);
     for i in 0..args.scorecards {
-        let process = convs.is_empty() || rng.chance(args.process_share);
-        let (customer, profile, kind, conversation, pia) = if process {
-            // Mostly 2023-2025, a few before 1970 (negative Unix times route too).
-            let seconds: i64 = if rng.chance(0.02) {
-                -(rng.below(300_000_000) as i64)
-            } else {
-                1_672_531_200 + rng.below(94_608_000) as i64
-            };
-            let micros = rng.below(1_000_000) as i64;
-            let at = format!("to_timestamp({seconds}) + interval '{micros} microseconds'");
-            (format!("cust-{}", i % 3), format!("prof-{}", i % 2), "2", "NULL".to_owned(), at)
-        } else {
-            // Conversation scorecards: type 1 or unspecified (NULL), both routed by conversation.
-            let conv = convs[rng.below(convs.len())].clone();
-            let kind = if rng.chance(0.5) { "1" } else { "NULL" };
-            (conv.customer, conv.profile, kind, quote(&conv.id), "NULL".to_owned())
-        };
-        let card = format!("{}-card-{i}", args.prefix);
-        let comment = if rng.chance(args.large_comment_share) {
-            format!(
-                "(SELECT string_agg(md5(g::text || {}), '') FROM generate_series(1, 350) g)",
-                quote(&card)
-            )
-        } else {
-            quote(&format!("comment on {card}"))
-        };
-        let mut tx = vec![format!(
-            "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id, template_revision, \
-             scorecard_type, conversation_id, process_interaction_at, agent_user_id, creator_user_id, score, comment, \
-             submitted_at, created_at, updated_at) VALUES ({c}, {p}, {card}, 'tmpl-{t}', 'rev-1', {kind}, {conversation}, \
-             {pia}, 'agent-{a}', 'creator-1', {score}, {comment}, now(), now(), now())",
-            c = quote(&customer),
-            p = quote(&profile),
-            card = quote(&card),
-            t = rng.below(5),
-            a = rng.below(20),
-            score = rng.below(10_000) as f64 / 100.0,
-        )];
-        for j in 0..args.scores_per_card {
-            let score_id = format!("{}-score-{i}-{j}", args.prefix);
-            tx.push(format!(
-                "INSERT INTO director.scores (customer_id, profile_id, score_id, scorecard_id, criterion_id, numeric_value, \
-                 not_applicable, ai_scored, comment, created_at, updated_at) VALUES ({c}, {p}, {s}, {card}, 'crit-{j}', {v}, \
-                 {na}, false, NULL, now(), now())",
-                c = quote(&customer),
-                p = quote(&profile),
-                s = quote(&score_id),
-                card = quote(&card),
-                v = rng.below(100),
-                na = rng.chance(0.1),
-            ));
-            tx.push(format!(
-                "INSERT INTO director.historic_scorecard_scores (customer_id, profile_id, scorecard_id, revision, criterion_id, \
-                 score_id, numeric_value, not_applicable, scored_at) VALUES ({c}, {p}, {card}, 1, 'crit-{j}', {s}, {v}, false, now())",
-                c = quote(&customer),
-                p = quote(&profile),
-                s = quote(&score_id),
-                card = quote(&card),
-                v = rng.below(100),
-            ));
-        }
-        pg.batch_execute(&format!("BEGIN; {}; COMMIT", tx.join("; ")))
+        let card = new_card(args, &convs, &mut rng, i);
+        create(&mut pg, &statements, args, &mut rng, &card, i)
             .await
-            .with_context(|| format!("creating {card}"))?;
-        cards.push((customer, profile, card));
+            .with_context(|| format!("creating {}", card.id))?;
+        cards.push(card);
     }
 
     let mut updated = 0;
-    for (i, (c, p, card)) in cards.iter().enumerate() {
+    for (i, card) in cards.iter().enumerate() {
         if !rng.chance(args.update_share) {
             continue;
         }
         updated += 1;
-        let j = rng.below(args.scores_per_card.max(1));
-        pg.batch_execute(&format!(
-            "BEGIN; UPDATE director.scorecards SET score = {v}, updated_at = now() WHERE customer_id = {c} AND profile_id = {p} AND scorecard_id = {card}; \
-             UPDATE director.scores SET numeric_value = {v2}, ai_scored = true, updated_at = now() WHERE customer_id = {c} AND profile_id = {p} \
-             AND score_id = {s}; INSERT INTO director.historic_scorecard_scores (customer_id, profile_id, scorecard_id, revision, criterion_id, \
-             score_id, numeric_value, not_applicable, scored_at) VALUES ({c}, {p}, {card}, 2, 'crit-{j}', {s}, {v2}, false, now()); COMMIT",
-            v = rng.below(10_000) as f64 / 100.0,
-            v2 = rng.below(100),
-            c = quote(c),
-            p = quote(p),
-            card = quote(card),
-            s = quote(&format!("{}-score-{i}-{j}", args.prefix)),
-        ))
-        .await
-        .with_context(|| format!("updating {card}"))?;
+        rescore(&mut pg, &statements, args, &mut rng, card, i)
+            .await
+            .with_context(|| format!("updating {}", card.id))?;
     }
 
     let mut deleted = 0;
-    for (c, p, card) in &cards {
+    for card in &cards {
         if !rng.chance(args.delete_share) {
             continue;
         }
         deleted += 1;
-        let filter = format!(
-            "customer_id = {} AND profile_id = {} AND scorecard_id = {}",
-            quote(c),
-            quote(p),
-            quote(card)
-        );
-        pg.batch_execute(&format!(
-            "BEGIN; DELETE FROM director.historic_scorecard_scores WHERE {filter}; DELETE FROM director.scores WHERE {filter}; \
-             DELETE FROM director.scorecards WHERE {filter}; COMMIT"
-        ))
-        .await
-        .with_context(|| format!("deleting {card}"))?;
+        delete(&mut pg, &statements, card)
+            .await
+            .with_context(|| format!("deleting {}", card.id))?;
     }
     println!(
         "loadgen: {} conversation(s) seeded, {} scorecard(s) created ({} score rows each way), {updated} updated, {deleted} deleted",
@@ -208,6 +185,138 @@ pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode
         args.scores_per_card
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `i`-th scorecard: a process scorecard (routed by time) or a conversation scorecard.
+fn new_card(args: &LoadgenArgs, convs: &[Conv], rng: &mut Rng, i: usize) -> Card {
+    let id = format!("{}-card-{i}", args.prefix);
+    let process = convs.is_empty() || rng.chance(args.process_share);
+    if process {
+        // Mostly 2023-2025, a few before 1970 (negative Unix times route too).
+        let seconds: i64 = if rng.chance(0.02) {
+            -(rng.below(300_000_000) as i64)
+        } else {
+            1_672_531_200 + rng.below(94_608_000) as i64
+        };
+        let micros = rng.below(1_000_000) as u64;
+        return Card {
+            customer: format!("cust-{}", i % 3),
+            profile: format!("prof-{}", i % 2),
+            id,
+            kind: Some(2),
+            conversation: None,
+            process_interaction_at: Some(unix_time(seconds, micros)),
+        };
+    }
+    // Conversation scorecards: type 1 or unspecified (NULL), both routed by conversation.
+    let conv = convs[rng.below(convs.len())].clone();
+    let kind = if rng.chance(0.5) { Some(1) } else { None };
+    Card {
+        customer: conv.customer,
+        profile: conv.profile,
+        id,
+        kind,
+        conversation: Some(conv.id),
+        process_interaction_at: None,
+    }
+}
+
+/// `seconds` (negative before 1970) and `micros` after the Unix epoch.
+fn unix_time(seconds: i64, micros: u64) -> SystemTime {
+    let whole = Duration::from_secs(seconds.unsigned_abs());
+    let at = if seconds < 0 { UNIX_EPOCH - whole } else { UNIX_EPOCH + whole };
+    at + Duration::from_micros(micros)
+}
+
+/// Creates a scorecard the way CreateScorecard does: the card, its scores and its historic
+/// scores in one transaction.
+async fn create(
+    pg: &mut Client,
+    statements: &Statements,
+    args: &LoadgenArgs,
+    rng: &mut Rng,
+    card: &Card,
+    i: usize,
+) -> Result<(), tokio_postgres::Error> {
+    let comment =
+        (!rng.chance(args.large_comment_share)).then(|| format!("comment on {}", card.id));
+    let template = format!("tmpl-{}", rng.below(5));
+    let agent = format!("agent-{}", rng.below(20));
+    let score = rng.below(10_000) as f64 / 100.0;
+    let tx = pg.transaction().await?;
+    let (c, p) = (&card.customer, &card.profile);
+    tx.execute(
+        &statements.insert_card,
+        &[
+            c,
+            p,
+            &card.id,
+            &template,
+            &card.kind,
+            &card.conversation,
+            &card.process_interaction_at,
+            &agent,
+            &score,
+            &comment,
+        ],
+    )
+    .await?;
+    for j in 0..args.scores_per_card {
+        let score_id = format!("{}-score-{i}-{j}", args.prefix);
+        let criterion = format!("crit-{j}");
+        let (value, not_applicable) = (rng.below(100) as f64, rng.chance(0.1));
+        tx.execute(
+            &statements.insert_score,
+            &[c, p, &score_id, &card.id, &criterion, &value, &not_applicable],
+        )
+        .await?;
+        let value = rng.below(100) as f64;
+        tx.execute(
+            &statements.insert_historic,
+            &[c, p, &card.id, &1_i32, &criterion, &score_id, &value],
+        )
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// AutoQA rescoring: the card's score, one score's value, and a second historic revision.
+async fn rescore(
+    pg: &mut Client,
+    statements: &Statements,
+    args: &LoadgenArgs,
+    rng: &mut Rng,
+    card: &Card,
+    i: usize,
+) -> Result<(), tokio_postgres::Error> {
+    let j = rng.below(args.scores_per_card.max(1));
+    let card_score = rng.below(10_000) as f64 / 100.0;
+    let value = rng.below(100) as f64;
+    let score_id = format!("{}-score-{i}-{j}", args.prefix);
+    let criterion = format!("crit-{j}");
+    let (c, p) = (&card.customer, &card.profile);
+    let tx = pg.transaction().await?;
+    tx.execute(&statements.rescore_card, &[c, p, &card.id, &card_score]).await?;
+    tx.execute(&statements.rescore_score, &[c, p, &score_id, &value]).await?;
+    tx.execute(
+        &statements.insert_historic,
+        &[c, p, &card.id, &2_i32, &criterion, &score_id, &value],
+    )
+    .await?;
+    tx.commit().await
+}
+
+/// Deletes a scorecard with its historic scores and scores, in one transaction.
+async fn delete(
+    pg: &mut Client,
+    statements: &Statements,
+    card: &Card,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = pg.transaction().await?;
+    for statement in &statements.delete {
+        tx.execute(statement, &[&card.customer, &card.profile, &card.id]).await?;
+    }
+    tx.commit().await
 }
 
 /// Seeds conversations on every shard (or reads the ones there when the count is 0).
@@ -239,7 +348,7 @@ async fn seed_conversations(
             }
             continue;
         }
-        let mut values = Vec::new();
+        let mut seeded = Vec::new();
         for k in 0..args.conversations_per_shard {
             let conv = Conv {
                 id: format!("{}-conv-{shard}-{k}", args.prefix),
@@ -247,27 +356,28 @@ async fn seed_conversations(
                 profile: format!("prof-{}", rng.below(2)),
             };
             let start = 1_700_000_000 + rng.below(10_000_000) as i64;
-            values.push(format!(
-                "({}, {}, {}, toDateTime({start}), {})",
-                quote_ch(&conv.id),
-                quote_ch(&conv.customer),
-                quote_ch(&conv.profile),
-                quote_ch(["en", "de", "fr"][rng.below(3)])
-            ));
+            let language = ["en", "de", "fr"][rng.below(3)];
+            seeded.push((conv.clone(), start, language));
             convs.push(conv);
         }
-        client
-            .query_raw(&format!(
-                "INSERT INTO conversations (conversation_id, customer_id, profile_id, conversation_start_time, language_code) VALUES {}",
-                values.join(", ")
-            ))
+        // One bound `(?, ?, ?, toDateTime(?), ?)` per conversation.
+        let values = vec!["(?, ?, ?, toDateTime(?), ?)"; seeded.len()].join(", ");
+        let insert = client.query(&format!(
+            "INSERT INTO conversations (conversation_id, customer_id, profile_id, conversation_start_time, language_code) VALUES {values}"
+        ));
+        seeded
+            .iter()
+            .fold(insert, |insert, (conv, start, language)| {
+                insert
+                    .bind(&conv.id)
+                    .bind(&conv.customer)
+                    .bind(&conv.profile)
+                    .bind(start)
+                    .bind(language)
+            })
             .execute()
             .await
             .with_context(|| format!("seeding conversations on shard {shard}"))?;
     }
     Ok(convs)
-}
-
-fn quote_ch(s: &str) -> String {
-    scoresync_sink::lookup::quote(s)
 }

@@ -9,8 +9,9 @@ use crate::cache::CardState;
 use crate::error::Error;
 use crate::plan::{self, CardChange, CardPlan, Placement};
 use crate::route::Conversation;
-use crate::rows::{Cell, ChRow, Denormalized, upsert_row};
+use crate::rows::{ChRow, Denormalized, upsert_row};
 use crate::shard::ShardIndex;
+use crate::table::Cell;
 
 /// One card change being written, with what its steps need.
 struct CardWrite<'a> {

@@ -25,8 +25,9 @@ use crate::error::Error;
 use crate::locate::Locator;
 use crate::park::ParkReason;
 use crate::plan::Wait;
-use crate::rows::{ChRow, RowError, RowKey, TableSchema, delete_row};
+use crate::rows::{ChRow, RowError, RowKey, delete_row};
 use crate::shard::ShardIndex;
+use crate::table::TableSchema;
 
 /// What became of an event.
 #[derive(Debug, PartialEq)]
