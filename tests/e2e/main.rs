@@ -6,3 +6,4 @@ mod sink;
 mod smoke;
 mod source;
 mod stack;
+mod waits;

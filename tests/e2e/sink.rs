@@ -345,14 +345,14 @@ async fn poison_messages_are_dead_lettered_with_their_origin_and_the_sink_stays_
 
 /// A dead letter's origin headers.
 #[derive(Debug)]
-struct Letter {
-    topic: String,
-    partition: String,
-    offset: String,
-    error: String,
+pub struct Letter {
+    pub topic: String,
+    pub partition: String,
+    pub offset: String,
+    pub error: String,
 }
 
-fn dead_letters(env: &TestEnv) -> anyhow::Result<Vec<Letter>> {
+pub fn dead_letters(env: &TestEnv) -> anyhow::Result<Vec<Letter>> {
     let mut out = Vec::new();
     scoresync_tests::kafka::read_topic(&env.kafka, &env.kafka.dlq_topic, |m| {
         let h = |name| scoresync_sink::dlq::header(m, name).unwrap_or_default().to_owned();

@@ -111,6 +111,9 @@ pub const DEFAULT_MAX_PARKED_EVENTS: usize = 100_000;
 pub const DEFAULT_PARK_RETRY_MS: u64 = 2_000;
 /// Default bound on cached scorecards and conversations.
 pub const DEFAULT_CACHE_ENTRIES: usize = 200_000;
+/// Default longest a score or historic score waits for a scorecard known nowhere (no shard, not
+/// in PostgreSQL) before it is dead-lettered.
+pub const DEFAULT_UNKNOWN_SCORECARD_TIMEOUT_MS: u64 = 3_600_000;
 
 /// The `[sink]` section: batching, memory bounds, parking.
 #[derive(Clone, Debug, Deserialize)]
@@ -131,6 +134,10 @@ pub struct SinkConfig {
     pub park_retry_ms: u64,
     /// Scorecards and conversations kept in the routing caches.
     pub cache_entries: usize,
+    /// Longest a score or historic score waits, parked, for a scorecard that no shard holds and
+    /// PostgreSQL lacks, before it goes to the dead-letter topic (`scoresync dlq redrive` puts it
+    /// back once the scorecard exists).
+    pub unknown_scorecard_timeout_ms: u64,
 }
 
 impl Default for SinkConfig {
@@ -143,6 +150,7 @@ impl Default for SinkConfig {
             max_parked_events: DEFAULT_MAX_PARKED_EVENTS,
             park_retry_ms: DEFAULT_PARK_RETRY_MS,
             cache_entries: DEFAULT_CACHE_ENTRIES,
+            unknown_scorecard_timeout_ms: DEFAULT_UNKNOWN_SCORECARD_TIMEOUT_MS,
         }
     }
 }

@@ -49,6 +49,12 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A PostgreSQL lookup or connect did not answer in time.
+    #[error("postgres: {context} timed out")]
+    PostgresTimeout {
+        /// What was being done.
+        context: String,
+    },
     /// A target table cannot take the rows (its schema lacks key columns).
     #[error("clickhouse schema")]
     Schema(#[source] RowError),
@@ -111,8 +117,9 @@ impl Error {
         match self {
             Error::Shard { .. }
             | Error::Timeout { .. }
-            | Error::Postgres { .. }
+            | Error::PostgresTimeout { .. }
             | Error::Kafka { .. } => true,
+            Error::Postgres { source, .. } => crate::lookup::postgres_error_is_transient(source),
             Error::Bus(err) => err.is_transient(),
             Error::Unreadable { .. }
             | Error::Schema(_)

@@ -16,7 +16,7 @@ use crate::cache::{Caches, CardState, ConversationKey};
 use crate::error::Error;
 use crate::lookup::{Lookups, StoredCard};
 use crate::park::ParkReason;
-use crate::plan::Placement;
+use crate::plan::{Placement, Wait};
 use crate::route::{CardFields, Conversation, Route};
 
 /// The caches and lookups that say where scorecards live.
@@ -87,16 +87,18 @@ impl Locator {
     }
 
     /// The scorecard a child belongs to: cache, shards, then PostgreSQL (routed like its card).
+    /// A card PostgreSQL has but that can never be routed makes the child poison (it follows its
+    /// card to the dead-letter topic); a card known nowhere, or whose conversation is on no shard
+    /// yet, makes it wait.
     pub(crate) async fn card_for_child(
         &mut self,
         key: &ScorecardKey,
-    ) -> Result<Result<CardState, ParkReason>, Error> {
+    ) -> Result<Result<CardState, Wait>, Error> {
         if let Some(state) = self.card_state(key).await? {
             return Ok(Ok(state));
         }
-        let unknown = || ParkReason::ScorecardUnknown(key.scorecard_id.clone());
         let Some(fields) = self.lookups.card_in_postgres(key).await? else {
-            return Ok(Err(unknown()));
+            return Ok(Err(Wait::Park(ParkReason::ScorecardUnknown(key.scorecard_id.clone()))));
         };
         Ok(match self.place(key, &fields).await? {
             // Not cached: the card's own event, when applied, decides its version and state.
@@ -109,8 +111,11 @@ impl Locator {
                 deleted: false,
                 from_shards: false,
             }),
-            Placement::NotYet(reason) => Err(reason),
-            Placement::Never(_) => Err(unknown()),
+            Placement::NotYet(reason) => Err(Wait::Park(reason)),
+            Placement::Never(error) => Err(Wait::Poison(format!(
+                "its scorecard {} cannot be routed: {error}",
+                key.scorecard_id
+            ))),
         })
     }
 

@@ -32,6 +32,8 @@ mod postgres;
 mod routing;
 mod stored;
 
+pub use postgres::APPLICATION_NAME;
+pub(crate) use postgres::postgres_error_is_transient;
 pub use stored::live_rows;
 
 /// Longest a lookup or statement may take before the shard counts as unavailable.
@@ -56,20 +58,22 @@ pub struct StoredCard {
 pub struct Lookups {
     shards: Vec<clickhouse::Client>,
     database: String,
-    pg: Option<tokio_postgres::Client>,
+    pg: Option<postgres::PgFallback>,
     /// Per shard: after a failed request, lookups fail fast until this instant, so a shard that
     /// hangs costs one timeout per cool-down rather than one per event (the events park).
     cooling: std::sync::Mutex<Vec<Option<Instant>>>,
 }
 
 impl Lookups {
-    /// Lookups over `shards`, with PostgreSQL when `pg` is given.
+    /// Lookups over `shards`, with PostgreSQL at `postgres_url` when given (connected when first
+    /// needed).
     pub fn new(
         shards: Vec<clickhouse::Client>,
         database: String,
-        pg: Option<tokio_postgres::Client>,
+        postgres_url: Option<secrecy::SecretString>,
     ) -> Self {
         let cooling = std::sync::Mutex::new(vec![None; shards.len()]);
+        let pg = postgres_url.map(postgres::PgFallback::new);
         Lookups { shards, database, pg, cooling }
     }
 

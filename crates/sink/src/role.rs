@@ -31,7 +31,7 @@ pub struct Sink {
     /// Batching and bounds.
     pub sink: SinkConfig,
     /// PostgreSQL URL for last-resort lookups (`None`: park instead).
-    pub postgres_url: Option<String>,
+    pub postgres_url: Option<secrecy::SecretString>,
     /// What it counts.
     pub stats: Arc<SinkStats>,
 }
@@ -49,12 +49,8 @@ impl Sink {
             OffsetReset::Earliest,
             rejoin_after,
         )?;
-        let pg = match &self.postgres_url {
-            Some(url) => Some(connect_postgres(url).await?),
-            None => None,
-        };
         let database = &self.clickhouse.database;
-        let lookups = Lookups::new(clients.clone(), database.clone(), pg);
+        let lookups = Lookups::new(clients.clone(), database.clone(), self.postgres_url.clone());
         let locate = Locator::new(clients.len(), lookups, self.sink.cache_entries);
         let limits = Limits {
             max_rows: self.sink.max_batch_rows,
@@ -83,16 +79,4 @@ impl Sink {
         group.close().await;
         result
     }
-}
-
-async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, Error> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|source| Error::Postgres { context: "connecting for lookups".into(), source })?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::warn!(%error, "postgres lookup connection ended");
-        }
-    });
-    Ok(client)
 }

@@ -213,6 +213,15 @@ impl Loop {
             return Ok(Settled::DeadLettered);
         };
         match attempt {
+            Attempt::Retry(_, parked) if self.waited_too_long(&parked, &reason) => {
+                let limit = self.config.unknown_scorecard_timeout_ms as f64 / 1000.0;
+                let error = format!(
+                    "{reason} within {limit} s (sink.unknown_scorecard_timeout_ms); \
+                     redrive it once the scorecard exists"
+                );
+                self.dead_letter(Attempt::Retry(row, parked), &error)?;
+                return Ok(Settled::DeadLettered);
+            }
             Attempt::Retry(_, parked) => self.park.repark(row, parked, reason),
             Attempt::Live(message, event) => {
                 tracing::debug!(partition = message.id.0, offset = message.id.1, %reason, "parked");
@@ -222,6 +231,14 @@ impl Loop {
             }
         }
         Ok(Settled::Parked)
+    }
+
+    /// True when a parked change has waited for its scorecard longer than
+    /// `sink.unknown_scorecard_timeout_ms` (the only wait that ends in the dead-letter topic:
+    /// conversations and dependencies are waited for until they appear or an operator acts).
+    fn waited_too_long(&self, parked: &Parked, reason: &ParkReason) -> bool {
+        let limit = Duration::from_millis(self.config.unknown_scorecard_timeout_ms);
+        matches!(reason, ParkReason::ScorecardUnknown(_)) && parked.since.elapsed() >= limit
     }
 
     fn dead_letter(&mut self, attempt: Attempt, error: &str) -> Result<(), Error> {
@@ -283,7 +300,7 @@ impl Loop {
 fn dependency(err: &Error) -> String {
     match (err.shard_index(), err) {
         (Some(shard), _) => format!("clickhouse shard {shard}"),
-        (None, Error::Postgres { .. }) => "postgres".into(),
+        (None, Error::Postgres { .. } | Error::PostgresTimeout { .. }) => "postgres".into(),
         (None, other) => Report::new(other).to_string(),
     }
 }

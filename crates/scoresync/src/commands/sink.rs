@@ -17,7 +17,7 @@ pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
         kafka: config.kafka.clone(),
         clickhouse: config.clickhouse.clone(),
         sink: config.sink.clone(),
-        postgres_url: Some(config.postgres.url.expose_secret().to_owned()),
+        postgres_url: Some(config.postgres.url.expose_secret().to_owned().into()),
         stats,
     }
 }

@@ -1,12 +1,16 @@
 //! A score or historic score: written on its scorecard's current shard, carrying the card's
 //! fields. A child re-parented to another card, or with a changed primary key, leaves a delete
-//! marker for its old copy.
+//! marker for its old copy. A child of a card that can never be routed is poison, like its card;
+//! a child delete of a card known nowhere is a no-op; any other child of a card known nowhere
+//! waits (parked, bounded by `sink.unknown_scorecard_timeout_ms`).
 
 use scoresync_event::{ChangeEvent, Operation, RowVersion, ScorecardKey, SourceTable};
 
 use super::{Applier, Decision, scorecard_of_row};
 use crate::batch::MsgId;
 use crate::error::Error;
+use crate::park::ParkReason;
+use crate::plan::Wait;
 use crate::rows::{Denormalized, upsert_row};
 
 impl Applier {
@@ -23,7 +27,11 @@ impl Applier {
         };
         let card = match self.locate.card_for_child(&card_key).await? {
             Ok(card) => card,
-            Err(reason) => return Ok(Decision::Park(reason)),
+            // A card stored nowhere has no children stored anywhere: nothing to delete.
+            Err(Wait::Park(ParkReason::ScorecardUnknown(_))) if event.op() == Operation::Delete => {
+                return Ok(Decision::Applied);
+            }
+            Err(wait) => return Ok(wait.into()),
         };
         if event.op() == Operation::Delete {
             let Some(old) = &event.old_row else {
