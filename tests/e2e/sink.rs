@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::FutureRecord;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -485,16 +487,13 @@ async fn sink_killed_10_times_during_20k_changes_holds_the_oracle() -> anyhow::R
     let mut sink = Daemon::start(&env, &["sink"])?;
     // About 1700 x 11 inserts, plus updates and deletes: over 20,000 changes.
     let load = spawn_loadgen(&env, &["--scorecards", "1700", "--conversations-per-shard", "30"])?;
-    let mut seed: u64 = 0x5EED;
+    let mut rng = StdRng::seed_from_u64(0x5EED);
     for kill in 0..10 {
         // Kill at a random point of its work: once it holds its partitions, 0.5 to 3 s later.
         wait_until_assigned(&sink, env.kafka.partitions)
             .await
             .with_context(|| format!("sink {kill}"))?;
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(500 + seed % 2_500)).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..3_000))).await;
         sink.kill9().await.with_context(|| format!("kill {kill}"))?;
         sink = Daemon::start(&env, &["sink"])?;
     }

@@ -7,8 +7,20 @@
 //! Decoding never panics and never reads past the message: a truncated message, an unknown tag or
 //! a length that does not fit is a [`DecodeError`] naming the message and the byte offset.
 //! Layouts follow "Logical Replication Message Formats" in the PostgreSQL manual.
+//!
+//! This module owns the message kinds and their fields; `decode/relation.rs` owns the Relation
+//! message, `decode/tuple.rs` the row data of Insert, Update and Delete, and `decode/reader.rs`
+//! the bounds-checked cursor every field is read through.
+
+mod reader;
+mod relation;
+mod tuple;
 
 use bytes::Bytes;
+
+use reader::Reader;
+pub use relation::{Relation, RelationColumn};
+pub use tuple::{OldTuple, Tuple, TupleValue};
 
 /// PostgreSQL's epoch (2000-01-01) in microseconds after the Unix epoch.
 pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
@@ -98,59 +110,6 @@ pub enum PgOutput {
     },
 }
 
-/// A relation (table) as pgoutput describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Relation {
-    /// Relation id (the table's OID), used by later change messages.
-    pub id: u32,
-    /// Schema.
-    pub namespace: String,
-    /// Table name.
-    pub name: String,
-    /// Replica identity setting: `d` default, `n` nothing, `f` full, `i` index.
-    pub replica_identity: u8,
-    /// Columns in attribute order.
-    pub columns: Vec<RelationColumn>,
-}
-
-/// One column of a [`Relation`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RelationColumn {
-    /// True when the column is part of the replica identity key.
-    pub is_key: bool,
-    /// Column name.
-    pub name: String,
-    /// Type OID.
-    pub type_oid: u32,
-    /// Type modifier.
-    pub type_modifier: i32,
-}
-
-/// The values of one row, in the relation's column order.
-pub type Tuple = Vec<TupleValue>;
-
-/// The old row of an Update or Delete.
-#[derive(Clone, Debug, PartialEq)]
-pub struct OldTuple {
-    /// True for `K` (replica-identity columns only, others NULL); false for `O` (whole row).
-    pub key_only: bool,
-    /// The values.
-    pub values: Tuple,
-}
-
-/// One column value in a tuple.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TupleValue {
-    /// SQL NULL.
-    Null,
-    /// A TOASTed value that did not change and was not sent: unknown, keep the stored one.
-    UnchangedToast,
-    /// Text-format value.
-    Text(Bytes),
-    /// Binary-format value (binary mode only).
-    Binary(Bytes),
-}
-
 /// A malformed pgoutput message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -195,270 +154,103 @@ pub enum DecodeError {
     },
 }
 
+/// Reads the body of one message kind, after its tag.
+type Body = fn(&mut Reader<'_>) -> Result<PgOutput, DecodeError>;
+
 /// Decodes one pgoutput message.
 pub fn decode(data: &Bytes) -> Result<PgOutput, DecodeError> {
     let tag = *data.first().ok_or(DecodeError::Empty)?;
-    let mut r = Reader { data, pos: 1, message: "" };
-    let decoded = match tag {
-        b'B' => {
-            r.message = "Begin";
-            PgOutput::Begin {
-                final_lsn: r.u64("final LSN")?,
-                commit_time_us: pg_time_to_unix(r.i64("commit timestamp")?),
-                xid: r.u32("xid")?,
-            }
-        }
-        b'C' => {
-            r.message = "Commit";
-            r.u8("flags")?;
-            PgOutput::Commit {
-                commit_lsn: r.u64("commit LSN")?,
-                end_lsn: r.u64("end LSN")?,
-                commit_time_us: pg_time_to_unix(r.i64("commit timestamp")?),
-            }
-        }
-        b'O' => {
-            r.message = "Origin";
-            PgOutput::Origin { commit_lsn: r.u64("commit LSN")?, name: r.cstr("origin name")? }
-        }
-        b'R' => {
-            r.message = "Relation";
-            PgOutput::Relation(relation(&mut r)?)
-        }
-        b'Y' => {
-            r.message = "Type";
-            PgOutput::Type {
-                type_oid: r.u32("type OID")?,
-                namespace: r.cstr("namespace")?,
-                name: r.cstr("type name")?,
-            }
-        }
-        b'I' => {
-            r.message = "Insert";
-            let relation_id = r.u32("relation id")?;
-            r.expect_byte(b'N', "'N' before the new tuple")?;
-            PgOutput::Insert { relation_id, new: tuple(&mut r)? }
-        }
-        b'U' => {
-            r.message = "Update";
-            let relation_id = r.u32("relation id")?;
-            let old = match r.u8("tuple kind")? {
-                b'N' => None,
-                kind @ (b'K' | b'O') => {
-                    let values = tuple(&mut r)?;
-                    r.expect_byte(b'N', "'N' before the new tuple")?;
-                    Some(OldTuple { key_only: kind == b'K', values })
-                }
-                other => {
-                    return Err(
-                        r.invalid(format!("tuple kind {:?}, expected K, O or N", other as char))
-                    );
-                }
-            };
-            PgOutput::Update { relation_id, old, new: tuple(&mut r)? }
-        }
-        b'D' => {
-            r.message = "Delete";
-            let relation_id = r.u32("relation id")?;
-            let key_only = match r.u8("tuple kind")? {
-                b'K' => true,
-                b'O' => false,
-                other => {
-                    return Err(
-                        r.invalid(format!("tuple kind {:?}, expected K or O", other as char))
-                    );
-                }
-            };
-            PgOutput::Delete { relation_id, old: OldTuple { key_only, values: tuple(&mut r)? } }
-        }
-        b'T' => {
-            r.message = "Truncate";
-            let count = r.u32("relation count")?;
-            let options = r.u8("options")?;
-            if count as usize > (data.len() - r.pos) / 4 {
-                return Err(r.invalid(format!("{count} relations do not fit in the message")));
-            }
-            let relation_ids =
-                (0..count).map(|_| r.u32("relation id")).collect::<Result<_, _>>()?;
-            PgOutput::Truncate {
-                relation_ids,
-                cascade: options & 1 != 0,
-                restart_identity: options & 2 != 0,
-            }
-        }
-        b'M' => {
-            r.message = "Message";
-            let flags = r.u8("flags")?;
-            let lsn = r.u64("message LSN")?;
-            let prefix = r.cstr("prefix")?;
-            let len = r.len_u32("content length")?;
-            let content = r.take(len, "content")?;
-            PgOutput::Message { transactional: flags & 1 != 0, lsn, prefix, content }
-        }
+    let (message, body): (&'static str, Body) = match tag {
+        b'B' => ("Begin", begin),
+        b'C' => ("Commit", commit),
+        b'O' => ("Origin", origin),
+        b'R' => ("Relation", |r| relation::relation(r).map(PgOutput::Relation)),
+        b'Y' => ("Type", type_),
+        b'I' => ("Insert", insert),
+        b'U' => ("Update", update),
+        b'D' => ("Delete", delete),
+        b'T' => ("Truncate", truncate),
+        b'M' => ("Message", logical_message),
         byte => return Err(DecodeError::UnknownTag { tag: byte as char, byte }),
     };
+    let mut r = Reader::after_tag(data, message);
+    let decoded = body(&mut r)?;
     r.finish()?;
     Ok(decoded)
 }
 
-fn relation(r: &mut Reader<'_>) -> Result<Relation, DecodeError> {
-    let id = r.u32("relation id")?;
-    let namespace = r.cstr("namespace")?;
-    let name = r.cstr("relation name")?;
-    let replica_identity = r.u8("replica identity")?;
-    let count = r.i16("column count")?;
-    if count < 0 {
-        return Err(r.invalid(format!("negative column count {count}")));
-    }
-    let columns = (0..count)
-        .map(|_| {
-            Ok(RelationColumn {
-                is_key: r.u8("column flags")? & 1 != 0,
-                name: r.cstr("column name")?,
-                type_oid: r.u32("column type OID")?,
-                type_modifier: r.i32("column type modifier")?,
-            })
-        })
-        .collect::<Result<_, DecodeError>>()?;
-    Ok(Relation { id, namespace, name, replica_identity, columns })
+fn begin(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    Ok(PgOutput::Begin {
+        final_lsn: r.u64("final LSN")?,
+        commit_time_us: pg_time_to_unix(r.i64("commit timestamp")?),
+        xid: r.u32("xid")?,
+    })
 }
 
-fn tuple(r: &mut Reader<'_>) -> Result<Tuple, DecodeError> {
-    let count = r.i16("tuple column count")?;
-    if count < 0 {
-        return Err(r.invalid(format!("negative tuple column count {count}")));
+fn commit(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    r.u8("flags")?;
+    Ok(PgOutput::Commit {
+        commit_lsn: r.u64("commit LSN")?,
+        end_lsn: r.u64("end LSN")?,
+        commit_time_us: pg_time_to_unix(r.i64("commit timestamp")?),
+    })
+}
+
+fn origin(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    Ok(PgOutput::Origin { commit_lsn: r.u64("commit LSN")?, name: r.cstr("origin name")? })
+}
+
+fn type_(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    Ok(PgOutput::Type {
+        type_oid: r.u32("type OID")?,
+        namespace: r.cstr("namespace")?,
+        name: r.cstr("type name")?,
+    })
+}
+
+fn insert(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    let relation_id = r.u32("relation id")?;
+    r.expect_byte(b'N', "'N' before the new tuple")?;
+    Ok(PgOutput::Insert { relation_id, new: tuple::tuple(r)? })
+}
+
+fn update(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    let relation_id = r.u32("relation id")?;
+    let old = tuple::update_old(r)?;
+    Ok(PgOutput::Update { relation_id, old, new: tuple::tuple(r)? })
+}
+
+fn delete(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    let relation_id = r.u32("relation id")?;
+    Ok(PgOutput::Delete { relation_id, old: tuple::delete_old(r)? })
+}
+
+fn truncate(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    let count = r.u32("relation count")?;
+    let options = r.u8("options")?;
+    if count as usize > r.remaining() / 4 {
+        return Err(r.invalid(format!("{count} relations do not fit in the message")));
     }
-    (0..count)
-        .map(|_| match r.u8("column kind")? {
-            b'n' => Ok(TupleValue::Null),
-            b'u' => Ok(TupleValue::UnchangedToast),
-            b't' => {
-                let len = r.len_u32("text length")?;
-                Ok(TupleValue::Text(r.take(len, "text value")?))
-            }
-            b'b' => {
-                let len = r.len_u32("binary length")?;
-                Ok(TupleValue::Binary(r.take(len, "binary value")?))
-            }
-            other => {
-                Err(r.invalid(format!("column kind {:?}, expected n, u, t or b", other as char)))
-            }
-        })
-        .collect()
+    let relation_ids = (0..count).map(|_| r.u32("relation id")).collect::<Result<_, _>>()?;
+    Ok(PgOutput::Truncate {
+        relation_ids,
+        cascade: options & 1 != 0,
+        restart_identity: options & 2 != 0,
+    })
+}
+
+fn logical_message(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
+    let flags = r.u8("flags")?;
+    let lsn = r.u64("message LSN")?;
+    let prefix = r.cstr("prefix")?;
+    let len = r.len_u32("content length")?;
+    let content = r.take(len, "content")?;
+    Ok(PgOutput::Message { transactional: flags & 1 != 0, lsn, prefix, content })
 }
 
 /// Converts a PostgreSQL timestamp (microseconds since 2000-01-01) to Unix microseconds.
 pub fn pg_time_to_unix(pg_micros: i64) -> i64 {
     pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS)
-}
-
-/// A bounds-checked cursor over one message.
-struct Reader<'a> {
-    data: &'a Bytes,
-    pos: usize,
-    message: &'static str,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize, expected: &'static str) -> Result<Bytes, DecodeError> {
-        let end =
-            self.pos.checked_add(n).filter(|end| *end <= self.data.len()).ok_or(
-                DecodeError::Truncated { message: self.message, offset: self.pos, expected },
-            )?;
-        let out = self.data.slice(self.pos..end);
-        self.pos = end;
-        Ok(out)
-    }
-
-    fn array<const N: usize>(&mut self, expected: &'static str) -> Result<[u8; N], DecodeError> {
-        let bytes = self.take(N, expected)?;
-        let mut out = [0; N];
-        out.copy_from_slice(&bytes);
-        Ok(out)
-    }
-
-    fn u8(&mut self, expected: &'static str) -> Result<u8, DecodeError> {
-        Ok(self.array::<1>(expected)?[0])
-    }
-    fn i16(&mut self, expected: &'static str) -> Result<i16, DecodeError> {
-        Ok(i16::from_be_bytes(self.array(expected)?))
-    }
-    fn i32(&mut self, expected: &'static str) -> Result<i32, DecodeError> {
-        Ok(i32::from_be_bytes(self.array(expected)?))
-    }
-    fn u32(&mut self, expected: &'static str) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(self.array(expected)?))
-    }
-    fn i64(&mut self, expected: &'static str) -> Result<i64, DecodeError> {
-        Ok(i64::from_be_bytes(self.array(expected)?))
-    }
-    fn u64(&mut self, expected: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.array(expected)?))
-    }
-
-    /// A non-negative 32-bit length that fits in what is left of the message.
-    fn len_u32(&mut self, expected: &'static str) -> Result<usize, DecodeError> {
-        let at = self.pos;
-        let len = self.i32(expected)?;
-        let len = usize::try_from(len).map_err(|_| DecodeError::Invalid {
-            message: self.message,
-            offset: at,
-            problem: format!("negative {expected} {len}"),
-        })?;
-        if len > self.data.len() - self.pos {
-            return Err(DecodeError::Invalid {
-                message: self.message,
-                offset: at,
-                problem: format!(
-                    "{expected} {len} exceeds the {} byte(s) left",
-                    self.data.len() - self.pos
-                ),
-            });
-        }
-        Ok(len)
-    }
-
-    /// A NUL-terminated UTF-8 string.
-    fn cstr(&mut self, expected: &'static str) -> Result<String, DecodeError> {
-        let rest = &self.data[self.pos..];
-        let nul = rest.iter().position(|b| *b == 0).ok_or(DecodeError::Truncated {
-            message: self.message,
-            offset: self.pos,
-            expected,
-        })?;
-        let text = std::str::from_utf8(&rest[..nul]).map_err(|_| DecodeError::Invalid {
-            message: self.message,
-            offset: self.pos,
-            problem: format!("{expected} is not UTF-8"),
-        })?;
-        let text = text.to_owned();
-        self.pos += nul + 1;
-        Ok(text)
-    }
-
-    fn expect_byte(&mut self, want: u8, expected: &'static str) -> Result<(), DecodeError> {
-        let at = self.pos;
-        let got = self.u8(expected)?;
-        if got != want {
-            return Err(DecodeError::Invalid {
-                message: self.message,
-                offset: at,
-                problem: format!("found {:?}, expected {expected}", got as char),
-            });
-        }
-        Ok(())
-    }
-
-    fn invalid(&self, problem: String) -> DecodeError {
-        DecodeError::Invalid { message: self.message, offset: self.pos.saturating_sub(1), problem }
-    }
-
-    fn finish(&self) -> Result<(), DecodeError> {
-        match self.data.len() - self.pos {
-            0 => Ok(()),
-            extra => Err(DecodeError::Trailing { message: self.message, extra }),
-        }
-    }
 }
 
 #[cfg(test)]

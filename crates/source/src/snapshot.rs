@@ -13,6 +13,13 @@
 //! so a killed snapshot restarts after the last acknowledged chunk (a row published twice is
 //! harmless: same version, same values or newer ones). The slot is not confirmed past the
 //! consistent point until the snapshot is done, so no streamed change is skipped meanwhile.
+//!
+//! This module runs the tables and publishes each chunk before it records progress;
+//! `snapshot/query.rs` owns what is read from PostgreSQL (the catalog columns, the chunk query,
+//! the resume key) and `snapshot/event.rs` turns one row into its change event.
+
+mod event;
+mod query;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,25 +27,16 @@ use futures::future::try_join_all;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
-use scoresync_event::{
-    CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, ScorecardKey, SourceTable,
-};
+use scoresync_event::SourceTable;
 
-use crate::change::{Destination, MapError, Outgoing, primary_key};
 use crate::error::Error;
 use crate::publish::Publisher;
 use crate::state::{PipelineRecord, StateStore};
-use crate::text::typed_value;
+
+use query::TableColumn;
 
 /// Default rows per snapshot chunk.
 pub const DEFAULT_CHUNK_ROWS: usize = 5_000;
-
-/// A column of a source table as the catalog describes it.
-struct TableColumn {
-    name: String,
-    type_oid: u32,
-    is_key: bool,
-}
 
 /// Publishes every row of the tables the record says are not done yet.
 pub struct Snapshot<'a> {
@@ -61,7 +59,7 @@ impl Snapshot<'_> {
         shutdown: &CancellationToken,
     ) -> Result<(), Error> {
         while let Some(table) = record.snapshot_table() {
-            let columns = self.columns(table).await?;
+            let columns = query::table_columns(self.sql, table).await?;
             loop {
                 if shutdown.is_cancelled() {
                     return Ok(());
@@ -84,28 +82,6 @@ impl Snapshot<'_> {
         Ok(())
     }
 
-    async fn columns(&self, table: SourceTable) -> Result<Vec<TableColumn>, Error> {
-        let rows = self
-            .sql
-            .query(
-                "SELECT a.attname::text, a.atttypid::oid \
-                 FROM pg_attribute a \
-                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-                 ORDER BY a.attnum",
-                &[&table.to_string()],
-            )
-            .await
-            .map_err(Error::sql(format!("reading the columns of {table}")))?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let name: String = r.get(0);
-                let is_key = table.primary_key().contains(&name.as_str());
-                TableColumn { name, type_oid: r.get(1), is_key }
-            })
-            .collect())
-    }
-
     /// Publishes the next chunk of `table`, waits for Kafka, records progress. Returns the row
     /// count.
     async fn chunk(
@@ -114,25 +90,8 @@ impl Snapshot<'_> {
         columns: &[TableColumn],
         record: &mut PipelineRecord,
     ) -> Result<usize, Error> {
-        let key_names = table.primary_key();
-        let select: Vec<String> =
-            columns.iter().map(|c| format!("{}::text", ident(&c.name))).collect();
-        let order: Vec<String> = key_names.iter().map(|k| ident(k)).collect();
-        let key_types: Vec<u32> = key_names
-            .iter()
-            .map(|k| columns.iter().find(|c| c.name == *k).map_or(25, |c| c.type_oid))
-            .collect();
         let resume = record.snapshot.resume_after.clone();
-        let mut sql = format!("SELECT {} FROM {table}", select.join(", "));
-        if resume.is_some() {
-            let params: Vec<String> = key_types
-                .iter()
-                .enumerate()
-                .map(|(i, oid)| format!("${}::text::{}", i + 1, cast_name(*oid)))
-                .collect();
-            sql.push_str(&format!(" WHERE ({}) > ({})", order.join(", "), params.join(", ")));
-        }
-        sql.push_str(&format!(" ORDER BY {} LIMIT {}", order.join(", "), self.chunk_rows));
+        let sql = query::chunk_sql(table, columns, resume.is_some(), self.chunk_rows);
         let resume = resume.unwrap_or_default();
         let params: Vec<&(dyn ToSql + Sync)> =
             resume.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
@@ -145,95 +104,19 @@ impl Snapshot<'_> {
         let now_us =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
         let mut deliveries = Vec::new();
-        let mut last_key = None;
         for (i, pg_row) in rows.iter().enumerate() {
-            let mut row = Row { columns: Vec::with_capacity(columns.len()) };
-            for (index, col) in columns.iter().enumerate() {
-                let text: Option<String> = pg_row.get(index);
-                let value = match text {
-                    None => scoresync_event::Value::null(),
-                    Some(text) => {
-                        typed_value(col.type_oid, &text).map_err(|source| Error::Map {
-                            slot: record.slot.clone(),
-                            lsn: record.snapshot.lsn,
-                            source: MapError::Value { table, column: col.name.clone(), source },
-                        })?
-                    }
-                };
-                row.columns.push(Column {
-                    name: col.name.clone(),
-                    type_oid: col.type_oid,
-                    value: Some(value),
-                });
-            }
-            let missing = |what| Error::Map {
-                slot: record.slot.clone(),
-                lsn: record.snapshot.lsn,
-                source: MapError::MissingIdentity { table, op: "snapshot", what },
-            };
-            let key = primary_key(table, &row).ok_or_else(|| missing("primary key"))?;
-            let event = ChangeEvent {
-                contract_version: CONTRACT_VERSION,
-                system_id: record.system_id,
-                schema: scoresync_event::table::SOURCE_SCHEMA.into(),
-                table: table.name().into(),
-                op: Operation::Snapshot as i32,
-                key,
-                new_row: Some(row),
-                commit_lsn: record.snapshot.lsn.0,
-                seq_in_tx: u32::try_from(i).unwrap_or(u32::MAX),
-                commit_time_us: now_us,
-                ..Default::default()
-            };
-            let scorecard =
-                ScorecardKey::of_event(&event).ok_or_else(|| missing("scorecard identity"))?;
-            last_key = Some(
-                columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| c.is_key)
-                    .map(|(index, _)| pg_row.get::<_, Option<String>>(index).unwrap_or_default())
-                    .collect::<Vec<_>>(),
-            );
-            let out = Outgoing { event, destination: Destination::Key(scorecard.to_message_key()) };
+            let out = event::outgoing(record, table, columns, pg_row, i, now_us)?;
             deliveries.extend(self.publisher.send(&out)?);
         }
         try_join_all(deliveries)
             .await
             .map_err(|source| Error::Delivery { topic: "change topic".into(), source })?;
-        if let Some(last_key) = last_key {
-            // Key columns in primary-key order (the catalog order can differ).
-            let by_name: Vec<(&str, String)> = columns
-                .iter()
-                .filter(|c| c.is_key)
-                .map(|c| c.name.as_str())
-                .zip(last_key)
-                .collect();
-            let ordered = key_names
-                .iter()
-                .map(|k| {
-                    by_name.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default()
-                })
-                .collect();
-            record.snapshot.resume_after = Some(ordered);
+        if let Some(last) = rows.last() {
+            let key = query::resume_key(table.primary_key(), columns, |index| last.get(index));
+            record.snapshot.resume_after = Some(key);
             record.snapshot.rows_published += rows.len() as u64;
             self.state.save(record).await?;
         }
         Ok(rows.len())
-    }
-}
-
-/// Quotes an identifier.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The SQL type name to cast a key parameter to.
-fn cast_name(type_oid: u32) -> &'static str {
-    match type_oid {
-        crate::text::oid::INT2 => "smallint",
-        crate::text::oid::INT4 => "integer",
-        crate::text::oid::INT8 => "bigint",
-        _ => "text",
     }
 }

@@ -121,6 +121,9 @@ fn release_in(held: &mut BTreeMap<i64, u32>, offset: i64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
     use super::*;
 
     #[test]
@@ -179,26 +182,21 @@ mod tests {
 
     #[test]
     fn random_release_orders_never_store_past_a_held_message() {
-        let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        // The same release orders on every run (seeded).
+        let mut rng = StdRng::seed_from_u64(0x2545_F491_4F6C_DD1D);
         for _ in 0..200 {
             let mut o = Holds::default();
             let mut holds = Vec::new();
             for offset in 0..40 {
                 o.received((3, offset));
                 holds.push(offset);
-                for _ in 0..(next() % 3) {
+                for _ in 0..rng.random_range(0..3) {
                     o.hold((3, offset));
                     holds.push(offset);
                 }
             }
             while !holds.is_empty() {
-                let i = (next() % holds.len() as u64) as usize;
+                let i = rng.random_range(0..holds.len());
                 let offset = holds.swap_remove(i);
                 o.release((3, offset));
                 let lowest_held = holds.iter().min().copied();

@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use secrecy::ExposeSecret;
 use tokio_postgres::{Client, Statement};
 
@@ -41,7 +43,7 @@ pub struct LoadgenArgs {
     /// Share of scorecards with a large (TOASTed) comment.
     #[arg(long, default_value_t = 0.05)]
     pub large_comment_share: f64,
-    /// Random seed.
+    /// Random seed: the same seed gives the same workload (with the same `rand` release).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Prefix of every generated id (run twice with different prefixes for more data).
@@ -52,22 +54,10 @@ pub struct LoadgenArgs {
     pub pg_url: Option<String>,
 }
 
-/// A small deterministic generator (xorshift64*), so a seed reproduces a workload.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() % 1_000_000) as f64 / 1_000_000.0 < p
-    }
+/// True with probability `p`: never for `p <= 0`, always for `p >= 1` (the shares are not
+/// validated, and `random_bool` would panic outside 0..=1).
+fn chance(rng: &mut StdRng, p: f64) -> bool {
+    rng.random::<f64>() < p
 }
 
 /// A seeded conversation.
@@ -140,7 +130,7 @@ pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode
     let url = args.pg_url.clone().unwrap_or_else(|| config.postgres.url.expose_secret().to_owned());
     let mut pg =
         ConnectParams::parse(&url)?.connect_sql().await.context("connecting to PostgreSQL")?;
-    let mut rng = Rng(args.seed.max(1));
+    let mut rng = StdRng::seed_from_u64(args.seed);
     let convs = seed_conversations(config, args, &mut rng).await?;
     anyhow::ensure!(
         !convs.is_empty() || args.process_share >= 1.0,
@@ -159,7 +149,7 @@ pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode
 
     let mut updated = 0;
     for (i, card) in cards.iter().enumerate() {
-        if !rng.chance(args.update_share) {
+        if !chance(&mut rng, args.update_share) {
             continue;
         }
         updated += 1;
@@ -170,7 +160,7 @@ pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode
 
     let mut deleted = 0;
     for card in &cards {
-        if !rng.chance(args.delete_share) {
+        if !chance(&mut rng, args.delete_share) {
             continue;
         }
         deleted += 1;
@@ -188,17 +178,17 @@ pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode
 }
 
 /// The `i`-th scorecard: a process scorecard (routed by time) or a conversation scorecard.
-fn new_card(args: &LoadgenArgs, convs: &[Conv], rng: &mut Rng, i: usize) -> Card {
+fn new_card(args: &LoadgenArgs, convs: &[Conv], rng: &mut StdRng, i: usize) -> Card {
     let id = format!("{}-card-{i}", args.prefix);
-    let process = convs.is_empty() || rng.chance(args.process_share);
+    let process = convs.is_empty() || chance(rng, args.process_share);
     if process {
         // Mostly 2023-2025, a few before 1970 (negative Unix times route too).
-        let seconds: i64 = if rng.chance(0.02) {
-            -(rng.below(300_000_000) as i64)
+        let seconds: i64 = if chance(rng, 0.02) {
+            -rng.random_range(0..300_000_000_i64)
         } else {
-            1_672_531_200 + rng.below(94_608_000) as i64
+            1_672_531_200 + rng.random_range(0..94_608_000_i64)
         };
-        let micros = rng.below(1_000_000) as u64;
+        let micros = rng.random_range(0..1_000_000_u64);
         return Card {
             customer: format!("cust-{}", i % 3),
             profile: format!("prof-{}", i % 2),
@@ -209,8 +199,8 @@ fn new_card(args: &LoadgenArgs, convs: &[Conv], rng: &mut Rng, i: usize) -> Card
         };
     }
     // Conversation scorecards: type 1 or unspecified (NULL), both routed by conversation.
-    let conv = convs[rng.below(convs.len())].clone();
-    let kind = if rng.chance(0.5) { Some(1) } else { None };
+    let conv = convs[rng.random_range(0..convs.len())].clone();
+    let kind = if chance(rng, 0.5) { Some(1) } else { None };
     Card {
         customer: conv.customer,
         profile: conv.profile,
@@ -234,15 +224,15 @@ async fn create(
     pg: &mut Client,
     statements: &Statements,
     args: &LoadgenArgs,
-    rng: &mut Rng,
+    rng: &mut StdRng,
     card: &Card,
     i: usize,
 ) -> Result<(), tokio_postgres::Error> {
     let comment =
-        (!rng.chance(args.large_comment_share)).then(|| format!("comment on {}", card.id));
-    let template = format!("tmpl-{}", rng.below(5));
-    let agent = format!("agent-{}", rng.below(20));
-    let score = rng.below(10_000) as f64 / 100.0;
+        (!chance(rng, args.large_comment_share)).then(|| format!("comment on {}", card.id));
+    let template = format!("tmpl-{}", rng.random_range(0..5));
+    let agent = format!("agent-{}", rng.random_range(0..20));
+    let score = f64::from(rng.random_range(0..10_000_u32)) / 100.0;
     let tx = pg.transaction().await?;
     let (c, p) = (&card.customer, &card.profile);
     tx.execute(
@@ -264,13 +254,13 @@ async fn create(
     for j in 0..args.scores_per_card {
         let score_id = format!("{}-score-{i}-{j}", args.prefix);
         let criterion = format!("crit-{j}");
-        let (value, not_applicable) = (rng.below(100) as f64, rng.chance(0.1));
+        let (value, not_applicable) = (f64::from(rng.random_range(0..100_u32)), chance(rng, 0.1));
         tx.execute(
             &statements.insert_score,
             &[c, p, &score_id, &card.id, &criterion, &value, &not_applicable],
         )
         .await?;
-        let value = rng.below(100) as f64;
+        let value = f64::from(rng.random_range(0..100_u32));
         tx.execute(
             &statements.insert_historic,
             &[c, p, &card.id, &1_i32, &criterion, &score_id, &value],
@@ -285,13 +275,13 @@ async fn rescore(
     pg: &mut Client,
     statements: &Statements,
     args: &LoadgenArgs,
-    rng: &mut Rng,
+    rng: &mut StdRng,
     card: &Card,
     i: usize,
 ) -> Result<(), tokio_postgres::Error> {
-    let j = rng.below(args.scores_per_card.max(1));
-    let card_score = rng.below(10_000) as f64 / 100.0;
-    let value = rng.below(100) as f64;
+    let j = rng.random_range(0..args.scores_per_card.max(1));
+    let card_score = f64::from(rng.random_range(0..10_000_u32)) / 100.0;
+    let value = f64::from(rng.random_range(0..100_u32));
     let score_id = format!("{}-score-{i}-{j}", args.prefix);
     let criterion = format!("crit-{j}");
     let (c, p) = (&card.customer, &card.profile);
@@ -323,7 +313,7 @@ async fn delete(
 async fn seed_conversations(
     config: &Config,
     args: &LoadgenArgs,
-    rng: &mut Rng,
+    rng: &mut StdRng,
 ) -> anyhow::Result<Vec<Conv>> {
     let mut convs = Vec::new();
     for shard in 0..config.clickhouse.shards.len() {
@@ -352,11 +342,11 @@ async fn seed_conversations(
         for k in 0..args.conversations_per_shard {
             let conv = Conv {
                 id: format!("{}-conv-{shard}-{k}", args.prefix),
-                customer: format!("cust-{}", rng.below(3)),
-                profile: format!("prof-{}", rng.below(2)),
+                customer: format!("cust-{}", rng.random_range(0..3)),
+                profile: format!("prof-{}", rng.random_range(0..2)),
             };
-            let start = 1_700_000_000 + rng.below(10_000_000) as i64;
-            let language = ["en", "de", "fr"][rng.below(3)];
+            let start = 1_700_000_000 + rng.random_range(0..10_000_000_i64);
+            let language = ["en", "de", "fr"][rng.random_range(0..3)];
             seeded.push((conv.clone(), start, language));
             convs.push(conv);
         }

@@ -1,0 +1,77 @@
+//! One snapshot row as a change event.
+//!
+//! Invariant: every snapshot event is an `Operation::Snapshot` versioned at the record's
+//! snapshot LSN (the slot's consistent point minus one), so it sorts below every streamed change
+//! (see the `snapshot` module doc), and it is keyed by its scorecard like a streamed change of
+//! the same row. A value that does not parse or a row without its key is an error, never a
+//! skipped row.
+
+use scoresync_event::{
+    CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, ScorecardKey, SourceTable,
+};
+
+use super::query::TableColumn;
+use crate::change::{Destination, MapError, Outgoing, primary_key};
+use crate::error::Error;
+use crate::state::PipelineRecord;
+use crate::text::typed_value;
+
+/// The event for the `seq`-th row of a chunk, `pg_row` holding `columns` as text.
+pub(super) fn outgoing(
+    record: &PipelineRecord,
+    table: SourceTable,
+    columns: &[TableColumn],
+    pg_row: &tokio_postgres::Row,
+    seq: usize,
+    now_us: i64,
+) -> Result<Outgoing, Error> {
+    let row = typed_row(record, table, columns, pg_row)?;
+    let missing = |what| Error::Map {
+        slot: record.slot.clone(),
+        lsn: record.snapshot.lsn,
+        source: MapError::MissingIdentity { table, op: "snapshot", what },
+    };
+    let key = primary_key(table, &row).ok_or_else(|| missing("primary key"))?;
+    let event = ChangeEvent {
+        contract_version: CONTRACT_VERSION,
+        system_id: record.system_id,
+        schema: scoresync_event::table::SOURCE_SCHEMA.into(),
+        table: table.name().into(),
+        op: Operation::Snapshot as i32,
+        key,
+        new_row: Some(row),
+        commit_lsn: record.snapshot.lsn.0,
+        seq_in_tx: u32::try_from(seq).unwrap_or(u32::MAX),
+        commit_time_us: now_us,
+        ..Default::default()
+    };
+    let scorecard = ScorecardKey::of_event(&event).ok_or_else(|| missing("scorecard identity"))?;
+    Ok(Outgoing { event, destination: Destination::Key(scorecard.to_message_key()) })
+}
+
+/// The row's text values typed by their column's type.
+fn typed_row(
+    record: &PipelineRecord,
+    table: SourceTable,
+    columns: &[TableColumn],
+    pg_row: &tokio_postgres::Row,
+) -> Result<Row, Error> {
+    let mut row = Row { columns: Vec::with_capacity(columns.len()) };
+    for (index, col) in columns.iter().enumerate() {
+        let text: Option<String> = pg_row.get(index);
+        let value = match text {
+            None => scoresync_event::Value::null(),
+            Some(text) => typed_value(col.type_oid, &text).map_err(|source| Error::Map {
+                slot: record.slot.clone(),
+                lsn: record.snapshot.lsn,
+                source: MapError::Value { table, column: col.name.clone(), source },
+            })?,
+        };
+        row.columns.push(Column {
+            name: col.name.clone(),
+            type_oid: col.type_oid,
+            value: Some(value),
+        });
+    }
+    Ok(row)
+}
