@@ -45,7 +45,8 @@ pub struct TestEnv {
 
 impl TestEnv {
     /// Creates the PostgreSQL database (director schema, publication, grants) and the ClickHouse
-    /// database (scoresync schema) on every shard. Topics are left to the test or to `setup`.
+    /// database and tables on every shard (with `setup`'s own code). Topics are left to the test
+    /// or to `setup`.
     pub async fn new(label: &str) -> anyhow::Result<TestEnv> {
         let stack = Stack::get().clone();
         sweep_dead_tests(&stack).await;
@@ -181,24 +182,12 @@ impl TestEnv {
         self.create_clickhouse().await
     }
 
+    /// Creates the test's database and tables on every shard the way `scoresync setup` does
+    /// ([`scoresync_sink::schema::ensure`]: the DDL embedded from `schemas/clickhouse`).
     async fn create_clickhouse(&self) -> anyhow::Result<()> {
-        let mut files: Vec<_> = std::fs::read_dir(repo_root().join("schemas/clickhouse"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-            .collect();
-        files.sort();
-        for index in 0..self.clickhouse.shards.len() {
-            let server = self.shard(index).with_database("default");
-            server.query(&format!("CREATE DATABASE {}", self.name)).execute().await?;
-            for file in &files {
-                let ddl = std::fs::read_to_string(file)?;
-                self.shard(index)
-                    .query(&ddl)
-                    .execute()
-                    .await
-                    .with_context(|| format!("applying {} on shard {index}", file.display()))?;
-            }
-        }
+        scoresync_sink::schema::ensure(&self.clickhouse)
+            .await
+            .with_context(|| format!("creating the ClickHouse schema of {}", self.name))?;
         Ok(())
     }
 }
