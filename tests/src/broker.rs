@@ -1,6 +1,7 @@
 //! A private tansu broker for tests that stop and restart Kafka (the shared one must stay up for
-//! every other test). Same binary and storage engine as the stack (`sqlite://`, durable across
-//! kill -9), its own port and database file; killed when dropped.
+//! every other test). Started by the stack's own script (`deploy/local/tansu-broker`: same binary,
+//! same `sqlite://` storage, durable across kill -9), on its own port and database file; killed
+//! when dropped.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -51,16 +52,15 @@ impl PrivateBroker {
             .create(true)
             .append(true)
             .open(self.dir.join("tansu.log"))?;
-        let url = format!("tcp://{}", self.address());
-        let child = Command::new("tansu")
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "sqlite://tansu.db"])
+        // The stack's command line (deploy/local/tansu-broker), run in this broker's directory.
+        let child = Command::new(repo_root().join("deploy/local/tansu-broker"))
+            .arg(self.port.to_string())
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .context("starting tansu (is it on PATH? deploy/local/stack up installs it)")?;
+            .context("starting deploy/local/tansu-broker")?;
         self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -71,6 +71,13 @@ impl PrivateBroker {
                 .is_ok_and(|o| o.status.success());
             if answered {
                 return Ok(());
+            }
+            if let Some(child) = &mut self.child
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                let log = self.dir.join("tansu.log");
+                bail!("private tansu exited ({status}) before answering; see {}", log.display());
             }
             if std::time::Instant::now() > deadline {
                 bail!("private tansu on {} did not answer within 30s", self.address());

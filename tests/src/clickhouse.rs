@@ -1,13 +1,33 @@
 //! Private ClickHouse shards for tests that stop a shard (the stack's shards serve every other
-//! test). Same binary and config shape as `deploy/local/stack`; own ports and data directories;
-//! killed when dropped.
+//! test). Same binary and config template (`deploy/local/clickhouse-server.xml`) as
+//! `deploy/local/stack`; own ports and data directories; killed when dropped.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+/// The stack's server config template; its placeholders are filled by [`server_config`].
+const CONFIG_TEMPLATE: &str = include_str!("../../deploy/local/clickhouse-server.xml");
+
+/// The config of a private server with state in `dir`: the stack's template, with smaller limits
+/// than the stack's shards (`ch_config` in deploy/local/stack fills in 512, 200 and 256 MiB).
+fn server_config(dir: &Path, http: u16, tcp: u16, interserver: u16) -> String {
+    let values = [
+        ("@DIR@", dir.display().to_string()),
+        ("@HTTP_PORT@", http.to_string()),
+        ("@TCP_PORT@", tcp.to_string()),
+        ("@INTERSERVER_PORT@", interserver.to_string()),
+        ("@MAX_CONNECTIONS@", "256".into()),
+        ("@MAX_CONCURRENT_QUERIES@", "100".into()),
+        ("@CACHE_BYTES@", "134217728".into()),
+    ];
+    values.iter().fold(CONFIG_TEMPLATE.to_owned(), |config, (placeholder, value)| {
+        config.replace(placeholder, value)
+    })
+}
 
 /// One private server.
 struct Server {
@@ -33,32 +53,7 @@ impl PrivateShards {
             let dir = dir.join(format!("clickhouse{i}"));
             std::fs::create_dir_all(dir.join("data"))?;
             let (http, tcp, interserver) = (free_port()?, free_port()?, free_port()?);
-            let config = format!(
-                r#"<?xml version="1.0"?>
-<yandex>
-    <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/server.err.log</errorlog><size>100M</size><count>2</count></logger>
-    <http_port>{http}</http_port>
-    <tcp_port>{tcp}</tcp_port>
-    <interserver_http_port>{interserver}</interserver_http_port>
-    <listen_host>127.0.0.1</listen_host>
-    <max_connections>256</max_connections>
-    <keep_alive_timeout>10</keep_alive_timeout>
-    <max_concurrent_queries>100</max_concurrent_queries>
-    <uncompressed_cache_size>134217728</uncompressed_cache_size>
-    <mark_cache_size>134217728</mark_cache_size>
-    <path>{d}/data/</path>
-    <tmp_path>{d}/data/tmp/</tmp_path>
-    <user_files_path>{d}/data/user_files/</user_files_path>
-    <format_schema_path>{d}/data/format_schemas/</format_schema_path>
-    <users_config>users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <timezone>UTC</timezone>
-    <mlock_executable>false</mlock_executable>
-</yandex>
-"#,
-                d = dir.display()
-            );
+            let config = server_config(&dir, http, tcp, interserver);
             std::fs::write(dir.join("config.xml"), config)?;
             std::fs::copy("/etc/clickhouse-server/users.xml", dir.join("users.xml")).context(
                 "copying /etc/clickhouse-server/users.xml (is clickhouse-server installed?)",
@@ -143,5 +138,21 @@ impl Drop for PrivateShards {
                 let _ = child.wait();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_template_is_filled_completely() {
+        let config = server_config(Path::new("/tmp/t/clickhouse0"), 1, 2, 3);
+        let placeholder = config.split('@').skip(1).step_by(2).find(|name| {
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+        });
+        assert_eq!(placeholder, None, "a placeholder server_config does not fill:\n{config}");
+        assert!(config.contains("<http_port>1</http_port>"), "{config}");
+        assert!(config.contains("<path>/tmp/t/clickhouse0/data/</path>"), "{config}");
     }
 }

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use secrecy::ExposeSecret;
 
+use scoresync::config::{Config, MetricsConfig};
 use scoresync_bus::KafkaConfig;
 use scoresync_sink::ClickHouseConfig;
 use scoresync_source::PostgresConfig;
@@ -36,7 +36,8 @@ pub struct TestEnv {
     pub kafka: KafkaConfig,
     /// `[clickhouse]` settings (own database on every shard).
     pub clickhouse: ClickHouseConfig,
-    /// More TOML appended to the generated config (e.g. a `[source]` section).
+    /// TOML laid over the generated config, key by key (e.g. `[source]` with one setting: the
+    /// section's other keys keep their values).
     pub extra_toml: String,
     /// Address of the daemon's `/metrics` and `/status` endpoint (a free port).
     pub metrics_listen: String,
@@ -44,7 +45,8 @@ pub struct TestEnv {
 
 impl TestEnv {
     /// Creates the PostgreSQL database (director schema, publication, grants) and the ClickHouse
-    /// database (scoresync schema) on every shard. Topics are left to the test or to `setup`.
+    /// database and tables on every shard (with `setup`'s own code). Topics are left to the test
+    /// or to `setup`.
     pub async fn new(label: &str) -> anyhow::Result<TestEnv> {
         let stack = Stack::get().clone();
         sweep_dead_tests(&stack).await;
@@ -113,7 +115,7 @@ impl TestEnv {
     /// path. Call again after changing settings.
     pub fn config_path(&self) -> anyhow::Result<std::path::PathBuf> {
         let path = self.dir().join("scoresync.toml");
-        let toml = self.config_toml();
+        let toml = self.config_toml()?;
         if std::fs::read_to_string(&path).ok().as_deref() == Some(toml.as_str()) {
             return Ok(path);
         }
@@ -125,34 +127,24 @@ impl TestEnv {
         Ok(path)
     }
 
-    /// The scoresync configuration file for this test, as TOML.
-    pub fn config_toml(&self) -> String {
-        let shards: Vec<String> = self.clickhouse.shards.iter().map(|s| format!("{s:?}")).collect();
-        format!(
-            "[postgres]\nurl = {url:?}\nslot = {slot:?}\npublication = {publication:?}\n\
-             heartbeat_interval_ms = {heartbeat}\nstatus_interval_ms = {status}\n\n\
-             [kafka]\nbrokers = {brokers:?}\nchange_topic = {change:?}\ndlq_topic = {dlq:?}\n\
-             state_topic = {state:?}\npartitions = {partitions}\nreplication_factor = 1\n\
-             consumer_group = {group:?}\nsession_timeout_ms = {session}\n\n\
-             [clickhouse]\nshards = [{shards}]\ndatabase = {database:?}\n\n\
-             [metrics]\nlisten = {metrics:?}\n\n{extra}\n",
-            metrics = self.metrics_listen,
-            url = self.postgres.url.expose_secret(),
-            heartbeat = self.postgres.heartbeat_interval_ms,
-            status = self.postgres.status_interval_ms,
-            extra = self.extra_toml,
-            slot = self.postgres.slot,
-            publication = self.postgres.publication,
-            brokers = self.kafka.brokers,
-            change = self.kafka.change_topic,
-            dlq = self.kafka.dlq_topic,
-            state = self.kafka.state_topic,
-            partitions = self.kafka.partitions,
-            group = self.kafka.consumer_group,
-            session = self.kafka.session_timeout_ms,
-            shards = shards.join(", "),
-            database = self.clickhouse.database,
-        )
+    /// The scoresync configuration file for this test, as TOML: the daemon's own [`Config`]
+    /// serialized (so a renamed field breaks the build of the harness), with
+    /// [`TestEnv::extra_toml`] laid over it, and checked by the daemon's parser.
+    pub fn config_toml(&self) -> anyhow::Result<String> {
+        let config = Config {
+            postgres: self.postgres.clone(),
+            kafka: self.kafka.clone(),
+            clickhouse: self.clickhouse.clone(),
+            source: Default::default(),
+            sink: Default::default(),
+            metrics: MetricsConfig { listen: self.metrics_listen.clone() },
+        };
+        let mut doc = toml::Table::try_from(&config).context("serializing the config")?;
+        let extra: toml::Table = self.extra_toml.parse().context("extra_toml is not TOML")?;
+        overlay(&mut doc, extra);
+        let text = toml::to_string(&doc).context("writing the config as TOML")?;
+        Config::parse(&text, []).context("the generated config")?;
+        Ok(text)
     }
 
     async fn create_postgres(&self) -> anyhow::Result<()> {
@@ -190,24 +182,12 @@ impl TestEnv {
         self.create_clickhouse().await
     }
 
+    /// Creates the test's database and tables on every shard the way `scoresync setup` does
+    /// ([`scoresync_sink::schema::ensure`]: the DDL embedded from `schemas/clickhouse`).
     async fn create_clickhouse(&self) -> anyhow::Result<()> {
-        let mut files: Vec<_> = std::fs::read_dir(repo_root().join("schemas/clickhouse"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-            .collect();
-        files.sort();
-        for index in 0..self.clickhouse.shards.len() {
-            let server = self.shard(index).with_database("default");
-            server.query(&format!("CREATE DATABASE {}", self.name)).execute().await?;
-            for file in &files {
-                let ddl = std::fs::read_to_string(file)?;
-                self.shard(index)
-                    .query(&ddl)
-                    .execute()
-                    .await
-                    .with_context(|| format!("applying {} on shard {index}", file.display()))?;
-            }
-        }
+        scoresync_sink::schema::ensure(&self.clickhouse)
+            .await
+            .with_context(|| format!("creating the ClickHouse schema of {}", self.name))?;
         Ok(())
     }
 }
@@ -356,6 +336,18 @@ async fn sweep_dead_tests(stack: &Stack) {
     }
 }
 
+/// Sets every key of `top` in `base`; a table in both is overlaid key by key, recursively.
+fn overlay(base: &mut toml::Table, top: toml::Table) {
+    for (key, value) in top {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => overlay(below, above),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
 /// A name unique to this test run: the label, the process id, a counter and the clock, lowercase
 /// and within PostgreSQL's 63-character identifier limit.
 fn unique_name(label: &str) -> String {
@@ -368,4 +360,24 @@ fn unique_name(label: &str) -> String {
         .take(30)
         .collect();
     format!("t_{label}_{}_{n}_{:x}", std::process::id(), nanos & 0xfffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_toml_overlays_key_by_key() {
+        let mut base: toml::Table =
+            "[source]\nmax_in_flight_events = 5\nsnapshot_chunk_rows = 9\n[sink]\nmax_wait_ms = 1\n"
+                .parse()
+                .expect("toml");
+        let extra: toml::Table = "[source]\nsnapshot_chunk_rows = 50\n".parse().expect("toml");
+        overlay(&mut base, extra);
+        let expected: toml::Table =
+            "[source]\nmax_in_flight_events = 5\nsnapshot_chunk_rows = 50\n[sink]\nmax_wait_ms = 1\n"
+                .parse()
+                .expect("toml");
+        assert_eq!(base, expected);
+    }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Default change topic.
 pub const DEFAULT_CHANGE_TOPIC: &str = "scoresync.changes";
@@ -27,7 +27,7 @@ pub const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 120_000;
 pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 10_000;
 
 /// Kafka connection and topic settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port[,host:port...]`.
@@ -63,7 +63,7 @@ pub struct KafkaConfig {
     pub instance_id: Option<String>,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
     /// Values of keys that look secret are never printed.
-    #[serde(default)]
+    #[serde(default, serialize_with = "expose_properties_for_config_file")]
     pub librdkafka: LibrdkafkaProperties,
 }
 
@@ -103,6 +103,16 @@ impl From<BTreeMap<String, String>> for LibrdkafkaProperties {
         }
         all
     }
+}
+
+/// Serializes every property with its value, secrets included: `Serialize` exists only to write
+/// a configuration file (the test harness writes the daemon's), and that file needs the real
+/// values. Anything else that prints a config goes through `Debug`, which redacts.
+fn expose_properties_for_config_file<S: Serializer>(
+    properties: &LibrdkafkaProperties,
+    to: S,
+) -> Result<S::Ok, S::Error> {
+    to.collect_map(properties.exposed())
 }
 
 fn default_change_topic() -> String {

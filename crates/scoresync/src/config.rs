@@ -6,11 +6,17 @@
 //! overrides `key` in `[section]`; the value is read as a TOML value when it parses as one (a
 //! number, a boolean, an array) and as a string otherwise. Secrets (the password in
 //! `postgres.url`, `clickhouse.password`, secret-looking `kafka.librdkafka` keys) never print.
+//!
+//! [`Config`] also serializes, to TOML that [`Config::parse`] reads back: the test harness writes
+//! the daemon's file that way. Serializing writes the secrets themselves (each section's
+//! `serialize_with` helper says so); printing still goes through `Debug`, which redacts. The two
+//! hand-written files, the local stack's (`deploy/local/stack`) and docker-compose's
+//! (`deploy/docker/scoresync.toml`), are parsed by this module's tests.
 
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use scoresync_bus::KafkaConfig;
 use scoresync_sink::{ClickHouseConfig, SinkConfig};
@@ -20,7 +26,7 @@ use scoresync_source::PostgresConfig;
 pub const ENV_PREFIX: &str = "SCORESYNC__";
 
 /// The whole configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// PostgreSQL source.
@@ -44,7 +50,7 @@ pub struct Config {
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// The `[metrics]` section.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `host:port` serving `/metrics` (Prometheus) and `/status` (JSON); empty turns it off.
@@ -70,7 +76,7 @@ impl MetricsConfig {
 }
 
 /// The `[source]` section: limits of the source role.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceLimits {
     /// Most events awaiting Kafka acknowledgement before the source pauses reading.
@@ -216,6 +222,65 @@ mod tests {
         .expect("valid");
         assert_eq!(cfg.kafka.partitions, 6);
         assert_eq!(cfg.kafka.brokers, "10.0.0.1:9092");
+        assert_eq!(cfg.clickhouse.shards.len(), 2);
+    }
+
+    #[test]
+    fn serializes_to_what_it_parses_secrets_included() {
+        let text = format!(
+            "{MINIMAL}\n[kafka.librdkafka]\n\"sasl.password\" = \"hunter2\"\n\
+             \"security.protocol\" = \"SASL_SSL\"\n[sink]\nmax_wait_ms = 7\n"
+        );
+        let cfg = Config::parse(&text, env(&[])).expect("valid");
+        let written = toml::to_string(&cfg).expect("serializes");
+        for secret in ["s3cret", "chpass", "hunter2"] {
+            assert!(written.contains(secret), "a config file needs {secret}: {written}");
+        }
+        let read = Config::parse(&written, env(&[])).expect("reads back");
+        assert_eq!(toml::to_string(&read).expect("serializes"), written);
+        assert_eq!(read.sink.max_wait_ms, 7);
+    }
+
+    /// The `write_config` heredoc of `deploy/local/stack`, with its shell expansions replaced by
+    /// what the stack puts there at its default ports.
+    fn local_stack_config() -> String {
+        const SCRIPT: &str = include_str!("../../../deploy/local/stack");
+        const EXPANSIONS: [(&str, &str); 3] = [
+            (
+                r#"$(pg_url scoresync "$SCORESYNC_PASSWORD")"#,
+                "postgres://scoresync:scoresync@127.0.0.1:15432/director",
+            ),
+            ("$KAFKA_PORT", "19092"),
+            (
+                r#"$(shard_urls | sed 's/\([^,]*\)/"\1"/g; s/,/, /g')"#,
+                r#""http://127.0.0.1:18123", "http://127.0.0.1:18124""#,
+            ),
+        ];
+        let (_, function) = SCRIPT.split_once("\nwrite_config() {\n").expect("write_config()");
+        let (_, heredoc) = function.split_once("<<EOF\n").expect("a heredoc in write_config");
+        let (template, _) = heredoc.split_once("\nEOF\n").expect("the heredoc ends");
+        let mut text = template.to_owned();
+        for (expansion, value) in EXPANSIONS {
+            text = text.replace(expansion, value);
+        }
+        assert!(
+            !text.contains('$'),
+            "the heredoc has an expansion this test does not know; add it to EXPANSIONS:\n{text}"
+        );
+        text
+    }
+
+    #[test]
+    fn the_local_stack_config_parses() {
+        let cfg = Config::parse(&local_stack_config(), env(&[])).expect("deploy/local/stack");
+        assert_eq!(cfg.clickhouse.shards, ["http://127.0.0.1:18123", "http://127.0.0.1:18124"]);
+        assert_eq!(cfg.kafka.brokers, "127.0.0.1:19092");
+    }
+
+    #[test]
+    fn the_docker_config_parses() {
+        let text = include_str!("../../../deploy/docker/scoresync.toml");
+        let cfg = Config::parse(text, env(&[])).expect("deploy/docker/scoresync.toml");
         assert_eq!(cfg.clickhouse.shards.len(), 2);
     }
 

@@ -2,8 +2,10 @@
 //! through Kafka. See the README for the crate map and `scoresync --help` for the commands.
 
 mod commands;
-mod config;
 mod metrics;
+
+// The configuration is the package's library (see lib.rs); `crate::config` names it here.
+use scoresync::config;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
 //! The `[clickhouse]` section of the scoresync configuration.
 
-use secrecy::SecretString;
-use serde::Deserialize;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Default database holding the target tables on every shard.
 pub const DEFAULT_DATABASE: &str = "director";
@@ -9,7 +9,7 @@ pub const DEFAULT_DATABASE: &str = "director";
 pub const DEFAULT_USER: &str = "default";
 
 /// ClickHouse shards and credentials.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseConfig {
     /// HTTP URL of each shard; shard index = position in this list. Changing the order or the
@@ -22,8 +22,18 @@ pub struct ClickHouseConfig {
     #[serde(default = "default_user")]
     pub user: String,
     /// Password for every shard; never printed.
-    #[serde(default)]
+    #[serde(default, serialize_with = "expose_password_for_config_file")]
     pub password: SecretString,
+}
+
+/// Serializes the password itself: `Serialize` exists only to write a configuration file (the
+/// test harness writes the daemon's), and that file needs the real password. Anything else that
+/// prints a config goes through `Debug`, which redacts.
+fn expose_password_for_config_file<S: Serializer>(
+    password: &SecretString,
+    to: S,
+) -> Result<S::Ok, S::Error> {
+    to.serialize_str(password.expose_secret())
 }
 
 fn default_database() -> String {
@@ -116,7 +126,7 @@ pub const DEFAULT_CACHE_ENTRIES: usize = 200_000;
 pub const DEFAULT_UNKNOWN_SCORECARD_TIMEOUT_MS: u64 = 3_600_000;
 
 /// The `[sink]` section: batching, memory bounds, parking.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SinkConfig {
     /// Rows per insert (per shard and table).

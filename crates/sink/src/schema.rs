@@ -1,13 +1,15 @@
 //! The per-shard ClickHouse schema (every `schemas/clickhouse/*.sql`, embedded at build time) and
 //! `scoresync setup`'s ClickHouse part: create the database and any missing table on every
-//! shard; leave existing ones alone.
+//! shard; leave existing ones alone. The test harness creates each test's tables with [`ensure`]
+//! too; the local stack, which runs before any binary is built, applies the same files in the
+//! same name order over HTTP (curl).
 
 use crate::config::ClickHouseConfig;
 use crate::shard::ShardIndex;
 
 /// The DDL files, `schemas/clickhouse/*.sql` in name order, each with the table its
 /// `CREATE TABLE IF NOT EXISTS <name>` statement creates: (table, statement). `build.rs` lists
-/// the directory, so every file there is applied, as the local stack and the tests apply them.
+/// the directory, so every file there is applied.
 pub const TABLES: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/clickhouse_tables.rs"));
 
 /// What setup found or made on one shard.

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Default replication slot name.
 pub const DEFAULT_SLOT: &str = "scoresync";
@@ -16,11 +16,12 @@ pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 10_000;
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
 
 /// PostgreSQL connection and replication settings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// Connection URL, `postgres://user:password@host:port/database`. The password is never
     /// printed.
+    #[serde(serialize_with = "expose_url_for_config_file")]
     pub url: PostgresUrl,
     /// Logical replication slot (pgoutput) the source streams from.
     #[serde(default = "default_slot")]
@@ -35,6 +36,13 @@ pub struct PostgresConfig {
     /// `wal_sender_timeout`).
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
+}
+
+/// Serializes the URL with its password: `Serialize` exists only to write a configuration file
+/// (the test harness writes the daemon's), and that file needs the real URL. Anything else that
+/// prints a config goes through `Debug`, which redacts.
+fn expose_url_for_config_file<S: Serializer>(url: &PostgresUrl, to: S) -> Result<S::Ok, S::Error> {
+    to.serialize_str(url.expose_secret())
 }
 
 fn default_slot() -> String {
