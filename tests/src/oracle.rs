@@ -54,13 +54,9 @@ async fn live_rows(
     shard: usize,
     schema: &TableSchema,
 ) -> anyhow::Result<Vec<ChRowByName>> {
-    let rows = scoresync_sink::lookup::live_rows(
-        &env.shard(shard),
-        shard,
-        &env.clickhouse.database,
-        schema,
-    )
-    .await?;
+    let rows =
+        scoresync_sink::live_rows(&env.shard(shard), shard, &env.clickhouse.database, schema)
+            .await?;
     Ok(rows
         .into_iter()
         .map(|cells| schema.columns.iter().map(|c| c.name.clone()).zip(cells).collect())

@@ -1,13 +1,14 @@
 //! A consumer-group member that stores offsets only for messages its owner says are done.
 //!
-//! [`GroupMember`] owns the consumer, the hold book ([`holds`]), the assignment, pause and resume,
+//! [`GroupMember`] owns the consumer, the hold book (`holds`), the assignment, pause and resume,
 //! offset storing and the rejoin watchdog. Its owner (one loop) takes a hold for each piece of
 //! work a message still has, releases it when that work is done, and calls [`GroupMember::tend`]
 //! on a timer. Nothing else changes the holds.
 //!
 //! Rebalances: librdkafka runs the rebalance callbacks inside the owner's own
 //! [`GroupMember::recv`], so the callbacks never wait for the owner. They only:
-//! - on revoke: commit the offsets stored so far (everything before them is done) and record
+//! - on revoke: wait, bounded, for work other tasks still do on messages already taken
+//!   ([`InFlight`]: for the sink, rows with the shard writers), commit the offsets stored so far (everything before them is done) and record
 //!   which partitions went; the member then retires their holds (rows still in flight may release
 //!   them; they never release holds of a later assignment) and tells the owner
 //!   ([`GroupMember::take_revoked`]). The next owner re-reads from the commit, which is harmless:
@@ -23,11 +24,12 @@
 //! Offsets are stored as "next to read" (`store_offsets` takes them as given; `store_offset`
 //! would add one) and committed by librdkafka's auto-commit, on revoke and on close.
 
-pub mod holds;
+mod holds;
 mod rebalance;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -39,11 +41,40 @@ use crate::client::OffsetReset;
 use crate::config::KafkaConfig;
 use crate::error::Error;
 use holds::Holds;
-pub use rebalance::GroupContext;
-use rebalance::{Mailbox, Rebalanced};
+use rebalance::{GroupContext, Mailbox, Rebalanced};
 
 /// A Kafka message: (partition, offset).
 pub type MsgId = (i32, i64);
+
+/// Work that other tasks are doing on messages already taken (for the sink: rows handed to the
+/// shard writers). It makes progress without the member's owner, so a revoke may wait for it.
+#[derive(Clone, Debug, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// `n` more units of work started.
+    pub fn add(&self, n: usize) {
+        self.0.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// `n` units of work finished.
+    pub fn done(&self, n: usize) {
+        self.0.fetch_sub(n.min(self.0.load(Ordering::Acquire)), Ordering::AcqRel);
+    }
+
+    /// Waits (blocking this thread) until nothing is in flight or `patience` ran out; true when
+    /// nothing is.
+    fn settle(&self, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        while self.0.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
 
 /// How long closing the consumer may take (librdkafka's close can block on the group).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,9 +116,10 @@ impl GroupMember {
         topic: &str,
         reset: OffsetReset,
         rejoin_after: Duration,
+        in_flight: InFlight,
     ) -> Result<Self, Error> {
         let mailbox = Arc::new(Mailbox::default());
-        let context = GroupContext::new(Arc::clone(&mailbox), topic);
+        let context = GroupContext::new(Arc::clone(&mailbox), topic, in_flight);
         let consumer: StreamConsumer<GroupContext> =
             crate::client::consumer(cfg, group, reset, context)?;
         consumer.subscribe(&[topic]).map_err(|source| Error::Consume {
@@ -146,6 +178,7 @@ impl GroupMember {
 
     /// Partitions revoked since the last call (their holds are already retired).
     pub fn take_revoked(&mut self) -> Vec<i32> {
+        self.absorb();
         std::mem::take(&mut self.revoked)
     }
 
@@ -158,11 +191,6 @@ impl GroupMember {
     /// True while consumption is held back.
     pub fn is_held_back(&self) -> bool {
         self.held_back
-    }
-
-    /// Messages still held, across partitions.
-    pub fn held(&self) -> usize {
-        self.holds.held()
     }
 
     /// Housekeeping, on the owner's timer: act on rebalances, pause or resume, store the offsets

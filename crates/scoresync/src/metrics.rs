@@ -72,13 +72,7 @@ pub fn render(stats: &SinkStats) -> String {
     }
     header(&mut out, "scoresync_sink_parked_events");
     let by_reason = stats.parked.lock().map(|p| p.by_reason.clone()).unwrap_or_default();
-    for reason in [
-        "conversation_not_found",
-        "scorecard_unknown",
-        "toast_value_unknown",
-        "dependency_unavailable",
-        "behind_parked_change",
-    ] {
+    for reason in scoresync_sink::stats::PARK_REASONS {
         let n = by_reason.get(reason).copied().unwrap_or(0);
         let _ = writeln!(out, "scoresync_sink_parked_events{{reason=\"{reason}\"}} {n}");
     }

@@ -4,7 +4,9 @@
 //! `(version, seq)`), so one INSERT never holds two versions of a row, and earlier changes of a
 //! transaction lose to later ones even though they share a version. Every batch remembers the
 //! Kafka messages whose rows it holds ([`Batch::origins`]), so offsets are stored only after
-//! ClickHouse acknowledged them.
+//! ClickHouse acknowledged them, and the partition of the message each row came from, so the rows
+//! of a partition this sink no longer owns can be dropped before they are sent
+//! ([`Batcher::purge`], [`Batch::purge`]): the partition's next owner writes them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -39,11 +41,45 @@ pub struct Batch {
     pub rows: Vec<ChRow>,
     /// Messages whose rows are in this batch.
     pub origins: BTreeSet<MsgId>,
+    /// The partition of the message that wrote each row (aligned with `rows`).
+    pub row_partitions: Vec<i32>,
+}
+
+impl Batch {
+    /// Drops the rows written by messages of `partitions`; returns the messages of those
+    /// partitions it no longer carries (each releases one hold).
+    pub fn purge(&mut self, partitions: &[i32]) -> Vec<MsgId> {
+        let rows = std::mem::take(&mut self.rows);
+        let (rows, row_partitions) = rows
+            .into_iter()
+            .zip(std::mem::take(&mut self.row_partitions))
+            .filter(|(_, p)| !partitions.contains(p))
+            .unzip();
+        (self.rows, self.row_partitions) = (rows, row_partitions);
+        take_origins(&mut self.origins, partitions)
+    }
+}
+
+/// Removes and returns the messages of `partitions` from `origins`.
+fn take_origins(origins: &mut BTreeSet<MsgId>, partitions: &[i32]) -> Vec<MsgId> {
+    let gone: Vec<MsgId> = origins.iter().copied().filter(|m| partitions.contains(&m.0)).collect();
+    for msg in &gone {
+        origins.remove(msg);
+    }
+    gone
+}
+
+#[derive(Debug)]
+struct Entry {
+    row: ChRow,
+    key: Vec<String>,
+    /// The message that wrote the row as it is now.
+    origin: MsgId,
 }
 
 #[derive(Debug)]
 struct Buffer {
-    rows: Vec<ChRow>,
+    entries: Vec<Entry>,
     index: HashMap<Vec<String>, usize>,
     origins: BTreeSet<MsgId>,
     bytes: usize,
@@ -84,7 +120,7 @@ impl Batcher {
         origin: MsgId,
     ) -> bool {
         let buffer = self.buffers.entry((shard, row.table)).or_insert_with(|| Buffer {
-            rows: Vec::new(),
+            entries: Vec::new(),
             index: HashMap::new(),
             origins: BTreeSet::new(),
             bytes: 0,
@@ -94,15 +130,15 @@ impl Batcher {
         let size = estimate(&row);
         match buffer.index.get(&key) {
             Some(&i) => {
-                let current = &buffer.rows[i];
-                if (row.version, row.seq) >= (current.version, current.seq) {
-                    buffer.bytes = buffer.bytes - estimate(current) + size;
-                    buffer.rows[i] = row;
+                let current = &buffer.entries[i];
+                if (row.version, row.seq) >= (current.row.version, current.row.seq) {
+                    buffer.bytes = buffer.bytes - estimate(&current.row) + size;
+                    buffer.entries[i] = Entry { row, key, origin };
                 }
             }
             None => {
-                buffer.index.insert(key, buffer.rows.len());
-                buffer.rows.push(row);
+                buffer.index.insert(key.clone(), buffer.entries.len());
+                buffer.entries.push(Entry { row, key, origin });
                 buffer.bytes += size;
                 self.rows += 1;
             }
@@ -113,7 +149,25 @@ impl Batcher {
     /// The buffered row with this key for `shard`, if any.
     pub fn find(&self, shard: ShardIndex, key: &RowKey) -> Option<&ChRow> {
         let buffer = self.buffers.get(&(shard, key.0))?;
-        buffer.index.get(&key.1).map(|&i| &buffer.rows[i])
+        buffer.index.get(&key.1).map(|&i| &buffer.entries[i].row)
+    }
+
+    /// Drops the buffered rows written by messages of `partitions` (revoked: their next owner
+    /// writes them); returns the messages of those partitions the buffers no longer carry (each
+    /// releases one hold).
+    pub fn purge(&mut self, partitions: &[i32]) -> Vec<MsgId> {
+        let mut released = Vec::new();
+        for buffer in self.buffers.values_mut() {
+            let before = buffer.entries.len();
+            buffer.entries.retain(|e| !partitions.contains(&e.origin.0));
+            self.rows -= before - buffer.entries.len();
+            buffer.bytes = buffer.entries.iter().map(|e| estimate(&e.row)).sum();
+            buffer.index =
+                buffer.entries.iter().enumerate().map(|(i, e)| (e.key.clone(), i)).collect();
+            released.extend(take_origins(&mut buffer.origins, partitions));
+        }
+        self.buffers.retain(|_, b| !b.entries.is_empty() || !b.origins.is_empty());
+        released
     }
 
     /// Rows buffered (not yet handed out).
@@ -128,7 +182,7 @@ impl Batcher {
             .buffers
             .iter()
             .filter(|(_, b)| {
-                b.rows.len() >= limits.max_rows
+                b.entries.len() >= limits.max_rows
                     || b.bytes >= limits.max_bytes
                     || now.duration_since(b.since) >= limits.max_wait
             })
@@ -145,8 +199,15 @@ impl Batcher {
 
     fn take(&mut self, key: (ShardIndex, SourceTable)) -> Option<Batch> {
         let buffer = self.buffers.remove(&key)?;
-        self.rows -= buffer.rows.len();
-        Some(Batch { shard: key.0, table: key.1, rows: buffer.rows, origins: buffer.origins })
+        self.rows -= buffer.entries.len();
+        let row_partitions = buffer.entries.iter().map(|e| e.origin.0).collect();
+        Some(Batch {
+            shard: key.0,
+            table: key.1,
+            rows: buffer.entries.into_iter().map(|e| e.row).collect(),
+            origins: buffer.origins,
+            row_partitions,
+        })
     }
 }
 
@@ -214,6 +275,33 @@ mod tests {
             vec![(0, 1), (0, 2), (0, 3)]
         );
         assert_eq!(b.rows(), 0);
+    }
+
+    #[test]
+    fn rows_of_revoked_partitions_are_purged_with_their_messages() {
+        let s = schema();
+        let mut b = Batcher::new(limits(100));
+        b.add(0, &s, row("a", "x", 1, 0), (0, 1));
+        b.add(0, &s, row("b", "x", 1, 0), (1, 1));
+        b.add(1, &s, row("c", "x", 1, 0), (1, 2));
+        // A newer change of "a" from partition 1 (a re-parented row): the row is partition 1's now.
+        b.add(0, &s, row("a", "y", 2, 0), (1, 3));
+        let mut released = b.purge(&[1]);
+        released.sort_unstable();
+        assert_eq!(released, vec![(1, 1), (1, 2), (1, 3)]);
+        assert_eq!(b.rows(), 0, "a, b and c were last written by partition 1");
+        let key = (SourceTable::Scorecards, vec!["c".into(), "p".into(), "a".into()]);
+        assert!(b.find(0, &key).is_none());
+        let batches = b.drain();
+        assert_eq!(batches.len(), 1, "partition 0's message still waits for its (empty) batch");
+        assert_eq!(batches[0].origins.iter().copied().collect::<Vec<_>>(), vec![(0, 1)]);
+
+        let mut b = Batcher::new(limits(100));
+        b.add(0, &s, row("a", "x", 1, 0), (0, 1));
+        b.add(0, &s, row("b", "x", 1, 0), (1, 1));
+        let mut batch = b.drain().pop().expect("one batch");
+        assert_eq!(batch.purge(&[1]), vec![(1, 1)]);
+        assert_eq!((batch.rows.len(), batch.row_partitions.clone()), (1, vec![0]));
     }
 
     #[test]

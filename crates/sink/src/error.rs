@@ -56,7 +56,9 @@ pub enum Error {
         context: String,
     },
     /// A target table cannot take the rows (its schema lacks key columns).
-    #[error("clickhouse schema")]
+    #[error(
+        "clickhouse schema: a target table cannot take the rows (compare it with schemas/clickhouse and run `scoresync setup` on a new shard)"
+    )]
     Schema(#[source] RowError),
     /// A target table was not found on the shards when the sink started (run `scoresync setup`).
     #[error("clickhouse table {table} is missing on the shards (run `scoresync setup`)")]

@@ -19,16 +19,18 @@
 //!
 //! The loop (`stage`) owns every piece of mutable state; the consumer-group member
 //! ([`scoresync_bus::group`]) owns the hold book. Every message is held from the moment it
-//! arrives; another hold is taken for each batch that carries its rows, for a dead-letter write,
-//! and for as long as it is parked. Writers acknowledge a batch with the messages it covered and
-//! the loop releases their holds. A Kafka offset is stored only when every message before it in
+//! arrives until it is applied, superseded, or its dead-letter copy is acknowledged (a parked
+//! message keeps that hold); another hold is taken for each batch that carries its rows. Writers
+//! acknowledge a batch with the messages it covered and the loop releases their holds. A Kafka offset is stored only when every message before it in
 //! its partition is done: its rows acknowledged by every shard they went to, or its dead-letter
 //! copy acknowledged, or it was superseded. A parked message stays held, so the stored offset
 //! never passes it; after a restart it is read and parked again.
 //!
-//! On a partition revoke the member commits what is stored and retires the partition's holds;
-//! the new owner re-reads the rest, which is harmless: every row carries its source version, and
-//! ClickHouse keeps the greatest. If the partition comes back to this sink while rows of its old
+//! On a partition revoke the member waits (at most 1.5 s) for the rows already with the shard
+//! writers, commits what is stored and retires the partition's holds; the loop drops the
+//! partition's parked events and its rows not yet handed to a writer. The new owner re-reads the
+//! rest, which is harmless: every row carries its source version, and ClickHouse keeps the
+//! greatest. If the partition comes back to this sink while rows of its old
 //! assignment are still in flight, it stays paused until they are acknowledged, so an old
 //! batch's acknowledgement never releases a message read anew.
 //!
@@ -51,9 +53,9 @@
 //! - `role`: wiring (clients, group, writers) and shutdown; `stage`: the loop;
 //!   `settle`: what becomes of one event (applied, parked, dead-lettered), for every path.
 //! - `plan`: what a scorecard change writes, decided with no I/O; `apply`: carrying it out,
-//!   and children and TRUNCATEs; [`route`]: routing; `toast`: unchanged-TOAST values.
-//! - [`table`], [`rows`], `rowbinary`: a target table's columns, row mapping, RowBinary.
-//! - `locate`, [`lookup`], `cache`: where a scorecard lives; what the sink asks ClickHouse
+//!   and children and TRUNCATEs; `route`: routing; `toast`: unchanged-TOAST values.
+//! - [`table`], `rows`, `rowbinary`: a target table's columns, row mapping, RowBinary.
+//! - `locate`, `lookup`, `cache`: where a scorecard lives; what the sink asks ClickHouse
 //!   and PostgreSQL, and remembers.
 //! - `batch`, `writer`: batching and shard writers.
 //! - `park`, [`dlq`]: waiting events and dead letters.
@@ -67,13 +69,13 @@ pub mod config;
 pub mod dlq;
 pub mod error;
 mod locate;
-pub mod lookup;
+mod lookup;
 mod park;
 mod plan;
 mod role;
-pub mod route;
+mod route;
 mod rowbinary;
-pub mod rows;
+mod rows;
 pub mod schema;
 mod settle;
 pub mod shard;
@@ -85,5 +87,6 @@ mod writer;
 
 pub use config::{ClickHouseConfig, SinkConfig};
 pub use error::Error;
+pub use lookup::{APPLICATION_NAME as POSTGRES_APPLICATION_NAME, live_rows};
 pub use role::Sink;
 pub use stats::SinkStats;

@@ -8,8 +8,11 @@
 //! card's insert is parked). PostgreSQL has the card's current fields; the scorecard's own event,
 //! when it is applied, has the final say. Rows read from PostgreSQL are never written as such.
 //!
-//! No value is ever spliced into SQL text: ClickHouse values, database, table and column names
-//! are bound (`Query::bind`, names as `Identifier`), PostgreSQL values are statement parameters.
+//! No value from data is ever spliced into SQL text: ClickHouse values, database, table and
+//! column names are bound here (`Query::bind`, names as `Identifier`), PostgreSQL values are
+//! statement parameters. (Elsewhere the writer's INSERT and the TRUNCATE's `INSERT ... SELECT`
+//! name the configured database and the columns `system.columns` lists, backquoted, and the
+//! TRUNCATE's version is a number.)
 //! Reads of a fixed shape decode into row structs; reads of whole rows, whose columns come from
 //! `system.columns`, decode RowBinary with [`crate::rowbinary`].
 //!
@@ -37,13 +40,13 @@ pub(crate) use postgres::postgres_error_is_transient;
 pub use stored::live_rows;
 
 /// Longest a lookup or statement may take before the shard counts as unavailable.
-pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a shard that failed a lookup is not asked again.
 const COOL_DOWN: Duration = Duration::from_secs(5);
 
 /// A scorecard as the shards have it.
 #[derive(Clone, Debug, PartialEq)]
-pub struct StoredCard {
+pub(crate) struct StoredCard {
     /// The shard holding its newest row.
     pub shard: ShardIndex,
     /// That row's version.
@@ -55,7 +58,7 @@ pub struct StoredCard {
 }
 
 /// ClickHouse (and optionally PostgreSQL) lookups.
-pub struct Lookups {
+pub(crate) struct Lookups {
     shards: Vec<clickhouse::Client>,
     database: String,
     pg: Option<postgres::PgFallback>,
@@ -67,7 +70,7 @@ pub struct Lookups {
 impl Lookups {
     /// Lookups over `shards`, with PostgreSQL at `postgres_url` when given (connected when first
     /// needed).
-    pub fn new(
+    pub(crate) fn new(
         shards: Vec<clickhouse::Client>,
         database: String,
         postgres_url: Option<secrecy::SecretString>,
@@ -103,13 +106,13 @@ impl Lookups {
     }
 
     /// The database holding the tables on every shard.
-    pub fn database(&self) -> &str {
+    pub(crate) fn database(&self) -> &str {
         &self.database
     }
 
     /// Runs a statement that returns nothing (INSERT ... SELECT) on one shard. `sql` is sent as
     /// it is: it must carry no values from data.
-    pub async fn execute(&self, shard: ShardIndex, sql: &str) -> Result<(), Error> {
+    pub(crate) async fn execute(&self, shard: ShardIndex, sql: &str) -> Result<(), Error> {
         self.ready(shard, "statement")?;
         let result =
             tokio::time::timeout(LOOKUP_TIMEOUT, self.shards[shard].query_raw(sql).execute())
@@ -117,18 +120,6 @@ impl Lookups {
                 .map_err(|_| Error::Timeout { shard, action: "statement".into() })
                 .and_then(|r| r.map_err(Error::shard(shard, "statement")));
         self.outcome(shard, result)
-    }
-
-    /// Runs a SELECT on one shard and decodes its RowBinary answer for `columns`, which must
-    /// match the SELECT list in order and wire type (`DateTime` reads as Unix seconds). `sql`
-    /// is sent as it is: it must carry no values from data (the reads below bind theirs).
-    pub async fn select(
-        &self,
-        shard: ShardIndex,
-        sql: &str,
-        columns: &[ChColumn],
-    ) -> Result<Vec<Vec<Cell>>, Error> {
-        self.select_cells(shard, self.shards[shard].query_raw(sql), columns).await
     }
 
     /// Runs `query` on `shard` within the timeout and cool-down; decodes rows of `columns`.
@@ -161,8 +152,27 @@ impl Lookups {
         let fetched = tokio::time::timeout(LOOKUP_TIMEOUT, query.fetch_all::<T>())
             .await
             .map_err(|_| Error::Timeout { shard, action: "lookup".into() })
-            .and_then(|r| r.map_err(Error::shard(shard, "lookup")));
+            .and_then(|r| r.map_err(|err| typed_read_error(shard, err)));
         self.outcome(shard, fetched)
+    }
+}
+
+/// A typed read's failure: an answer that does not decode into the row struct is a column type
+/// the sink does not expect (permanent: it says which shard), anything else a shard trouble.
+fn typed_read_error(shard: ShardIndex, err: clickhouse::error::Error) -> Error {
+    use clickhouse::error::Error as Ch;
+    match err {
+        Ch::NotEnoughData
+        | Ch::InvalidUtf8Encoding(_)
+        | Ch::InvalidTagEncoding(_)
+        | Ch::DeserializeAnyNotSupported
+        | Ch::Custom(_) => Error::Unreadable {
+            shard,
+            what: format!(
+                "a lookup row that does not decode ({err}): a column has an unexpected type"
+            ),
+        },
+        other => Error::shard(shard, "lookup")(other),
     }
 }
 

@@ -6,16 +6,20 @@
 //! change of the same row supersedes the parked one (the newer one carries the row's latest
 //! state). Parked messages keep their offset hold, so a restart re-reads and re-parks them.
 //!
+//! Two clocks decide when a parked event is tried again: its own backoff ([`retry_delay`], 1 s
+//! doubling to 8 s; a woken event is due at once), and the loop's retry round, every
+//! `sink.park_retry_ms`, which takes what is due. How the outcome of a retry is settled (applied,
+//! parked again, or dead-lettered once a scorecard stayed unknown too long) is in
+//! [`crate::settle`].
+//!
 //! The changes of one scorecard (the card, its scores, its historic scores) are applied in
 //! commit order: while one of them is parked, later ones of the same scorecard park behind it
 //! ([`ParkReason::BehindEarlierChange`]). Otherwise a card move or a field refresh, which stamps
 //! the children it copies with the card's version, could overtake a parked child change and
 //! make it lose, or a parked card's delete markers could lose to children written after it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
-
-use std::collections::BTreeMap;
 
 use scoresync_event::{ChangeEvent, RowVersion, ScorecardKey};
 
@@ -40,6 +44,15 @@ pub enum ParkReason {
 }
 
 impl ParkReason {
+    /// Every label [`ParkReason::label`] gives, for metrics that export each one (also at zero).
+    pub const LABELS: [&'static str; 5] = [
+        "conversation_not_found",
+        "scorecard_unknown",
+        "toast_value_unknown",
+        "dependency_unavailable",
+        "behind_parked_change",
+    ];
+
     /// A short label for metrics (bounded set).
     pub fn label(&self) -> &'static str {
         match self {
@@ -327,6 +340,19 @@ mod tests {
 
     fn key(id: &str) -> RowKey {
         (SourceTable::Scorecards, vec![id.into()])
+    }
+
+    #[test]
+    fn every_reason_has_a_listed_label() {
+        let reasons = [
+            ParkReason::ConversationNotFound("c".into()),
+            ParkReason::ScorecardUnknown("s".into()),
+            ParkReason::ToastValueUnknown("comment".into()),
+            ParkReason::Unavailable("shard 0".into()),
+            ParkReason::BehindEarlierChange("s".into()),
+        ];
+        let labels: Vec<&str> = reasons.iter().map(ParkReason::label).collect();
+        assert_eq!(labels, ParkReason::LABELS);
     }
 
     #[test]

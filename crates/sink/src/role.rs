@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::KafkaConfig;
 use scoresync_bus::client::OffsetReset;
-use scoresync_bus::group::GroupMember;
+use scoresync_bus::group::{GroupMember, InFlight};
 
 use crate::apply::Applier;
 use crate::batch::{Batcher, Limits};
@@ -42,12 +42,14 @@ impl Sink {
         let schemas = Arc::new(crate::schema::load(&self.clickhouse).await?);
         let clients = crate::shard::clients(&self.clickhouse);
         let rejoin_after = Duration::from_millis(self.kafka.session_timeout_ms * 3);
+        let with_writers = InFlight::default();
         let group = GroupMember::join(
             &self.kafka,
             &self.kafka.consumer_group,
             &self.kafka.change_topic,
             OffsetReset::Earliest,
             rejoin_after,
+            with_writers.clone(),
         )?;
         let database = &self.clickhouse.database;
         let lookups = Lookups::new(clients.clone(), database.clone(), self.postgres_url.clone());
@@ -66,7 +68,7 @@ impl Sink {
                 Batcher::new(limits),
             ),
             park: Park::default(),
-            pool: WriterPool::start(&clients, database, &schemas, &self.stats),
+            pool: WriterPool::start(&clients, database, &schemas, &self.stats, with_writers),
             outbox: Outbox::new(&self.kafka)?,
             stats: Arc::clone(&self.stats),
             config: self.sink.clone(),

@@ -244,15 +244,27 @@ impl Loop {
     fn dead_letter(&mut self, attempt: Attempt, error: &str) -> Result<(), Error> {
         match attempt {
             Attempt::Live(message, _) => {
-                self.outbox.send(message.id, message.key.as_deref(), &message.payload, error)?
+                self.dead_letter_bytes(message.id, message.key.as_deref(), &message.payload, error)
             }
             Attempt::Retry(_, parked) => {
                 // The key the source gave it (so a redrive lands in the same partition).
                 let key = ScorecardKey::of_event(&parked.event).map(|k| k.to_message_key());
                 let payload = scoresync_event::encode(&parked.event);
-                self.outbox.send(parked.msg, key.as_deref(), &payload, error)?
+                self.dead_letter_bytes(parked.msg, key.as_deref(), &payload, error)
             }
         }
+    }
+
+    /// Sends a copy of message `msg` to the dead-letter topic (every path that dead-letters ends
+    /// here); its hold is released once the copy is acknowledged.
+    pub(crate) fn dead_letter_bytes(
+        &mut self,
+        msg: MsgId,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        error: &str,
+    ) -> Result<(), Error> {
+        self.outbox.send(msg, key, payload, error)?;
         SinkStats::add(&self.stats.dead_lettered, 1);
         Ok(())
     }
@@ -281,7 +293,7 @@ impl Loop {
     /// when shutdown came first.
     pub(crate) async fn flush_and_wait(&mut self, shutdown: &CancellationToken) -> bool {
         for batch in self.applier.batcher.drain() {
-            self.pool.send(batch);
+            self.send(batch);
         }
         while self.pool.in_flight_rows() > 0 {
             tokio::select! {

@@ -7,6 +7,8 @@
 //! `max_buffered_rows`, or parked events reach `max_parked_events`, consumption is held back
 //! (the loop keeps polling, so the member stays in its group) until the backlog halves.
 //! How one event's outcome is settled (applied, parked, dead-lettered) is in [`crate::settle`].
+//! Revocations reach the loop only through [`GroupMember::take_revoked`], at the start of each
+//! turn ([`Loop::forget_revoked`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -73,7 +75,6 @@ impl Loop {
                     }
                     self.hold_back_or_resume();
                     self.group.tend()?;
-                    self.forget_revoked();
                     self.publish_stats();
                 }
                 // 4. New messages.
@@ -95,20 +96,24 @@ impl Loop {
         }
     }
 
-    /// Drops what the sink kept for partitions revoked since the last call. Their offset holds
-    /// were retired by the group member; parked events are dropped (the next owner re-reads
-    /// them). Where the cards of those partitions live is another owner's business meanwhile:
-    /// the cache is read anew.
+    /// Drops what the sink kept for partitions revoked since the last call: their offset holds
+    /// were retired by the group member; their parked events, and their rows not yet handed to a
+    /// writer, are dropped (the next owner re-reads and writes them, so our late writes never land
+    /// after its own). Where the cards of those partitions live is another owner's business
+    /// meanwhile: the cache is read anew.
     fn forget_revoked(&mut self) {
         let gone = self.group.take_revoked();
         if gone.is_empty() {
             return;
         }
         self.applier.locate.forget_cards();
-        for partition in gone {
-            for msg in self.park.revoke(partition) {
-                self.group.release(msg);
-            }
+        let mut released = self.applier.batcher.purge(&gone);
+        released.extend(self.pool.purge(&gone));
+        for &partition in &gone {
+            released.extend(self.park.revoke(partition));
+        }
+        for msg in released {
+            self.group.release(msg);
         }
     }
 
@@ -125,8 +130,12 @@ impl Loop {
                 Ok(event) => events.push((message, event)),
                 Err(err) => {
                     let (key, payload) = (message.key.as_deref(), &message.payload);
-                    self.outbox.send(message.id, key, payload, &Report::new(&err).to_string())?;
-                    SinkStats::add(&self.stats.dead_lettered, 1);
+                    self.dead_letter_bytes(
+                        message.id,
+                        key,
+                        payload,
+                        &Report::new(&err).to_string(),
+                    )?;
                 }
             }
         }
@@ -163,8 +172,19 @@ impl Loop {
     /// Cuts the batches that are full or old enough and hands them to the writers.
     pub(crate) fn flush_ready(&mut self) {
         for batch in self.applier.batcher.ready(Instant::now()) {
-            self.pool.send(batch);
+            self.send(batch);
         }
+    }
+
+    /// Hands a batch to its shard's writer; a batch left empty by a purge is done at once.
+    pub(crate) fn send(&mut self, batch: crate::batch::Batch) {
+        if batch.rows.is_empty() {
+            for origin in batch.origins {
+                self.group.release(origin);
+            }
+            return;
+        }
+        self.pool.send(batch);
     }
 
     /// True when every row is in ClickHouse (nothing buffered, nothing in flight).

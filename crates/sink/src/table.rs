@@ -3,8 +3,8 @@
 //!
 //! Hand-written, and coarse on purpose: a column is a string, a signed or unsigned integer of
 //! some width, a float, or a `DateTime`; `Nullable` and `LowCardinality` wrappers are seen
-//! through. That is all the row mapping ([`crate::rows`]) and the RowBinary codec
-//! ([`crate::rowbinary`]) dispatch on, and all the target tables use (`schemas/clickhouse`);
+//! through. That is all the row mapping (`rows`) and the RowBinary codec
+//! (`rowbinary`) dispatch on, and all the target tables use (`schemas/clickhouse`);
 //! the `clickhouse` crate's own type model serves its compile-time row types, not a column set
 //! read at run time. A column of another type (Date, Decimal, UUID, Enum) would be taken for a
 //! string, which RowBinary does not forgive: such a column needs a shape here first.

@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use scoresync_bus::group::InFlight;
+
 use crate::batch::{Batch, MsgId};
 use crate::rowbinary::write_row_binary;
 use crate::shard::ShardIndex;
@@ -52,6 +54,8 @@ struct ShardWriter {
     batches: mpsc::Receiver<Batch>,
     acks: mpsc::Sender<Ack>,
     stats: Arc<SinkStats>,
+    /// Rows handed to the writers and not yet inserted (a revoke waits for them, bounded).
+    with_writers: InFlight,
 }
 
 /// The loop's handle on the shard writers.
@@ -62,15 +66,18 @@ pub(crate) struct WriterPool {
     in_flight_rows: usize,
     tasks: Vec<JoinHandle<()>>,
     stop: CancellationToken,
+    with_writers: InFlight,
 }
 
 impl WriterPool {
-    /// Starts one writer per client (shard order).
+    /// Starts one writer per client (shard order). `with_writers` counts the rows the writers
+    /// hold (a partition revoke waits for them, bounded).
     pub(crate) fn start(
         clients: &[clickhouse::Client],
         database: &str,
         schemas: &Arc<Vec<TableSchema>>,
         stats: &Arc<SinkStats>,
+        with_writers: InFlight,
     ) -> Self {
         let stop = CancellationToken::new();
         let (ack_tx, acks) = mpsc::channel(1024);
@@ -87,11 +94,12 @@ impl WriterPool {
                 batches,
                 acks: ack_tx.clone(),
                 stats: Arc::clone(stats),
+                with_writers: with_writers.clone(),
             };
             tasks.push(tokio::spawn(writer.run(stop.clone())));
         }
         let queues = senders.iter().map(|_| VecDeque::new()).collect();
-        WriterPool { senders, queues, acks, in_flight_rows: 0, tasks, stop }
+        WriterPool { senders, queues, acks, in_flight_rows: 0, tasks, stop, with_writers }
     }
 
     /// Queues a batch for its shard's writer.
@@ -106,8 +114,9 @@ impl WriterPool {
     fn push(&mut self) {
         for (shard, queue) in self.queues.iter_mut().enumerate() {
             while let Some(batch) = queue.pop_front() {
+                let rows = batch.rows.len();
                 match self.senders[shard].try_send(batch) {
-                    Ok(()) => {}
+                    Ok(()) => self.with_writers.add(rows),
                     Err(
                         mpsc::error::TrySendError::Full(batch)
                         | mpsc::error::TrySendError::Closed(batch),
@@ -118,6 +127,25 @@ impl WriterPool {
                 }
             }
         }
+    }
+
+    /// Drops the queued rows (not yet with a writer) written by messages of `partitions`;
+    /// returns the messages whose holds those batches no longer need.
+    pub(crate) fn purge(&mut self, partitions: &[i32]) -> Vec<MsgId> {
+        let mut released = Vec::new();
+        for queue in &mut self.queues {
+            for batch in queue.iter_mut() {
+                let before = batch.rows.len();
+                released.extend(batch.purge(partitions));
+                self.in_flight_rows -= before - batch.rows.len();
+            }
+            // A batch left without rows is done: its other messages need no insert.
+            for batch in queue.iter_mut().filter(|b| b.rows.is_empty()) {
+                released.extend(std::mem::take(&mut batch.origins));
+            }
+            queue.retain(|b| !b.rows.is_empty());
+        }
+        released
     }
 
     /// The next acknowledgement (`None` once every writer stopped).
@@ -155,6 +183,7 @@ impl ShardWriter {
             if !self.insert_until_done(&batch, &shutdown).await {
                 return;
             }
+            self.with_writers.done(batch.rows.len());
             let ack = Ack { rows: batch.rows.len(), origins: batch.origins };
             if self.acks.send(ack).await.is_err() {
                 return;

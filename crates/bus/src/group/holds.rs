@@ -1,14 +1,16 @@
 //! The hold book: which Kafka offsets a group member may store (DESIGN.md rule 5).
 //!
-//! Owned by [`super::GroupMember`], and changed only through it. Every consumed message is held from the moment it arrives; more holds are taken for each batch
-//! that carries its rows, for a dead-letter write, and for as long as it is parked. A message is
-//! done when its last hold is released. The storable offset of a partition is the lowest message
-//! still held (or, when none is, one past the highest message seen): everything before it is in
-//! ClickHouse on every shard it touched, in the dead-letter topic, or superseded. Stored offsets
-//! are "next to read" (what `store_offsets` takes as given; `store_offset` would add one).
+//! Owned by [`super::GroupMember`], and changed only through it. Every consumed message is held
+//! from the moment it arrives until its owner releases that hold (for the sink: once the message
+//! is applied, superseded, or its dead-letter copy acknowledged; a parked message simply keeps
+//! it). The owner takes one more hold for each further piece of work the message has (for the
+//! sink: each batch that carries its rows). A message is done when its last hold is released.
+//! The storable offset of a partition is the lowest message still held (or, when none is, one
+//! past the highest message seen): everything before it is done. Stored offsets are "next to
+//! read" (what `store_offsets` takes as given; `store_offset` would add one).
 //!
-//! A revoked partition's holds are kept apart ("retired"): batches already cut may still carry its
-//! rows, and their acknowledgements must not release holds of the messages the next owner (this
+//! A revoked partition's holds are kept apart ("retired"): work already under way (batches
+//! with the writers) may still carry its messages, and their acknowledgements must not release holds of the messages the next owner (this
 //! member again, after an eager rebalance) reads anew. A partition assigned back while it has
 //! retired holds stays paused until they are all released (see [`super`]), so the two generations
 //! never hold the same partition at once.
@@ -104,6 +106,7 @@ impl Holds {
     }
 
     /// Messages still held, across partitions.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.partitions.values().map(|s| s.held.len()).sum()
     }

@@ -1,6 +1,9 @@
 //! The rebalance callbacks. librdkafka runs them inside the owner's own poll, so they never wait
 //! for the owner: they record what happened in a [`Mailbox`] the member reads, pause newly
-//! assigned partitions, and commit the offsets stored so far.
+//! assigned partitions, and commit the offsets stored so far. A revoke first waits, at most
+//! [`REVOKE_PATIENCE`], for work other tasks are doing on messages already taken ([`InFlight`]:
+//! rows with the shard writers), which progresses without the owner: so the next owner of a
+//! partition usually starts after our last writes to it have landed.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -10,6 +13,11 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::InFlight;
+
+/// Longest a revoke waits for in-flight work (the group waits for the revoke meanwhile).
+const REVOKE_PATIENCE: Duration = Duration::from_millis(1_500);
 
 /// What the rebalance callbacks saw, for the member to act on.
 #[derive(Debug)]
@@ -46,14 +54,15 @@ impl Mailbox {
 }
 
 /// The consumer's callbacks: record, pause, commit what is stored; never wait for the owner.
-pub struct GroupContext {
+pub(crate) struct GroupContext {
     mailbox: Arc<Mailbox>,
     topic: String,
+    in_flight: InFlight,
 }
 
 impl GroupContext {
-    pub(super) fn new(mailbox: Arc<Mailbox>, topic: &str) -> Self {
-        GroupContext { mailbox, topic: topic.to_owned() }
+    pub(super) fn new(mailbox: Arc<Mailbox>, topic: &str, in_flight: InFlight) -> Self {
+        GroupContext { mailbox, topic: topic.to_owned(), in_flight }
     }
 }
 
@@ -61,17 +70,32 @@ impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(partitions) = rebalance else { return };
+        let partitions: Vec<i32> = match rebalance {
+            Rebalance::Revoke(partitions) => {
+                partitions.elements().iter().map(|e| e.partition()).collect()
+            }
+            // librdkafka unassigns everything after a rebalance error: treat it as a revoke of
+            // the whole assignment, so no hold of it is mistaken for a later one's.
+            Rebalance::Error(error) => {
+                tracing::warn!(topic = %self.topic, %error, "rebalance error: dropping the assignment");
+                consumer
+                    .assignment()
+                    .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+                    .unwrap_or_default()
+            }
+            Rebalance::Assign(_) => return,
+        };
         let started = Instant::now();
+        let waited = self.in_flight.settle(REVOKE_PATIENCE);
         if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(%error, "commit on revoke (nothing stored yet?)");
         }
-        let partitions: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
         let at = self.mailbox.revocations.fetch_add(1, Ordering::AcqRel) + 1;
         tracing::info!(
             topic = %self.topic,
             partitions = ?partitions,
             revoke_ms = started.elapsed().as_millis() as u64,
+            in_flight_settled = waited,
             "partitions revoked"
         );
         self.mailbox.post(Rebalanced::Revoked { at, partitions });

@@ -182,7 +182,7 @@ impl Applier {
         denormalized: &Denormalized,
     ) -> Result<(), Error> {
         let card_schema = self.schema(SourceTable::Scorecards)?.clone();
-        if !self.locate.lookups.children(from, &card_schema, w.key).await?.is_empty() {
+        if !self.locate.lookups.live_rows_of_card(from, &card_schema, w.key).await?.is_empty() {
             tracing::info!(shard = from, scorecard = %w.key.scorecard_id, "removing a live copy left by an interrupted move");
             let marker = self.marker(SourceTable::Scorecards, w.row, w.event)?;
             self.add(from, marker, w.msg)?;
@@ -204,7 +204,7 @@ impl Applier {
         let (version, seq) = (RowVersion::of_event(event).0, event.seq_in_tx);
         for table in [SourceTable::Scores, SourceTable::HistoricScorecardScores] {
             let schema = self.schema(table)?.clone();
-            let stored = self.locate.lookups.children(from, &schema, card).await?;
+            let stored = self.locate.lookups.live_rows_of_card(from, &schema, card).await?;
             for cells in stored {
                 let mut row =
                     ChRow { table, cells, version, seq, unknown: Vec::new(), commit_time_us: 0 };

@@ -159,7 +159,10 @@ pub(crate) fn postgres_error_is_transient(err: &tokio_postgres::Error) -> bool {
 
 impl Lookups {
     /// A scorecard's current fields in PostgreSQL, if it exists there (and PostgreSQL is configured).
-    pub async fn card_in_postgres(&self, key: &ScorecardKey) -> Result<Option<CardFields>, Error> {
+    pub(crate) async fn card_in_postgres(
+        &self,
+        key: &ScorecardKey,
+    ) -> Result<Option<CardFields>, Error> {
         let Some(pg) = &self.pg else { return Ok(None) };
         let row = pg
             .query_opt(
@@ -182,7 +185,7 @@ impl Lookups {
 
     /// A column's current text value in PostgreSQL (for an unchanged TOAST value no shard has).
     /// `Ok(None)`: no PostgreSQL configured, or the row is gone.
-    pub async fn column_in_postgres(
+    pub(crate) async fn column_in_postgres(
         &self,
         table: SourceTable,
         key: &[String],

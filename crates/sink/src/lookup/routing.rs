@@ -49,7 +49,7 @@ impl Lookups {
     /// Which shard holds each conversation. A conversation that several shards hold (the other
     /// pipeline's mistake) resolves to the lowest shard index, so every sink and every run
     /// routes it to the same shard.
-    pub async fn conversations(
+    pub(crate) async fn conversations(
         &self,
         keys: &[ConversationKey],
     ) -> Result<HashMap<ConversationKey, Conversation>, Error> {
@@ -73,7 +73,7 @@ impl Lookups {
 
     /// Where each scorecard's newest row is, across shards (a live row wins a tie with a delete
     /// marker of the same version: that is a card that moved).
-    pub async fn cards(
+    pub(crate) async fn cards(
         &self,
         keys: &[ScorecardKey],
     ) -> Result<HashMap<ScorecardKey, StoredCard>, Error> {
@@ -115,8 +115,8 @@ fn conversations_query(
     chunk: &[ConversationKey],
 ) -> Query {
     let sql = format!(
-        "SELECT customer_id, profile_id, conversation_id, \
-         toInt64(toUnixTimestamp(conversation_start_time)), language_code \
+        "SELECT toString(customer_id), toString(profile_id), toString(conversation_id), \
+         toInt64(toUnixTimestamp(conversation_start_time)), toString(language_code) \
          FROM ?.conversations WHERE (customer_id, profile_id, conversation_id) IN ({})",
         placeholders(chunk.len())
     );
@@ -184,8 +184,8 @@ mod tests {
         ];
         assert_eq!(
             sql(&conversations_query(&clickhouse::Client::default(), "db", &keys)),
-            "SELECT customer_id, profile_id, conversation_id, \
-             toInt64(toUnixTimestamp(conversation_start_time)), language_code \
+            "SELECT toString(customer_id), toString(profile_id), toString(conversation_id), \
+             toInt64(toUnixTimestamp(conversation_start_time)), toString(language_code) \
              FROM `db`.conversations WHERE (customer_id, profile_id, conversation_id) \
              IN (('c','p','it\\'s'), ('a?','b\\\\','x\\`'))"
         );

@@ -14,7 +14,7 @@ use crate::table::{Cell, ChColumn, ChType, TableSchema};
 
 impl Lookups {
     /// The stored (live) row with primary key `key` on `shard`.
-    pub async fn stored_row(
+    pub(crate) async fn stored_row(
         &self,
         shard: ShardIndex,
         schema: &TableSchema,
@@ -33,8 +33,9 @@ impl Lookups {
         Ok(self.select_cells(shard, query, &schema.columns).await?.into_iter().next())
     }
 
-    /// The live children (`table` is scores or historic scores) of a scorecard on `shard`.
-    pub async fn children(
+    /// The live rows of `schema`'s table that belong to scorecard `card` on `shard`: its
+    /// children (scores, historic scores), or its own row (scorecards).
+    pub(crate) async fn live_rows_of_card(
         &self,
         shard: ShardIndex,
         schema: &TableSchema,
@@ -53,7 +54,7 @@ impl Lookups {
 /// Every live row (`FINAL`, `_deleted = 0`) of `schema`'s table in `database` on one shard, as
 /// cells in the schema's column order. Without the lookups' timeout and cool-down: for checks
 /// and tools (the end-to-end oracle reads whole tables with it); the sink reads through
-/// [`Lookups`].
+/// `Lookups`.
 pub async fn live_rows(
     client: &clickhouse::Client,
     shard: ShardIndex,
