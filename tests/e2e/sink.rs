@@ -352,6 +352,8 @@ pub struct Letter {
     pub partition: String,
     pub offset: String,
     pub error: String,
+    /// The dead-lettered message's payload.
+    pub payload: Vec<u8>,
 }
 
 pub fn dead_letters(env: &TestEnv) -> anyhow::Result<Vec<Letter>> {
@@ -363,6 +365,7 @@ pub fn dead_letters(env: &TestEnv) -> anyhow::Result<Vec<Letter>> {
             partition: h(scoresync_sink::dlq::ORIGIN_PARTITION),
             offset: h(scoresync_sink::dlq::ORIGIN_OFFSET),
             error: h(scoresync_sink::dlq::ERROR),
+            payload: rdkafka::message::Message::payload(m).map(<[u8]>::to_vec).unwrap_or_default(),
         });
         Ok(())
     })?;
@@ -486,7 +489,11 @@ async fn sink_killed_10_times_during_20k_changes_holds_the_oracle() -> anyhow::R
     let _source = Daemon::start(&env, &["source"])?;
     let mut sink = Daemon::start(&env, &["sink"])?;
     // About 1700 x 11 inserts, plus updates and deletes: over 20,000 changes.
-    let load = spawn_loadgen(&env, &["--scorecards", "1700", "--conversations-per-shard", "30"])?;
+    // A fifth of the cards move to another shard while the sink is killed again and again.
+    let load = spawn_loadgen(
+        &env,
+        &["--scorecards", "1700", "--conversations-per-shard", "30", "--move-share", "0.2"],
+    )?;
     let mut rng = StdRng::seed_from_u64(0x5EED);
     for kill in 0..10 {
         // Kill at a random point of its work: once it holds its partitions, 0.5 to 3 s later.

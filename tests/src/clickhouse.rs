@@ -79,6 +79,17 @@ impl PrivateShards {
     pub fn resume(&mut self, i: usize) -> anyhow::Result<()> {
         self.servers[i].start()
     }
+
+    /// Freezes shard `i` (SIGSTOP): it keeps its connections and answers nothing, as a hung
+    /// server does.
+    pub fn freeze(&mut self, i: usize) -> anyhow::Result<()> {
+        self.servers[i].signal("-STOP")
+    }
+
+    /// Lets a frozen shard `i` go on (SIGCONT).
+    pub fn thaw(&mut self, i: usize) -> anyhow::Result<()> {
+        self.servers[i].signal("-CONT")
+    }
 }
 
 impl Server {
@@ -113,6 +124,13 @@ impl Server {
         }
     }
 
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("private clickhouse is not running")?;
+        let status = Command::new("kill").args([signal, &child.id().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {} failed", child.id());
+        Ok(())
+    }
+
     fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
@@ -133,6 +151,8 @@ impl Server {
 impl Drop for PrivateShards {
     fn drop(&mut self) {
         for server in &mut self.servers {
+            // A frozen server cannot die of SIGKILL until it runs again.
+            let _ = server.signal("-CONT");
             if let Some(mut child) = server.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();

@@ -43,6 +43,8 @@ pub struct Batch {
     pub origins: BTreeSet<MsgId>,
     /// The partition of the message that wrote each row (aligned with `rows`).
     pub row_partitions: Vec<i32>,
+    /// Its place in the order batches were handed to the writers (set by the writer pool).
+    pub seq: u64,
 }
 
 impl Batch {
@@ -207,6 +209,7 @@ impl Batcher {
             rows: buffer.entries.into_iter().map(|e| e.row).collect(),
             origins: buffer.origins,
             row_partitions,
+            seq: 0,
         })
     }
 }

@@ -68,6 +68,7 @@ mod cache;
 pub mod config;
 pub mod dlq;
 pub mod error;
+mod handoff;
 mod locate;
 mod lookup;
 mod park;

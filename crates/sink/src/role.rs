@@ -15,6 +15,7 @@ use crate::batch::{Batcher, Limits};
 use crate::config::{ClickHouseConfig, SinkConfig};
 use crate::dlq::Outbox;
 use crate::error::Error;
+use crate::handoff::Handoff;
 use crate::locate::Locator;
 use crate::lookup::Lookups;
 use crate::park::Park;
@@ -70,6 +71,7 @@ impl Sink {
             park: Park::default(),
             pool: WriterPool::start(&clients, database, &schemas, &self.stats, with_writers),
             outbox: Outbox::new(&self.kafka)?,
+            handoff: Handoff::default(),
             stats: Arc::clone(&self.stats),
             config: self.sink.clone(),
             flush_timed_out_at: None,

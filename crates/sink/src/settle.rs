@@ -179,6 +179,7 @@ impl Loop {
         for held in self.applier.take_fresh_holds() {
             self.group.hold(held);
         }
+        self.hand_off();
         decision
     }
 
@@ -299,7 +300,12 @@ impl Loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 ack = self.pool.ack() => match ack {
-                    Some(ack) => self.on_ack(ack),
+                    Some(ack) => {
+                        if let Err(error) = self.on_ack(ack) {
+                            tracing::error!(%error, "writing move markers failed");
+                            return false;
+                        }
+                    }
                     None => return false,
                 },
             }

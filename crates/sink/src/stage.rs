@@ -24,6 +24,7 @@ use crate::apply::Applier;
 use crate::config::SinkConfig;
 use crate::dlq::Outbox;
 use crate::error::Error;
+use crate::handoff::Handoff;
 use crate::park::Park;
 use crate::settle::Attempt;
 use crate::stats::{ParkedSnapshot, SinkStats};
@@ -41,6 +42,8 @@ pub(crate) struct Loop {
     pub(crate) park: Park,
     pub(crate) pool: WriterPool,
     pub(crate) outbox: Outbox,
+    /// Old-shard markers of moves waiting for the new shard's acknowledgement.
+    pub(crate) handoff: Handoff,
     pub(crate) stats: Arc<SinkStats>,
     pub(crate) config: SinkConfig,
     /// When a bounded wait for acknowledgements last ran out (see [`crate::settle`]).
@@ -60,11 +63,12 @@ impl Loop {
                 // 1. Shutdown.
                 _ = shutdown.cancelled() => return Ok(()),
                 // 2. Acknowledgements: writers, then dead letters.
-                Some(ack) = self.pool.ack() => self.on_ack(ack),
+                Some(ack) = self.pool.ack() => self.on_ack(ack)?,
                 letter = self.outbox.ack() => self.group.release(letter?),
                 // 3. Timer: flush aged batches, retry parked events, hold back or resume.
                 _ = tick.tick() => {
                     self.forget_revoked();
+                    self.release_handoff()?;
                     self.flush_ready();
                     let retry_every = Duration::from_millis(self.config.park_retry_ms);
                     if last_park_retry.elapsed() >= retry_every {
@@ -90,10 +94,39 @@ impl Loop {
         }
     }
 
-    pub(crate) fn on_ack(&mut self, ack: Ack) {
+    /// A batch is in ClickHouse: its messages' holds go, and the move markers that waited for
+    /// it go to the batcher.
+    pub(crate) fn on_ack(&mut self, ack: Ack) -> Result<(), Error> {
         for origin in ack.origins {
             self.group.release(origin);
         }
+        self.release_handoff()
+    }
+
+    /// Sends every buffered row to the writers and makes the move markers the applier handed
+    /// over wait until those rows are acknowledged ([`crate::handoff`]).
+    pub(crate) fn hand_off(&mut self) {
+        let waiting = self.applier.take_handoff();
+        if waiting.is_empty() {
+            return;
+        }
+        for batch in self.applier.batcher.drain() {
+            self.send(batch);
+        }
+        self.handoff.wait(self.pool.last_seq(), waiting);
+    }
+
+    /// Moves the markers whose barrier is passed to the batcher; each gives back the hold it kept.
+    fn release_handoff(&mut self) -> Result<(), Error> {
+        for waiting in self.handoff.ready(self.pool.acknowledged_through()) {
+            let msg = waiting.2;
+            self.applier.add_handed_off(waiting)?;
+            for held in self.applier.take_fresh_holds() {
+                self.group.hold(held);
+            }
+            self.group.release(msg);
+        }
+        Ok(())
     }
 
     /// Drops what the sink kept for partitions revoked since the last call: their offset holds
@@ -109,6 +142,7 @@ impl Loop {
         self.applier.locate.forget_cards();
         let mut released = self.applier.batcher.purge(&gone);
         released.extend(self.pool.purge(&gone));
+        released.extend(self.handoff.purge(&gone));
         for &partition in &gone {
             released.extend(self.park.revoke(partition));
         }
@@ -194,7 +228,10 @@ impl Loop {
 
     fn hold_back_or_resume(&mut self) {
         // Dead letters awaiting their acknowledgement hold a copy of their message too.
-        let buffered = self.applier.batcher.rows() + self.pool.in_flight_rows() + self.outbox.len();
+        let buffered = self.applier.batcher.rows()
+            + self.pool.in_flight_rows()
+            + self.handoff.rows()
+            + self.outbox.len();
         let parked = self.park.len();
         let (max_rows, max_parked) = (self.config.max_buffered_rows, self.config.max_parked_events);
         let full = buffered >= max_rows || parked >= max_parked;
@@ -229,10 +266,21 @@ impl Loop {
                 patience.cancel();
             })
         };
-        if !self.flush_and_wait(&patience).await {
-            tracing::warn!(
-                "shutdown: rows still unacknowledged after {SHUTDOWN_DRAIN:?}; they will be read again"
-            );
+        // Move markers go once the rows before them are in, then they are flushed in turn.
+        loop {
+            if !self.flush_and_wait(&patience).await {
+                tracing::warn!(
+                    "shutdown: rows still unacknowledged after {SHUTDOWN_DRAIN:?}; they will be read again"
+                );
+                break;
+            }
+            if self.handoff.rows() == 0 {
+                break;
+            }
+            if let Err(error) = self.release_handoff() {
+                tracing::warn!(%error, "shutdown: move markers not written; their moves are read again");
+                break;
+            }
         }
         timer.abort();
         for msg in self.outbox.acknowledged_now() {

@@ -43,6 +43,8 @@ pub(crate) struct Ack {
     pub rows: usize,
     /// The messages whose rows the batch carried (each releases one hold).
     pub origins: BTreeSet<MsgId>,
+    /// The batch's sequence number.
+    pub seq: u64,
 }
 
 /// Inserts batches for one shard.
@@ -67,6 +69,10 @@ pub(crate) struct WriterPool {
     tasks: Vec<JoinHandle<()>>,
     stop: CancellationToken,
     with_writers: InFlight,
+    /// Sequence number of the last batch sent.
+    last_seq: u64,
+    /// Sequence numbers of the batches sent and not yet acknowledged.
+    outstanding: BTreeSet<u64>,
 }
 
 impl WriterPool {
@@ -99,11 +105,24 @@ impl WriterPool {
             tasks.push(tokio::spawn(writer.run(stop.clone())));
         }
         let queues = senders.iter().map(|_| VecDeque::new()).collect();
-        WriterPool { senders, queues, acks, in_flight_rows: 0, tasks, stop, with_writers }
+        WriterPool {
+            senders,
+            queues,
+            acks,
+            in_flight_rows: 0,
+            tasks,
+            stop,
+            with_writers,
+            last_seq: 0,
+            outstanding: BTreeSet::new(),
+        }
     }
 
     /// Queues a batch for its shard's writer.
-    pub(crate) fn send(&mut self, batch: Batch) {
+    pub(crate) fn send(&mut self, mut batch: Batch) {
+        self.last_seq += 1;
+        batch.seq = self.last_seq;
+        self.outstanding.insert(batch.seq);
         self.in_flight_rows += batch.rows.len();
         let shard = batch.shard;
         self.queues[shard].push_back(batch);
@@ -142,6 +161,7 @@ impl WriterPool {
             // A batch left without rows is done: its other messages need no insert.
             for batch in queue.iter_mut().filter(|b| b.rows.is_empty()) {
                 released.extend(std::mem::take(&mut batch.origins));
+                self.outstanding.remove(&batch.seq);
             }
             queue.retain(|b| !b.rows.is_empty());
         }
@@ -152,8 +172,19 @@ impl WriterPool {
     pub(crate) async fn ack(&mut self) -> Option<Ack> {
         let ack = self.acks.recv().await?;
         self.in_flight_rows -= ack.rows;
+        self.outstanding.remove(&ack.seq);
         self.push();
         Some(ack)
+    }
+
+    /// The sequence number of the last batch sent.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Every batch up to this sequence number is acknowledged.
+    pub(crate) fn acknowledged_through(&self) -> u64 {
+        self.outstanding.first().map_or(self.last_seq, |oldest| oldest - 1)
     }
 
     /// Rows handed to the writers and not yet acknowledged.
@@ -184,7 +215,7 @@ impl ShardWriter {
                 return;
             }
             self.with_writers.done(batch.rows.len());
-            let ack = Ack { rows: batch.rows.len(), origins: batch.origins };
+            let ack = Ack { rows: batch.rows.len(), origins: batch.origins, seq: batch.seq };
             if self.acks.send(ack).await.is_err() {
                 return;
             }

@@ -1,7 +1,5 @@
 //! The `[postgres]` section of the scoresync configuration.
 
-use std::fmt;
-
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -92,10 +90,10 @@ impl PostgresConfig {
     }
 }
 
-/// A PostgreSQL connection URL, kept as a secret because it carries the password: it prints
-/// (`Debug`) as [`PostgresUrl::redacted`], and only [`ExposeSecret::expose_secret`] gives the URL
-/// itself, to connect with.
-#[derive(Clone, Deserialize)]
+/// A PostgreSQL connection URL, kept as a secret because it carries the password: `Debug` prints
+/// nothing of it (`secrecy`), [`PostgresUrl::redacted`] shows it without the password (for
+/// `validate`), and only [`ExposeSecret::expose_secret`] gives the URL itself, to connect with.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(transparent)]
 pub struct PostgresUrl(SecretString);
 
@@ -114,12 +112,6 @@ impl PostgresUrl {
 impl ExposeSecret<str> for PostgresUrl {
     fn expose_secret(&self) -> &str {
         self.0.expose_secret()
-    }
-}
-
-impl fmt::Debug for PostgresUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.redacted(), f)
     }
 }
 
@@ -154,8 +146,8 @@ mod tests {
         assert_eq!(redact_url("host=db user=u password=s3cret"), "<redacted>");
         let cfg = PostgresConfig::new("postgres://u:s3cret@h/d");
         let printed = format!("{cfg:?}");
-        assert!(printed.contains("postgres://u:<redacted>@h/d"), "{printed}");
         assert!(!printed.contains("s3cret"), "{printed}");
+        assert_eq!(cfg.url.redacted(), "postgres://u:<redacted>@h/d");
         assert_eq!(cfg.url.expose_secret(), "postgres://u:s3cret@h/d");
         let read: PostgresConfig =
             serde_json::from_str(r#"{"url": "postgres://u:s3cret@h/d"}"#).expect("valid");

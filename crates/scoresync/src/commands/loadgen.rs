@@ -37,6 +37,11 @@ pub struct LoadgenArgs {
     /// Share of scorecards updated after creation (card score, one score rescored).
     #[arg(long, default_value_t = 0.3)]
     pub update_share: f64,
+    /// Share of scorecards whose routing changes after creation, so they move to another shard
+    /// with their children (process scorecards: `process_interaction_at` one second later;
+    /// conversation scorecards: another conversation of the same customer and profile).
+    #[arg(long, default_value_t = 0.05)]
+    pub move_share: f64,
     /// Share of scorecards deleted at the end (with their scores and historic scores).
     #[arg(long, default_value_t = 0.1)]
     pub delete_share: f64,
@@ -86,6 +91,8 @@ struct Statements {
     insert_historic: Statement,
     rescore_card: Statement,
     rescore_score: Statement,
+    move_in_time: Statement,
+    move_to_conversation: Statement,
     delete: [Statement; 3],
 }
 
@@ -109,12 +116,21 @@ impl Statements {
         let rescore_score = "UPDATE director.scores SET numeric_value = $4, ai_scored = true, \
              updated_at = now() WHERE customer_id = $1 AND profile_id = $2 AND score_id = $3";
         let filter = "WHERE customer_id = $1 AND profile_id = $2 AND scorecard_id = $3";
+        let move_in_time = format!(
+            "UPDATE director.scorecards SET process_interaction_at = process_interaction_at \
+             + interval '1 second', updated_at = now() {filter}"
+        );
+        let move_to_conversation = format!(
+            "UPDATE director.scorecards SET conversation_id = $4, updated_at = now() {filter}"
+        );
         Ok(Statements {
             insert_card: pg.prepare(insert_card).await?,
             insert_score: pg.prepare(insert_score).await?,
             insert_historic: pg.prepare(insert_historic).await?,
             rescore_card: pg.prepare(rescore_card).await?,
             rescore_score: pg.prepare(rescore_score).await?,
+            move_in_time: pg.prepare(&move_in_time).await?,
+            move_to_conversation: pg.prepare(&move_to_conversation).await?,
             delete: [
                 pg.prepare(&format!("DELETE FROM director.historic_scorecard_scores {filter}"))
                     .await?,
@@ -158,6 +174,19 @@ pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode
             .with_context(|| format!("updating {}", card.id))?;
     }
 
+    let mut moved = 0;
+    for card in &cards {
+        if !chance(&mut rng, args.move_share) {
+            continue;
+        }
+        if move_card(&pg, &statements, &convs, &mut rng, card)
+            .await
+            .with_context(|| format!("moving {}", card.id))?
+        {
+            moved += 1;
+        }
+    }
+
     let mut deleted = 0;
     for card in &cards {
         if !chance(&mut rng, args.delete_share) {
@@ -169,7 +198,7 @@ pub async fn run(config: &Config, args: &LoadgenArgs) -> anyhow::Result<ExitCode
             .with_context(|| format!("deleting {}", card.id))?;
     }
     println!(
-        "loadgen: {} conversation(s) seeded, {} scorecard(s) created ({} score rows each way), {updated} updated, {deleted} deleted",
+        "loadgen: {} conversation(s) seeded, {} scorecard(s) created ({} score rows each way), {updated} updated, {moved} moved, {deleted} deleted",
         convs.len(),
         cards.len(),
         args.scores_per_card
@@ -209,6 +238,35 @@ fn new_card(args: &LoadgenArgs, convs: &[Conv], rng: &mut StdRng, i: usize) -> C
         conversation: Some(conv.id),
         process_interaction_at: None,
     }
+}
+
+/// Changes a card's routing fields so that it routes elsewhere: a process scorecard one second
+/// later (the next shard), a conversation scorecard to another conversation of its customer and
+/// profile (usually on another shard). False when there is no other conversation to move to.
+async fn move_card(
+    pg: &Client,
+    statements: &Statements,
+    convs: &[Conv],
+    rng: &mut StdRng,
+    card: &Card,
+) -> Result<bool, tokio_postgres::Error> {
+    let key: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&card.customer, &card.profile, &card.id];
+    if card.kind == Some(2) {
+        pg.execute(&statements.move_in_time, &key).await?;
+        return Ok(true);
+    }
+    let others: Vec<&Conv> = convs
+        .iter()
+        .filter(|c| c.customer == card.customer && c.profile == card.profile)
+        .filter(|c| Some(&c.id) != card.conversation.as_ref())
+        .collect();
+    if others.is_empty() {
+        return Ok(false);
+    }
+    let to = &others[rng.random_range(0..others.len())].id;
+    pg.execute(&statements.move_to_conversation, &[key[0], key[1], key[2], to]).await?;
+    Ok(true)
 }
 
 /// `seconds` (negative before 1970) and `micros` after the Unix epoch.

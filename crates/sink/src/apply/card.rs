@@ -124,7 +124,11 @@ impl Applier {
         }
         if let Some(shard) = steps.card_marker_on {
             let marker = self.marker(SourceTable::Scorecards, w.row, w.event)?;
-            self.add(shard, marker, w.msg)?;
+            match steps.card_on {
+                // A move: the old shard's marker waits for the new shard's copy.
+                Some(_) => self.add_after_copies(shard, marker, w.msg),
+                None => self.add(shard, marker, w.msg)?,
+            }
         }
         let Some(to) = steps.card_on else { return Ok(None) };
         let fields = crate::route::CardFields::from_row(w.row);
@@ -185,7 +189,7 @@ impl Applier {
         if !self.locate.lookups.live_rows_of_card(from, &card_schema, w.key).await?.is_empty() {
             tracing::info!(shard = from, scorecard = %w.key.scorecard_id, "removing a live copy left by an interrupted move");
             let marker = self.marker(SourceTable::Scorecards, w.row, w.event)?;
-            self.add(from, marker, w.msg)?;
+            self.add_after_copies(from, marker, w.msg);
         }
         self.move_children(w.key, from, to, denormalized, w.event, w.msg).await
     }
@@ -224,7 +228,7 @@ impl Applier {
                     if let Some(i) = schema.position("_deleted") {
                         marker.cells[i] = Cell::UInt(1);
                     }
-                    self.add(from, marker, msg)?;
+                    self.add_after_copies(from, marker, msg);
                 }
                 denormalized.apply(&schema, &mut row);
                 self.add(to, row, msg)?;

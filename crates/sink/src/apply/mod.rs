@@ -22,6 +22,7 @@ use scoresync_event::{ChangeEvent, Operation, Row, RowVersion, ScorecardKey, Sou
 
 use crate::batch::{Batcher, MsgId};
 use crate::error::Error;
+use crate::handoff::Waiting;
 use crate::locate::Locator;
 use crate::park::ParkReason;
 use crate::plan::Wait;
@@ -61,8 +62,12 @@ pub(crate) struct Applier {
     pub(crate) locate: Locator,
     /// Row buffers.
     pub(crate) batcher: Batcher,
-    /// Messages whose rows entered a buffer that held none of theirs, not yet taken by the loop.
+    /// Messages whose rows entered a buffer that held none of theirs, or that have a row in
+    /// `handoff`, not yet taken by the loop (one hold each).
     fresh_holds: Vec<MsgId>,
+    /// Old-shard markers of moves, to be written once the new shard acknowledged the copies
+    /// ([`crate::handoff`]), not yet taken by the loop.
+    handoff: Vec<Waiting>,
 }
 
 /// The identity of the row an event changes (from its key columns).
@@ -102,12 +107,28 @@ impl Applier {
         locate: Locator,
         batcher: Batcher,
     ) -> Self {
-        Applier { shards, schemas, locate, batcher, fresh_holds: Vec::new() }
+        Applier { shards, schemas, locate, batcher, fresh_holds: Vec::new(), handoff: Vec::new() }
     }
 
     /// The messages whose offsets must now be held until their batch is acknowledged.
     pub(crate) fn take_fresh_holds(&mut self) -> Vec<MsgId> {
         std::mem::take(&mut self.fresh_holds)
+    }
+
+    /// The old-shard markers of moves applied since the last call (each with a hold taken).
+    pub(crate) fn take_handoff(&mut self) -> Vec<Waiting> {
+        std::mem::take(&mut self.handoff)
+    }
+
+    /// Adds a row that waited in the handoff (its message's new holds go to `take_fresh_holds`).
+    pub(crate) fn add_handed_off(&mut self, (shard, row, msg): Waiting) -> Result<(), Error> {
+        self.add(shard, row, msg)
+    }
+
+    /// Keeps an old-shard marker of a move until the new shard acknowledged the copies.
+    fn add_after_copies(&mut self, shard: ShardIndex, row: ChRow, msg: MsgId) {
+        self.fresh_holds.push(msg);
+        self.handoff.push((shard, row, msg));
     }
 
     fn schema(&self, table: SourceTable) -> Result<&TableSchema, Error> {
