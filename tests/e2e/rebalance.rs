@@ -1,6 +1,7 @@
 //! Rebalances of the sink group under a backlog: a partition revoke must not wait for the work
-//! its sink still has queued (the revoke callback runs inside the sink's own poll, so any wait
-//! there stalls the whole group), and nothing may be lost when the partitions change owner.
+//! its sink still has queued (the revoke callback runs inside the sink's own poll, so a wait for
+//! rows only that poll's loop can hand to the writers waits for nothing), and nothing may be lost
+//! when the partitions change owner.
 
 use std::time::Duration;
 
@@ -58,6 +59,18 @@ fn revoke_ms(sink: &Daemon) -> Vec<u64> {
         .collect()
 }
 
+/// `scoresync_sink_buffered_rows` of the sink serving metrics on `listen`.
+async fn buffered_rows(listen: &str) -> anyhow::Result<u64> {
+    let metrics = crate::sink::http_get(&format!("http://{listen}/metrics")).await?;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("scoresync_sink_buffered_rows "))
+        .context("no scoresync_sink_buffered_rows")?
+        .trim()
+        .parse()
+        .context("buffered rows")
+}
+
 #[tokio::test]
 async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> anyhow::Result<()> {
     let env = TestEnv::new("sink_revoke_backlog").await?;
@@ -75,16 +88,28 @@ async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> any
     })
     .await?;
 
-    let member = |name: &str| -> anyhow::Result<Daemon> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let listen = format!("127.0.0.1:{port}");
+    let free = || -> anyhow::Result<String> {
+        Ok(format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+        ))
+    };
+    let member = |name: &str, listen: &str| -> anyhow::Result<Daemon> {
         let vars =
-            [("SCORESYNC__KAFKA__INSTANCE_ID", name), ("SCORESYNC__METRICS__LISTEN", &listen)];
+            [("SCORESYNC__KAFKA__INSTANCE_ID", name), ("SCORESYNC__METRICS__LISTEN", listen)];
         Daemon::start_with(&env, &["sink"], &vars)
     };
-    let a = member("sink-a")?;
+    let a_listen = free()?;
+    let a = member("sink-a", &a_listen)?;
     crate::sink::wait_until_assigned(&a, env.kafka.partitions).await?;
-    let b = member("sink-b")?;
+    // More batches queue than the writers hold (three each). A revoke that waited for every
+    // queued row, which only the sink's own loop (blocked in the revoke) can hand to the writers,
+    // would wait out its whole patience.
+    wait::until("batches to queue behind the writers", DEADLINE, || async {
+        Ok((buffered_rows(&a_listen).await? >= 2_000).then_some(()))
+    })
+    .await?;
+    let b = member("sink-b", &free()?)?;
     let (to_go, _) = {
         let kafka = env.kafka.clone();
         tokio::task::spawn_blocking(move || scoresync_tests::kafka::group_position(&kafka))

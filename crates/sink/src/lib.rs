@@ -26,7 +26,7 @@
 //! copy acknowledged, or it was superseded. A parked message stays held, so the stored offset
 //! never passes it; after a restart it is read and parked again.
 //!
-//! On a partition revoke the member waits (at most 1.5 s) for the rows already with the shard
+//! On a partition revoke the member waits (at most 1 s) for the rows already with the shard
 //! writers, commits what is stored and retires the partition's holds; the loop drops the
 //! partition's parked events and its rows not yet handed to a writer. The new owner re-reads the
 //! rest, which is harmless: every row carries its source version, and ClickHouse keeps the

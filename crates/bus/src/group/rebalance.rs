@@ -17,7 +17,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use super::InFlight;
 
 /// Longest a revoke waits for in-flight work (the group waits for the revoke meanwhile).
-const REVOKE_PATIENCE: Duration = Duration::from_millis(1_500);
+const REVOKE_PATIENCE: Duration = Duration::from_millis(1_000);
 
 /// What the rebalance callbacks saw, for the member to act on.
 #[derive(Debug)]
