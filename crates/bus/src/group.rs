@@ -28,8 +28,7 @@ mod holds;
 mod rebalance;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -47,32 +46,38 @@ use rebalance::{GroupContext, Mailbox, Rebalanced};
 pub type MsgId = (i32, i64);
 
 /// Work that other tasks are doing on messages already taken (for the sink: rows handed to the
-/// shard writers). It makes progress without the member's owner, so a revoke may wait for it.
+/// shard writers). It makes progress without the member's owner, so a revoke may wait for it
+/// (blocking the callback's thread, bounded: the tasks doing the work must run on other threads,
+/// as they do on tokio's multi-thread runtime).
 #[derive(Clone, Debug, Default)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<(Mutex<usize>, Condvar)>);
 
 impl InFlight {
     /// `n` more units of work started.
     pub fn add(&self, n: usize) {
-        self.0.fetch_add(n, Ordering::AcqRel);
+        if let Ok(mut count) = self.0.0.lock() {
+            *count += n;
+        }
     }
 
     /// `n` units of work finished.
     pub fn done(&self, n: usize) {
-        self.0.fetch_sub(n.min(self.0.load(Ordering::Acquire)), Ordering::AcqRel);
+        if let Ok(mut count) = self.0.0.lock() {
+            debug_assert!(*count >= n, "more work finished than started");
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                self.0.1.notify_all();
+            }
+        }
     }
 
-    /// Waits (blocking this thread) until nothing is in flight or `patience` ran out; true when
-    /// nothing is.
+    /// Waits until nothing is in flight or `patience` ran out; true when nothing is.
     fn settle(&self, patience: Duration) -> bool {
-        let deadline = Instant::now() + patience;
-        while self.0.load(Ordering::Acquire) > 0 {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let Ok(count) = self.0.0.lock() else { return false };
+        match self.0.1.wait_timeout_while(count, patience, |count| *count > 0) {
+            Ok((count, _)) => *count == 0,
+            Err(_) => false,
         }
-        true
     }
 }
 

@@ -5,7 +5,9 @@
 //!   producer is idempotent with `acks=all`; consumers never commit on their own and never jump to
 //!   the latest offset when a committed one is missing.
 //! - [`group`]: a consumer-group member that owns the consumer, the hold book of offsets still
-//!   in use, rebalances, pause and resume, offset storing and the rejoin watchdog.
+//!   in use, rebalances (a revoke waits, bounded, for the work other tasks still do on messages
+//!   already taken: [`group::InFlight`]), pause and resume, offset storing and the rejoin
+//!   watchdog.
 //! - [`topics`]: creating the change, dead-letter and state topics, idempotently.
 //!
 //! Errors are [`Error`]; each one knows whether retrying can help ([`Error::is_transient`]).

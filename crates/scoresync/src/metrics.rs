@@ -29,7 +29,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Poison events written to the dead-letter topic.",
     ),
     ("scoresync_sink_parked_events", "gauge", "Events waiting to be applied, by reason."),
-    ("scoresync_sink_buffered_rows", "gauge", "Rows buffered or in flight to ClickHouse."),
+    (
+        "scoresync_sink_buffered_rows",
+        "gauge",
+        "Rows not yet in ClickHouse: buffered, with the writers, move markers waiting, dead letters unacknowledged.",
+    ),
     (
         "scoresync_sink_paused",
         "gauge",

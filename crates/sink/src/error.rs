@@ -74,6 +74,9 @@ pub enum Error {
         /// The shard that differs.
         shard: ShardIndex,
     },
+    /// Every shard writer stopped (only shutdown stops them; anything else is a bug).
+    #[error("the shard writers stopped")]
+    WritersStopped,
     /// A Kafka client operation failed.
     #[error("kafka: {context}")]
     Kafka {
@@ -126,6 +129,7 @@ impl Error {
             Error::Unreadable { .. }
             | Error::Schema(_)
             | Error::NoSchema { .. }
+            | Error::WritersStopped
             | Error::SchemaMismatch { .. } => false,
         }
     }

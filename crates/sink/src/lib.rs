@@ -57,7 +57,8 @@
 //! - [`table`], `rows`, `rowbinary`: a target table's columns, row mapping, RowBinary.
 //! - `locate`, `lookup`, `cache`: where a scorecard lives; what the sink asks ClickHouse
 //!   and PostgreSQL, and remembers.
-//! - `batch`, `writer`: batching and shard writers.
+//! - `batch`, `writer`: batching and shard writers; `handoff`: a move's old-shard markers wait
+//!   until the new shard acknowledged the copies (one hold per waiting row).
 //! - `park`, [`dlq`]: waiting events and dead letters.
 //! - [`config`], [`shard`], [`schema`], [`error`], [`stats`]: settings, shard clients, per-shard
 //!   DDL, errors, counters.

@@ -58,8 +58,14 @@ impl Locator {
         self.caches.cards.insert(key, state);
     }
 
+    /// Forgets which scorecards the last prefetch found on no shard (after a flush they may be).
+    pub(crate) fn forget_absent(&mut self) {
+        self.absent.clear();
+    }
+
     /// Forgets every cached scorecard (after a TRUNCATE, or when partitions changed owner).
     pub(crate) fn forget_cards(&mut self) {
+        self.absent.clear();
         self.caches.cards.clear();
     }
 

@@ -96,6 +96,8 @@ pub struct Parked {
     pub reason: ParkReason,
     /// When it was first parked.
     pub since: Instant,
+    /// Since when it has been parked for its current reason.
+    pub reason_since: Instant,
     /// Retries so far.
     pub attempts: u32,
     /// Not retried before this instant.
@@ -194,8 +196,15 @@ impl Park {
             self.wake_scorecard(&event);
         }
         let now = Instant::now();
-        let parked =
-            Parked { msg, event, reason, since: now, attempts: 0, next_try: now + retry_delay(0) };
+        let parked = Parked {
+            msg,
+            event,
+            reason,
+            since: now,
+            reason_since: now,
+            attempts: 0,
+            next_try: now + retry_delay(0),
+        };
         self.insert(row, parked);
         superseded
     }
@@ -244,6 +253,13 @@ impl Park {
         }
     }
 
+    /// True when another change of `event`'s scorecard than message `msg` is parked (a child
+    /// waiting for its card must not give up while the card itself waits).
+    pub fn card_has_other(&self, event: &ChangeEvent, msg: MsgId) -> bool {
+        let Some(card) = ScorecardKey::of_event(event) else { return false };
+        self.by_card.get(&card).is_some_and(|msgs| msgs.keys().any(|m| *m != msg))
+    }
+
     /// Takes out the events due for a retry (in Kafka order); callers re-park what still fails.
     pub fn due(&mut self, now: Instant) -> Vec<(RowKey, Parked)> {
         let keys: Vec<RowKey> =
@@ -257,6 +273,9 @@ impl Park {
     /// Puts back an event whose retry failed, with a longer delay.
     pub fn repark(&mut self, row: RowKey, mut parked: Parked, reason: ParkReason) {
         parked.attempts += 1;
+        if reason.label() != parked.reason.label() {
+            parked.reason_since = Instant::now();
+        }
         parked.reason = reason;
         parked.next_try = Instant::now() + retry_delay(parked.attempts);
         self.insert(row, parked);

@@ -70,6 +70,7 @@ enum Flushed {
     Done,
     Shutdown,
     TimedOut,
+    Failed(Error),
 }
 
 impl Attempt {
@@ -165,9 +166,14 @@ impl Loop {
             return Some(first);
         }
         match self.flush_within(shutdown).await {
-            Flushed::Done => Some(self.apply_holding(msg, event).await),
+            Flushed::Done => {
+                // What the last prefetch found on no shard may be there now.
+                self.applier.locate.forget_absent();
+                Some(self.apply_holding(msg, event).await)
+            }
             Flushed::Shutdown => None,
             Flushed::TimedOut => Some(Ok(Decision::Park(unacknowledged()))),
+            Flushed::Failed(error) => Some(Err(error)),
         }
     }
 
@@ -237,9 +243,17 @@ impl Loop {
     /// True when a parked change has waited for its scorecard longer than
     /// `sink.unknown_scorecard_timeout_ms` (the only wait that ends in the dead-letter topic:
     /// conversations and dependencies are waited for until they appear or an operator acts).
+    /// The clock runs from when the change began waiting for its scorecard, and stops while
+    /// another change of the scorecard (the card itself, say) is parked too.
     fn waited_too_long(&self, parked: &Parked, reason: &ParkReason) -> bool {
         let limit = Duration::from_millis(self.config.unknown_scorecard_timeout_ms);
-        matches!(reason, ParkReason::ScorecardUnknown(_)) && parked.since.elapsed() >= limit
+        let unknown_since = match parked.reason {
+            ParkReason::ScorecardUnknown(_) => parked.reason_since,
+            _ => Instant::now(),
+        };
+        matches!(reason, ParkReason::ScorecardUnknown(_))
+            && unknown_since.elapsed() >= limit
+            && !self.park.card_has_other(&parked.event, parked.msg)
     }
 
     fn dead_letter(&mut self, attempt: Attempt, error: &str) -> Result<(), Error> {
@@ -278,11 +292,12 @@ impl Loop {
             return Flushed::TimedOut;
         }
         match tokio::time::timeout(FLUSH_PATIENCE, self.flush_and_wait(shutdown)).await {
-            Ok(true) => {
+            Ok(Ok(true)) => {
                 self.flush_timed_out_at = None;
                 Flushed::Done
             }
-            Ok(false) => Flushed::Shutdown,
+            Ok(Ok(false)) => Flushed::Shutdown,
+            Ok(Err(error)) => Flushed::Failed(error),
             Err(_) => {
                 self.flush_timed_out_at = Some(Instant::now());
                 Flushed::TimedOut
@@ -290,27 +305,27 @@ impl Loop {
         }
     }
 
-    /// Sends every buffered row and waits until ClickHouse acknowledged all of it. Returns false
-    /// when shutdown came first.
-    pub(crate) async fn flush_and_wait(&mut self, shutdown: &CancellationToken) -> bool {
-        for batch in self.applier.batcher.drain() {
-            self.send(batch);
-        }
-        while self.pool.in_flight_rows() > 0 {
+    /// Sends every buffered row and waits until ClickHouse acknowledged all of it (move markers
+    /// that an acknowledgement let go included). `Ok(false)` when shutdown came first.
+    pub(crate) async fn flush_and_wait(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, Error> {
+        loop {
+            for batch in self.applier.batcher.drain() {
+                self.send(batch);
+            }
+            if self.pool.in_flight_rows() == 0 {
+                return Ok(true);
+            }
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return Ok(false),
                 ack = self.pool.ack() => match ack {
-                    Some(ack) => {
-                        if let Err(error) = self.on_ack(ack) {
-                            tracing::error!(%error, "writing move markers failed");
-                            return false;
-                        }
-                    }
-                    None => return false,
+                    Some(ack) => self.on_ack(ack)?,
+                    None => return Err(Error::WritersStopped),
                 },
             }
         }
-        true
     }
 }
 

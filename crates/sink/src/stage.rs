@@ -97,6 +97,9 @@ impl Loop {
     /// A batch is in ClickHouse: its messages' holds go, and the move markers that waited for
     /// it go to the batcher.
     pub(crate) fn on_ack(&mut self, ack: Ack) -> Result<(), Error> {
+        // A revoke recorded since the last turn goes first: its partitions' queued rows and
+        // waiting markers must not be sent.
+        self.forget_revoked();
         for origin in ack.origins {
             self.group.release(origin);
         }
@@ -221,17 +224,25 @@ impl Loop {
         self.pool.send(batch);
     }
 
-    /// True when every row is in ClickHouse (nothing buffered, nothing in flight).
+    /// True when every row is in ClickHouse (nothing buffered, in flight or waiting in the
+    /// handoff).
     pub(crate) fn flushed(&self) -> bool {
-        self.applier.batcher.rows() == 0 && self.pool.in_flight_rows() == 0
+        self.applier.batcher.rows() == 0
+            && self.pool.in_flight_rows() == 0
+            && self.handoff.rows() == 0
+    }
+
+    /// Rows not yet in ClickHouse: buffered, with the writers, move markers waiting, and dead
+    /// letters awaiting their acknowledgement (each holds a copy of its message).
+    fn backlog(&self) -> usize {
+        self.applier.batcher.rows()
+            + self.pool.in_flight_rows()
+            + self.handoff.rows()
+            + self.outbox.len()
     }
 
     fn hold_back_or_resume(&mut self) {
-        // Dead letters awaiting their acknowledgement hold a copy of their message too.
-        let buffered = self.applier.batcher.rows()
-            + self.pool.in_flight_rows()
-            + self.handoff.rows()
-            + self.outbox.len();
+        let buffered = self.backlog();
         let parked = self.park.len();
         let (max_rows, max_parked) = (self.config.max_buffered_rows, self.config.max_parked_events);
         let full = buffered >= max_rows || parked >= max_parked;
@@ -246,8 +257,7 @@ impl Loop {
     }
 
     fn publish_stats(&self) {
-        let buffered = self.applier.batcher.rows() + self.pool.in_flight_rows();
-        self.stats.buffered_rows.store(buffered as u64, Ordering::Relaxed);
+        self.stats.buffered_rows.store(self.backlog() as u64, Ordering::Relaxed);
         self.stats.paused.store(u64::from(self.group.is_held_back()), Ordering::Relaxed);
         if let Ok(mut parked) = self.stats.parked.lock() {
             let by_reason = self.park.by_reason().into_iter().map(|(k, v)| (k.to_owned(), v));
@@ -256,33 +266,19 @@ impl Loop {
         }
     }
 
-    /// Shutdown: send what is buffered, wait (bounded) for it, release what is done.
+    /// Shutdown: send what is buffered (move markers included, once their copies are in), wait
+    /// (bounded) for it, release what is done.
     pub(crate) async fn drain(&mut self) {
-        let patience = CancellationToken::new();
-        let timer = {
-            let patience = patience.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(SHUTDOWN_DRAIN).await;
-                patience.cancel();
-            })
-        };
-        // Move markers go once the rows before them are in, then they are flushed in turn.
-        loop {
-            if !self.flush_and_wait(&patience).await {
-                tracing::warn!(
-                    "shutdown: rows still unacknowledged after {SHUTDOWN_DRAIN:?}; they will be read again"
-                );
-                break;
+        let never = CancellationToken::new();
+        match tokio::time::timeout(SHUTDOWN_DRAIN, self.flush_and_wait(&never)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "shutdown: flushing failed; unacknowledged rows will be read again")
             }
-            if self.handoff.rows() == 0 {
-                break;
-            }
-            if let Err(error) = self.release_handoff() {
-                tracing::warn!(%error, "shutdown: move markers not written; their moves are read again");
-                break;
-            }
+            Err(_) => tracing::warn!(
+                "shutdown: rows still unacknowledged after {SHUTDOWN_DRAIN:?}; they will be read again"
+            ),
         }
-        timer.abort();
         for msg in self.outbox.acknowledged_now() {
             self.group.release(msg);
         }

@@ -27,6 +27,11 @@ impl Applier {
         };
         let card = match self.locate.card_for_child(&card_key).await? {
             Ok(card) => card,
+            // The card may be among this sink's own rows not yet in ClickHouse: decide that it
+            // is stored nowhere, or can never be routed, only once they are.
+            Err(Wait::Park(ParkReason::ScorecardUnknown(_)) | Wait::Poison(_)) if !flushed => {
+                return Ok(Decision::NeedsFlush);
+            }
             // A card stored nowhere has no children stored anywhere: nothing to delete.
             Err(Wait::Park(ParkReason::ScorecardUnknown(_))) if event.op() == Operation::Delete => {
                 return Ok(Decision::Applied);

@@ -1,6 +1,6 @@
 //! The PostgreSQL fallbacks, read-only: a scorecard's current fields, and a column's current
 //! value (an unchanged TOAST value no shard has). Values are statement parameters; the column
-//! and table names come from the schema and are quoted as identifiers.
+//! and table names come from the schema and are quoted by `postgres-protocol`.
 //!
 //! The connection is the sink's own ([`PgFallback`]): made on first use and made again after it
 //! broke (a PostgreSQL restart); after a failure, lookups fail fast for [`PAUSE_AFTER_FAILURE`]. Every statement is bounded
@@ -12,6 +12,7 @@
 
 use std::time::{Duration, Instant};
 
+use postgres_protocol::escape::escape_identifier;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Mutex;
 
@@ -73,7 +74,12 @@ impl PgFallback {
             Ok(result) => {
                 result.map_err(|source| Error::Postgres { context: context.into(), source })
             }
-            Err(_) => Err(Error::PostgresTimeout { context: context.into() }),
+            Err(_) => {
+                // No answer: the connection may be half open (host gone without a reset); the
+                // next lookup connects anew.
+                state.client = None;
+                Err(Error::PostgresTimeout { context: context.into() })
+            }
         };
         if let Err(err) = &result
             && err.is_transient()
@@ -118,6 +124,7 @@ impl PgFallback {
                 context: format!("{context}: postgres.url"),
                 source,
             })?;
+        config.keepalives_idle(Duration::from_secs(30));
         config.application_name(APPLICATION_NAME).connect_timeout(PG_TIMEOUT).options(format!(
             "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS} \
                  -c default_transaction_read_only=on"
@@ -173,14 +180,20 @@ impl Lookups {
                 &[&key.customer_id, &key.profile_id, &key.scorecard_id],
             )
             .await?;
-        Ok(row.map(|r| CardFields {
-            scorecard_type: r.get(0),
-            template_id: r.get(1),
-            template_revision: r.get(2),
-            agent_user_id: r.get(3),
-            conversation_id: r.get(4),
-            process_interaction_at: r.get(5),
-        }))
+        let Some(r) = row else { return Ok(None) };
+        let read = || -> Result<CardFields, tokio_postgres::Error> {
+            Ok(CardFields {
+                scorecard_type: r.try_get(0)?,
+                template_id: r.try_get(1)?,
+                template_revision: r.try_get(2)?,
+                agent_user_id: r.try_get(3)?,
+                conversation_id: r.try_get(4)?,
+                process_interaction_at: r.try_get(5)?,
+            })
+        };
+        read()
+            .map(Some)
+            .map_err(|source| Error::Postgres { context: "reading a scorecard".into(), source })
     }
 
     /// A column's current text value in PostgreSQL (for an unchanged TOAST value no shard has).
@@ -196,19 +209,19 @@ impl Lookups {
             .primary_key()
             .iter()
             .enumerate()
-            .map(|(i, k)| format!("\"{k}\"::text = ${}", i + 1))
+            .map(|(i, k)| format!("{}::text = ${}", escape_identifier(k), i + 1))
             .collect();
         let sql = format!(
-            "SELECT \"{}\"::text FROM director.{} WHERE {}",
-            column.replace('"', "\"\""),
-            table.name(),
+            "SELECT {}::text FROM director.{} WHERE {}",
+            escape_identifier(column),
+            escape_identifier(table.name()),
             conditions.join(" AND ")
         );
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             key.iter().map(|k| k as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
         let context = format!("reading {table}.{column}");
         let row = pg.query_opt(&context, &sql, &params).await?;
-        Ok(row.map(|r| r.get(0)))
+        row.map(|r| r.try_get(0)).transpose().map_err(|source| Error::Postgres { context, source })
     }
 }
 

@@ -92,7 +92,7 @@ pub(super) fn resume_key(
 
 /// Quotes an identifier.
 fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+    postgres_protocol::escape::escape_identifier(name)
 }
 
 /// The SQL type name to cast a key parameter to.
