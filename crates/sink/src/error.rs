@@ -75,7 +75,7 @@ pub enum Error {
         shard: ShardIndex,
     },
     /// Every shard writer stopped (only shutdown stops them; anything else is a bug).
-    #[error("the shard writers stopped")]
+    #[error("a shard writer stopped unexpectedly (see the log above); restart the sink: rows not acknowledged are read again")]
     WritersStopped,
     /// A Kafka client operation failed.
     #[error("kafka: {context}")]

@@ -67,6 +67,7 @@ impl Loop {
                 letter = self.outbox.ack() => self.group.release(letter?),
                 // 3. Timer: flush aged batches, retry parked events, hold back or resume.
                 _ = tick.tick() => {
+                    self.pool.check()?;
                     self.forget_revoked();
                     self.release_handoff()?;
                     self.flush_ready();

@@ -9,6 +9,7 @@
 //! read at run time. A column of another type (Date, Decimal, UUID, Enum) would be taken for a
 //! string, which RowBinary does not forgive: such a column needs a shape here first.
 
+use clickhouse::sql::Identifier;
 use std::collections::HashMap;
 
 use scoresync_event::SourceTable;
@@ -114,9 +115,47 @@ impl TableSchema {
         self.index.get(name).copied()
     }
 
-    /// Every column name, for INSERT column lists.
-    pub fn column_list(&self) -> String {
-        self.columns.iter().map(|c| format!("`{}`", c.name)).collect::<Vec<_>>().join(", ")
+    /// `INSERT INTO <database>.<table> (<every column>) FORMAT RowBinary`, names quoted by the
+    /// `clickhouse` crate (bound as identifiers).
+    pub(crate) fn insert_sql(&self, database: &str) -> String {
+        let columns = vec!["?"; self.columns.len()].join(", ");
+        let sql = format!("INSERT INTO ?.? ({columns}) FORMAT RowBinary");
+        let query = clickhouse::Client::default()
+            .query(&sql)
+            .bind(Identifier(database))
+            .bind(Identifier(self.table.name()));
+        let query = self.columns.iter().fold(query, |q, c| q.bind(Identifier(&c.name)));
+        query.sql_display().to_string()
+    }
+
+    /// The delete markers a TRUNCATE at `version` writes: `INSERT ... SELECT` of every live row
+    /// older than it, with `_version = version` and `_deleted = 1`; names bound as identifiers.
+    pub(crate) fn truncate_sql(&self, database: &str, version: u64) -> String {
+        let columns = vec!["?"; self.columns.len()].join(", ");
+        let select: Vec<&str> = self
+            .columns
+            .iter()
+            .map(|c| match c.name.as_str() {
+                "_version" => "toUInt64(?)",
+                "_deleted" => "toUInt8(1)",
+                _ => "?",
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO ?.? ({columns}) SELECT {} FROM ?.? FINAL WHERE _version < ? AND _deleted = 0",
+            select.join(", ")
+        );
+        let table = Identifier(self.table.name());
+        let query =
+            clickhouse::Client::default().query(&sql).bind(Identifier(database)).bind(table);
+        let query = self.columns.iter().fold(query, |q, c| q.bind(Identifier(&c.name)));
+        let query = self.columns.iter().fold(query, |q, c| match c.name.as_str() {
+            "_version" => q.bind(version),
+            "_deleted" => q,
+            name => q.bind(Identifier(name)),
+        });
+        let query = query.bind(Identifier(database)).bind(table).bind(version);
+        query.sql_display().to_string()
     }
 }
 

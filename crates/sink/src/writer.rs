@@ -133,13 +133,16 @@ impl WriterPool {
     fn push(&mut self) {
         for (shard, queue) in self.queues.iter_mut().enumerate() {
             while let Some(batch) = queue.pop_front() {
+                // Counted before the writer can see it (it may finish before `try_send` returns).
                 let rows = batch.rows.len();
+                self.with_writers.add(rows);
                 match self.senders[shard].try_send(batch) {
-                    Ok(()) => self.with_writers.add(rows),
+                    Ok(()) => {}
                     Err(
                         mpsc::error::TrySendError::Full(batch)
                         | mpsc::error::TrySendError::Closed(batch),
                     ) => {
+                        self.with_writers.done(rows);
                         queue.push_front(batch);
                         break;
                     }
@@ -187,6 +190,15 @@ impl WriterPool {
         self.outstanding.first().map_or(self.last_seq, |oldest| oldest - 1)
     }
 
+    /// An error when a shard writer stopped (they stop only at shutdown; a writer that panicked
+    /// would otherwise leave its batches unacknowledged for ever, silently).
+    pub(crate) fn check(&self) -> Result<(), crate::error::Error> {
+        match self.tasks.iter().any(JoinHandle::is_finished) {
+            true => Err(crate::error::Error::WritersStopped),
+            false => Ok(()),
+        }
+    }
+
     /// Rows handed to the writers and not yet acknowledged.
     pub(crate) fn in_flight_rows(&self) -> usize {
         self.in_flight_rows
@@ -230,12 +242,7 @@ impl ShardWriter {
         let mut body = Vec::with_capacity(batch.rows.len() * 128);
         write_row_binary(schema, &batch.rows, &mut body);
         let body = Bytes::from(body);
-        let sql = format!(
-            "INSERT INTO {}.{} ({}) FORMAT RowBinary",
-            self.database,
-            batch.table.name(),
-            schema.column_list()
-        );
+        let sql = schema.insert_sql(&self.database);
         let mut backoff = INSERT_BACKOFF.build();
         let mut failures = 0_u32;
         loop {

@@ -11,22 +11,7 @@ impl Applier {
     /// Writes the markers on every shard (one `INSERT ... SELECT` each).
     pub(super) async fn truncate(&mut self, table: SourceTable, version: u64) -> Result<(), Error> {
         let schema = self.schema(table)?.clone();
-        let select: Vec<String> = schema
-            .columns
-            .iter()
-            .map(|c| match c.name.as_str() {
-                "_version" => format!("toUInt64({version})"),
-                "_deleted" => "toUInt8(1)".to_owned(),
-                name => format!("`{name}`"),
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO {db}.{t} ({cols}) SELECT {select} FROM {db}.{t} FINAL WHERE _version < {version} AND _deleted = 0",
-            db = self.locate.lookups.database(),
-            t = table.name(),
-            cols = schema.column_list(),
-            select = select.join(", "),
-        );
+        let sql = schema.truncate_sql(self.locate.lookups.database(), version);
         for shard in 0..self.shards {
             self.locate.lookups.execute(shard, &sql).await?;
         }
