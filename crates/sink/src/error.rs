@@ -75,7 +75,9 @@ pub enum Error {
         shard: ShardIndex,
     },
     /// Every shard writer stopped (only shutdown stops them; anything else is a bug).
-    #[error("a shard writer stopped unexpectedly (see the log above); restart the sink: rows not acknowledged are read again")]
+    #[error(
+        "a shard writer stopped unexpectedly (see the log above); restart the sink: rows not acknowledged are read again"
+    )]
     WritersStopped,
     /// A Kafka client operation failed.
     #[error("kafka: {context}")]
