@@ -77,7 +77,30 @@ pub struct LibrdkafkaProperties {
     secret: BTreeMap<String, SecretString>,
 }
 
+/// librdkafka properties scoresync sets itself because a delivery rule depends on them
+/// (DESIGN.md section 5), with the reason: `[kafka.librdkafka]` may not override them.
+pub const RESERVED_PROPERTIES: [(&str, &str); 13] = [
+    ("enable.idempotence", "the producer is idempotent (rule 3)"),
+    ("acks", "the producer waits for acks=all (rule 3)"),
+    ("request.required.acks", "the producer waits for acks=all (rule 3)"),
+    ("max.in.flight.requests.per.connection", "idempotence keeps order with at most 5 (rule 3)"),
+    ("max.in.flight", "idempotence keeps order with at most 5 (rule 3)"),
+    ("partitioner", "a scorecard's changes share one partition, by murmur2 of the key"),
+    ("enable.auto.commit", "offsets are committed only once stored (rule 5)"),
+    ("enable.auto.offset.store", "offsets are stored only after ClickHouse acknowledged (rule 5)"),
+    ("auto.offset.reset", "a group never jumps to the latest offset on its own (rule 5)"),
+    ("isolation.level", "consumers read committed messages only"),
+    ("group.id", "the sink's group is kafka.consumer_group"),
+    ("enable.partition.eof", "the sink does not expect end-of-partition events"),
+    ("delivery.timeout.ms", "it is kafka.delivery_timeout_ms"),
+];
+
 impl LibrdkafkaProperties {
+    /// The property names set.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.plain.keys().chain(self.secret.keys()).map(String::as_str)
+    }
+
     /// Sets `key` to `value` (a secret when the name looks secret).
     pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
         let (key, value) = (key.into(), value.into());
@@ -163,6 +186,14 @@ impl KafkaConfig {
         if self.brokers.trim().is_empty() {
             return Err("kafka.brokers must name at least one host:port".into());
         }
+        for key in self.librdkafka.keys() {
+            if let Some((_, why)) = RESERVED_PROPERTIES.iter().find(|(name, _)| *name == key) {
+                return Err(format!(
+                    "kafka.librdkafka.{key} is set by scoresync and may not be overridden: {why}; \
+                     remove it from [kafka.librdkafka]"
+                ));
+            }
+        }
         for (field, topic) in [
             ("kafka.change_topic", &self.change_topic),
             ("kafka.dlq_topic", &self.dlq_topic),
@@ -245,6 +276,23 @@ mod tests {
         let mut cfg = KafkaConfig::new("b:1");
         cfg.dlq_topic = "bad topic".into();
         assert!(cfg.validate().expect_err("invalid").contains("kafka.dlq_topic"));
+    }
+
+    #[test]
+    fn properties_that_keep_a_delivery_rule_cannot_be_overridden() {
+        for (key, value) in
+            [("acks", "1"), ("enable.auto.commit", "false"), ("auto.offset.reset", "latest")]
+        {
+            let mut cfg = KafkaConfig::new("b:1");
+            cfg.librdkafka.insert(key, value);
+            let error = cfg.validate().expect_err("refused");
+            assert!(error.contains(&format!("kafka.librdkafka.{key}")), "{error}");
+            assert!(error.contains("rule") || error.contains("latest"), "{error}");
+        }
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.librdkafka.insert("security.protocol", "SASL_SSL");
+        cfg.librdkafka.insert("sasl.password", "hunter2");
+        assert_eq!(cfg.validate(), Ok(()), "security settings stay open");
     }
 
     #[test]

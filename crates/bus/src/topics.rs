@@ -38,12 +38,41 @@ pub enum TopicOutcome {
     },
 }
 
-/// The topics of a configuration, with the partition count each must have.
-pub fn planned_topics(cfg: &KafkaConfig) -> [(String, i32); 3] {
+/// A topic `setup` creates: its name, partition count and topic configs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedTopic {
+    /// The topic.
+    pub name: String,
+    /// Its partition count.
+    pub partitions: i32,
+    /// Topic configs set at creation.
+    pub configs: Vec<(&'static str, String)>,
+}
+
+/// The topics of a configuration. Every topic with replication factor RF > 1 gets
+/// `min.insync.replicas` = RF - 1, so an acknowledged write (acks=all) survives the loss of a
+/// broker and one broker may be down without stopping writes. The state topic (the pipeline
+/// record, keyed by slot) is compacted and kept for ever: only the newest record per slot matters,
+/// and it must never expire.
+pub fn planned_topics(cfg: &KafkaConfig) -> [PlannedTopic; 3] {
+    let durability: Vec<(&'static str, String)> = match cfg.replication_factor {
+        rf if rf > 1 => vec![("min.insync.replicas", (rf - 1).to_string())],
+        _ => Vec::new(),
+    };
+    let state: Vec<(&'static str, String)> =
+        [("cleanup.policy", "compact".to_owned()), ("retention.ms", "-1".to_owned())]
+            .into_iter()
+            .chain(durability.iter().cloned())
+            .collect();
+    let topic = |name: &str, partitions, configs| PlannedTopic {
+        name: name.to_owned(),
+        partitions,
+        configs,
+    };
     [
-        (cfg.change_topic.clone(), cfg.partitions),
-        (cfg.dlq_topic.clone(), cfg.partitions),
-        (cfg.state_topic.clone(), 1),
+        topic(&cfg.change_topic, cfg.partitions, durability.clone()),
+        topic(&cfg.dlq_topic, cfg.partitions, durability),
+        topic(&cfg.state_topic, 1, state),
     ]
 }
 
@@ -51,7 +80,7 @@ pub fn planned_topics(cfg: &KafkaConfig) -> [(String, i32); 3] {
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Vec<TopicOutcome>, Error> {
     let admin = crate::client::admin(cfg)?;
     let mut outcomes = Vec::new();
-    for (topic, partitions) in planned_topics(cfg) {
+    for PlannedTopic { name: topic, partitions, configs } in planned_topics(cfg) {
         if let Some(actual) = partition_count(admin.inner(), &topic)? {
             if actual != partitions {
                 return Err(Error::PartitionMismatch { topic, expected: partitions, actual });
@@ -59,8 +88,10 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Vec<TopicOutcome>, Error
             outcomes.push(TopicOutcome::Existed { topic, partitions });
             continue;
         }
-        let new =
-            NewTopic::new(&topic, partitions, TopicReplication::Fixed(cfg.replication_factor));
+        let new = configs.iter().fold(
+            NewTopic::new(&topic, partitions, TopicReplication::Fixed(cfg.replication_factor)),
+            |new, (key, value)| new.set(key, value),
+        );
         let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
         let results = admin.create_topics([&new], &opts).await.map_err(|source| Error::Topic {
             topic: topic.clone(),
@@ -111,4 +142,31 @@ pub fn message_count<C: rdkafka::client::ClientContext>(
         total += high - low;
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configs(topic: &PlannedTopic) -> Vec<(&str, &str)> {
+        topic.configs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+
+    #[test]
+    fn the_state_topic_is_compacted_and_kept_and_replicated_topics_need_all_but_one_replica() {
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.replication_factor = 1;
+        let [change, dlq, state] = planned_topics(&cfg);
+        assert!(change.configs.is_empty() && dlq.configs.is_empty(), "a single broker: defaults");
+        assert_eq!(configs(&state), [("cleanup.policy", "compact"), ("retention.ms", "-1")]);
+        assert_eq!((change.partitions, state.partitions), (cfg.partitions, 1));
+
+        cfg.replication_factor = 3;
+        let [change, dlq, state] = planned_topics(&cfg);
+        assert_eq!(configs(&change), [("min.insync.replicas", "2")]);
+        assert_eq!(configs(&dlq), [("min.insync.replicas", "2")]);
+        assert!(configs(&state).contains(&("min.insync.replicas", "2")));
+        cfg.replication_factor = 2;
+        assert_eq!(configs(&planned_topics(&cfg)[0]), [("min.insync.replicas", "1")]);
+    }
 }
