@@ -210,3 +210,66 @@ async fn postgres_lookups_reconnect_and_never_wait_on_a_lock() -> anyhow::Result
     settled(&env).await?;
     Ok(())
 }
+
+/// The sink's `rejected_inserts` in `scoresync status --json`.
+async fn refused(env: &TestEnv) -> anyhow::Result<Vec<serde_json::Value>> {
+    let s = status(env).await?;
+    Ok(s["sink"]["rejected_inserts"].as_array().cloned().unwrap_or_default())
+}
+
+#[tokio::test]
+async fn an_insert_clickhouse_refuses_is_retried_and_shown_until_the_table_takes_it()
+-> anyhow::Result<()> {
+    let env = TestEnv::new("sink_refused").await?;
+    setup(&env).await?;
+    let pg = env.pg_admin().await?;
+    let daemon = Daemon::start(&env, &["run"])?;
+    pg.batch_execute(
+        "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id,
+             scorecard_type, process_interaction_at)
+         VALUES ('c', 'p', 'card', 't', 2, to_timestamp(1700000000));
+         INSERT INTO director.scores (customer_id, profile_id, score_id, scorecard_id, criterion_id,
+             numeric_value) VALUES ('c', 'p', 's1', 'card', 'k', 1);",
+    )
+    .await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    // The column's type changes under the sink: the rows it sends no longer parse.
+    let shard0 = env.shard(0);
+    shard0
+        .query("ALTER TABLE scores MODIFY COLUMN numeric_value Nullable(String)")
+        .execute()
+        .await?;
+    pg.execute("UPDATE director.scores SET numeric_value = 2 WHERE score_id = 's1'", &[]).await?;
+    wait::until("the refusal to show in status", DEADLINE, || async {
+        let shown = refused(&env).await?.iter().any(|r| {
+            r["shard"] == 0
+                && r["table"] == "scores"
+                && !r["error"].as_str().unwrap_or("").is_empty()
+        });
+        Ok(shown.then_some(()))
+    })
+    .await?;
+    let metrics = crate::sink::http_get(&format!("http://{}/metrics", env.metrics_listen)).await?;
+    assert!(
+        metrics.contains("scoresync_sink_insert_rejected{shard=\"0\",table=\"scores\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        daemon.output().contains("clickhouse refuses the insert")
+            && daemon.output().contains("shard=0")
+            && daemon.output().contains("table=\"scores\""),
+        "one clear error line naming shard and table"
+    );
+    // The table takes the rows again: the retried insert lands, the state clears.
+    shard0
+        .query("ALTER TABLE scores MODIFY COLUMN numeric_value Nullable(Float64)")
+        .execute()
+        .await?;
+    wait::until("the refusal to clear", DEADLINE, || async {
+        Ok(refused(&env).await?.is_empty().then_some(()))
+    })
+    .await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    settled(&env).await?;
+    Ok(())
+}

@@ -52,6 +52,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Seconds spent in successful inserts, by shard and table.",
     ),
     (
+        "scoresync_sink_insert_rejected",
+        "gauge",
+        "1 while the shard refuses inserts into the table (the server answers with an error), by shard and table.",
+    ),
+    (
         "scoresync_sink_commit_to_ack_seconds",
         "gauge",
         "Seconds from PostgreSQL commit to ClickHouse acknowledgement of the newest row written, by table.",
@@ -102,6 +107,15 @@ pub fn render(stats: &SinkStats) -> String {
             let _ = writeln!(out, "{name}{{shard=\"{shard}\",table=\"{table}\"}} {}", value(s));
         }
     }
+    header(&mut out, "scoresync_sink_insert_rejected");
+    let rejected = stats.rejected.lock().map(|m| m.clone()).unwrap_or_default();
+    for (shard, table) in inserts.keys() {
+        let refused = u8::from(rejected.contains_key(&(*shard, table.clone())));
+        let _ = writeln!(
+            out,
+            "scoresync_sink_insert_rejected{{shard=\"{shard}\",table=\"{table}\"}} {refused}"
+        );
+    }
     header(&mut out, "scoresync_sink_commit_to_ack_seconds");
     let lag = stats.commit_to_ack_seconds.lock().map(|m| m.clone()).unwrap_or_default();
     for (table, seconds) in lag {
@@ -114,7 +128,24 @@ pub fn render(stats: &SinkStats) -> String {
 /// The `/status` document.
 pub fn status_json(stats: &SinkStats) -> String {
     let parked = stats.parked.lock().map(|p| p.clone()).unwrap_or_default();
+    let rejected: Vec<serde_json::Value> = stats
+        .rejected
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|((shard, table), r)| {
+            serde_json::json!({
+                "shard": shard,
+                "table": table,
+                "error": r.error,
+                "attempts": r.attempts,
+                "seconds": r.since.elapsed().as_secs(),
+            })
+        })
+        .collect();
     let doc = serde_json::json!({
+        "rejected_inserts": rejected,
         "parked": parked,
         "buffered_rows": stats.buffered_rows.load(Ordering::Relaxed),
         "paused": stats.paused.load(Ordering::Relaxed) == 1,

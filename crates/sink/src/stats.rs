@@ -29,6 +29,20 @@ pub struct SinkStats {
     pub buffered_rows: AtomicU64,
     /// 1 while consumption is paused (buffers or park full).
     pub paused: AtomicU64,
+    /// Per (shard, table): inserts the server keeps refusing (it answered with an error, as
+    /// opposed to not answering), retried for ever: the server's last error and since when.
+    pub rejected: Mutex<BTreeMap<(usize, String), Rejected>>,
+}
+
+/// Inserts of one (shard, table) that the server refuses.
+#[derive(Clone, Debug)]
+pub struct Rejected {
+    /// The server's last error.
+    pub error: String,
+    /// When the first refusal of this run of refusals came.
+    pub since: std::time::Instant,
+    /// Refused attempts so far.
+    pub attempts: u64,
 }
 
 /// Insert counters of one (shard, table).
@@ -66,6 +80,26 @@ impl SinkStats {
                 }
                 None => entry.failures += 1,
             }
+        }
+    }
+
+    /// The server refused an insert into `table` on `shard` with `error`.
+    pub fn insert_rejected(&self, shard: usize, table: &str, error: &str) {
+        if let Ok(mut map) = self.rejected.lock() {
+            let entry = map.entry((shard, table.to_owned())).or_insert_with(|| Rejected {
+                error: String::new(),
+                since: std::time::Instant::now(),
+                attempts: 0,
+            });
+            entry.error = error.to_owned();
+            entry.attempts += 1;
+        }
+    }
+
+    /// An insert into `table` on `shard` succeeded: it is not refused any more.
+    pub fn insert_accepted(&self, shard: usize, table: &str) {
+        if let Ok(mut map) = self.rejected.lock() {
+            map.remove(&(shard, table.to_owned()));
         }
     }
 

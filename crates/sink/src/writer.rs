@@ -36,6 +36,18 @@ const INSERT_BACKOFF: ExponentialBuilder = ExponentialBuilder::new()
     .with_jitter()
     .without_max_times();
 
+/// How often a refused insert is logged at error level (every attempt is counted).
+const LOUD_EVERY: Duration = Duration::from_secs(60);
+
+/// Why an insert attempt failed.
+enum Refusal {
+    /// The server answered with an error (a column type changed, a table gone, access denied):
+    /// shown as its own state, because waiting alone will not cure it.
+    Rejected(String),
+    /// No answer, a broken connection or a timeout: the shard is away.
+    Unavailable(String),
+}
+
 /// What a writer reports after a batch is in ClickHouse.
 #[derive(Debug)]
 pub(crate) struct Ack {
@@ -245,6 +257,7 @@ impl ShardWriter {
         let sql = schema.insert_sql(&self.database);
         let mut backoff = INSERT_BACKOFF.build();
         let mut failures = 0_u32;
+        let mut said_at: Option<Instant> = None;
         loop {
             let started = Instant::now();
             let attempt = async {
@@ -252,22 +265,43 @@ impl ShardWriter {
                 insert.send(body.clone()).await?;
                 insert.end().await
             };
-            let result = match tokio::time::timeout(INSERT_TIMEOUT, attempt).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {INSERT_TIMEOUT:?}")),
+            let failure = match tokio::time::timeout(INSERT_TIMEOUT, attempt).await {
+                Ok(Ok(())) => None,
+                Ok(Err(clickhouse::error::Error::BadResponse(error))) => {
+                    Some(Refusal::Rejected(error))
+                }
+                Ok(Err(other)) => Some(Refusal::Unavailable(other.to_string())),
+                Err(_) => {
+                    Some(Refusal::Unavailable(format!("no answer within {INSERT_TIMEOUT:?}")))
+                }
             };
-            let rows = batch.rows.len();
-            let table = batch.table.name();
-            let Err(error) = result else {
-                let seconds = Some(started.elapsed().as_secs_f64());
-                self.stats.insert(self.shard, table, rows, seconds);
+            let (rows, table) = (batch.rows.len(), batch.table.name());
+            let Some(failure) = failure else {
+                self.stats.insert(self.shard, table, rows, Some(started.elapsed().as_secs_f64()));
+                if said_at.is_some() {
+                    tracing::info!(shard = self.shard, table, "inserts accepted again");
+                }
+                self.stats.insert_accepted(self.shard, table);
                 self.record_lag(batch);
                 return true;
             };
             self.stats.insert(self.shard, table, rows, None);
             failures = failures.saturating_add(1);
             let delay = backoff.next().unwrap_or(Duration::from_secs(15));
-            tracing::warn!(shard = self.shard, table, rows, attempt = failures, ?delay, %error, "insert failed; retrying");
+            match failure {
+                Refusal::Rejected(error) => {
+                    self.stats.insert_rejected(self.shard, table, &error);
+                    // One clear line a minute: the server refuses the rows, retrying cannot help
+                    // until an operator changes the table (or the sink) back.
+                    if said_at.is_none_or(|at| at.elapsed() >= LOUD_EVERY) {
+                        said_at = Some(Instant::now());
+                        tracing::error!(shard = self.shard, table, rows, attempts = failures, %error, "clickhouse refuses the insert; retrying until the table takes it (see scoresync status)");
+                    }
+                }
+                Refusal::Unavailable(error) => {
+                    tracing::warn!(shard = self.shard, table, rows, attempt = failures, ?delay, %error, "insert failed; retrying");
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
                 _ = tokio::time::sleep(delay) => {}

@@ -171,6 +171,16 @@ fn print_human(doc: &Value) {
                 parked.len(),
                 sink["dead_lettered_total"]
             );
+            for r in sink["rejected_inserts"].as_array().into_iter().flatten() {
+                println!(
+                    "  REFUSED    shard {} table {} for {}s ({} attempts): {}",
+                    r["shard"],
+                    r["table"].as_str().unwrap_or_default(),
+                    r["seconds"],
+                    r["attempts"],
+                    r["error"].as_str().unwrap_or_default()
+                );
+            }
             for p in parked {
                 println!(
                     "  parked     {} {} ({}s, {} retries): {} [partition {} offset {}]",
