@@ -89,6 +89,6 @@ mod writer;
 
 pub use config::{ClickHouseConfig, SinkConfig};
 pub use error::Error;
-pub use lookup::{APPLICATION_NAME as POSTGRES_APPLICATION_NAME, live_rows};
+pub use lookup::live_rows;
 pub use role::Sink;
 pub use stats::SinkStats;

@@ -35,7 +35,6 @@ mod postgres;
 mod routing;
 mod stored;
 
-pub use postgres::APPLICATION_NAME;
 pub(crate) use postgres::postgres_error_is_transient;
 pub use stored::live_rows;
 

@@ -243,6 +243,18 @@ impl CardPlan {
         }
     }
 
+    /// The shard the card lives on once the plan is written (what the cache remembers), or `None`
+    /// when the plan changes nothing this sink must remember (nothing written, or a stale change).
+    pub(crate) fn lands_on(&self) -> Option<ShardIndex> {
+        match self {
+            CardPlan::Nothing | CardPlan::Stale { .. } => None,
+            _ => {
+                let steps = self.steps();
+                steps.card_on.or(steps.card_marker_on)
+            }
+        }
+    }
+
     /// True when the card is stored as deleted afterwards.
     pub(crate) fn deletes(&self) -> bool {
         matches!(self, CardPlan::Delete { .. })
@@ -483,5 +495,12 @@ mod tests {
         assert_eq!(CardPlan::Stale { rewrite_on: None }.steps(), Steps::default());
         assert_eq!(CardPlan::Delete { shard: 1 }.steps().card_marker_on, Some(1));
         assert!(CardPlan::Delete { shard: 1 }.deletes());
+        assert_eq!(CardPlan::Delete { shard: 1 }.lands_on(), Some(1));
+        assert_eq!(CardPlan::Move { from: 0, to: 2 }.lands_on(), Some(2));
+        assert_eq!(
+            CardPlan::Stale { rewrite_on: Some(1) }.lands_on(),
+            None,
+            "stale: not remembered"
+        );
     }
 }

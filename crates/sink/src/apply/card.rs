@@ -77,12 +77,7 @@ impl Applier {
         if let Some(wait) = self.write_plan(&card_plan, &write).await? {
             return Ok(wait);
         }
-        let steps = card_plan.steps();
-        let settled_on = match card_plan {
-            CardPlan::Nothing | CardPlan::Stale { .. } => None,
-            _ => steps.card_on.or(steps.card_marker_on),
-        };
-        if let Some(shard) = settled_on {
+        if let Some(shard) = card_plan.lands_on() {
             let fields = match (&prev, delete) {
                 (Some(p), true) => p.fields.clone(),
                 _ => change.fields.clone(),

@@ -32,7 +32,7 @@ pub(crate) const PG_TIMEOUT: Duration = Duration::from_secs(10);
 /// or PostgreSQL away costs one timeout per pause, not one per event).
 const PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(2);
 /// `application_name` of the lookup connection (to find it in `pg_stat_activity`).
-pub const APPLICATION_NAME: &str = "scoresync-sink-lookups";
+const APPLICATION_NAME: &str = "scoresync-sink-lookups";
 
 /// The lookup connection to PostgreSQL, reconnected when it broke.
 pub(crate) struct PgFallback {
