@@ -2,7 +2,8 @@
 -- timestamptz columns are Int64 microseconds since the Unix epoch (UTC): exact, and able to hold
 -- times before 1970, which DateTime cannot. Booleans are UInt8.
 -- One copy of each row, on the shard routing chooses. Readers use FINAL and filter _deleted = 0.
--- _version comes from the source position (the commit LSN), so replays never regress a row.
+-- _version comes from the source position (commit LSN and order in the transaction, above a
+-- per-pipeline base; crates/event/src/version.rs), so replays never regress a row.
 CREATE TABLE IF NOT EXISTS scorecards
 (
     customer_id            String,

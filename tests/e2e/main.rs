@@ -7,4 +7,5 @@ mod sink;
 mod smoke;
 mod source;
 mod stack;
+mod versions;
 mod waits;

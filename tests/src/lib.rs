@@ -8,7 +8,8 @@
 //! real `scoresync` binary; [`kafka`] reads and folds what it published; [`broker::PrivateBroker`]
 //! is a tansu of the test's own, for stopping Kafka without disturbing other tests; [`oracle`]
 //! checks ClickHouse against PostgreSQL, row by row, shard by shard; [`clickhouse::PrivateShards`]
-//! are ClickHouse servers of the test's own, for stopping a shard. Tests wait with
+//! are ClickHouse servers of the test's own, for stopping a shard; [`postgres::PrivatePostgres`] is
+//! a newly `initdb`-ed cluster of the test's own (a rebuilt primary). Tests wait with
 //! [`wait::until`], a polling helper with a deadline, never a bare sleep.
 
 pub mod broker;
@@ -16,6 +17,7 @@ pub mod clickhouse;
 pub mod daemon;
 pub mod kafka;
 pub mod oracle;
+pub mod postgres;
 pub mod stack;
 pub mod test_env;
 pub mod wait;

@@ -1,10 +1,9 @@
 //! One test's private slice of the stack, dropped when the test ends.
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use scoresync::config::{Config, MetricsConfig};
 use scoresync_bus::KafkaConfig;
@@ -12,7 +11,7 @@ use scoresync_sink::ClickHouseConfig;
 use scoresync_source::PostgresConfig;
 use scoresync_source::connect::ConnectParams;
 
-use crate::stack::{Stack, repo_root, with_database};
+use crate::stack::{Stack, with_database};
 
 /// Password of the stack's least-privilege `scoresync` role (see deploy/local/stack).
 const SCORESYNC_PASSWORD: &str = "scoresync";
@@ -153,26 +152,9 @@ impl TestEnv {
             .await
             .context("connecting to PostgreSQL as the stack superuser")?;
         admin.batch_execute(&format!("CREATE DATABASE \"{}\"", self.name)).await?;
-        let mut files: Vec<_> = std::fs::read_dir(repo_root().join("schemas/postgres"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
-            .filter(|p| !p.ends_with(CLUSTER_WIDE_SCHEMA_FILE))
-            .collect();
-        files.sort();
-        for file in files {
-            let out = Command::new("psql")
-                .arg(self.pg_admin_url())
-                .args(["-q", "-v", "ON_ERROR_STOP=1", "-v"])
-                .arg(format!("scoresync_password={SCORESYNC_PASSWORD}"))
-                .arg("-f")
-                .arg(&file)
-                .output()
-                .context("running psql")?;
-            if !out.status.success() {
-                bail!("applying {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
-            }
-        }
-        Ok(())
+        crate::postgres::apply_schema(&self.pg_admin_url(), SCORESYNC_PASSWORD, |file| {
+            !file.ends_with(CLUSTER_WIDE_SCHEMA_FILE)
+        })
     }
 
     /// Moves this test to other ClickHouse shards (e.g. [`crate::clickhouse::PrivateShards`]):

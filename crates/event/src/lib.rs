@@ -5,8 +5,8 @@
 //!   field.
 //! - [`Lsn`] is a PostgreSQL WAL position.
 //! - [`version`] turns source positions into the `_version` of a ClickHouse row, the number that
-//!   makes replays harmless: a later committed change always has a greater version, and re-applying
-//!   a change gives the same version.
+//!   makes replays harmless: a later change always has a greater version, two changes never share
+//!   one, re-applying a change gives the same version, and a re-created slot never goes backwards.
 //! - [`table`] names the three source tables, their primary keys, and the scorecard identity that
 //!   keeps all changes of one scorecard in one Kafka partition.
 //! - [`codec`] encodes and decodes events, rejecting contract versions this build does not know.
@@ -23,8 +23,8 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/scoresync.event.v1.rs"));
 }
 
-pub use codec::{CONTRACT_VERSION, DecodeError, decode, encode};
+pub use codec::{CONTRACT_VERSION, DecodeError, LEGACY_CONTRACT_VERSION, decode, encode};
 pub use lsn::Lsn;
 pub use table::{ScorecardKey, SourceTable};
 pub use v1::{ChangeEvent, Column, Operation, Row, TruncateOptions, Value};
-pub use version::RowVersion;
+pub use version::{RowVersion, VersionError, VersionScheme};

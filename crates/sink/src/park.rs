@@ -353,6 +353,7 @@ mod tests {
             op: Operation::Insert as i32,
             commit_lsn: lsn,
             seq_in_tx: seq,
+            version: lsn << 16 | u64::from(seq),
             ..Default::default()
         }
     }

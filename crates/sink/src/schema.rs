@@ -77,6 +77,31 @@ pub async fn ensure(cfg: &ClickHouseConfig) -> Result<Vec<ShardOutcome>, SchemaE
     Ok(outcomes)
 }
 
+/// The greatest `_version` of any row, live or deleted, in any target table on any shard (0 when
+/// all are empty). `setup` starts a new pipeline's versions above it; every shard must answer,
+/// since a version missed here could outrank the new pipeline's rows for ever.
+pub async fn max_version(cfg: &ClickHouseConfig) -> Result<u64, SchemaError> {
+    let mut max = 0;
+    for (shard, url) in cfg.shards.iter().enumerate() {
+        let Some(client) = crate::shard::client(cfg, shard) else { continue };
+        for table in scoresync_event::SourceTable::ALL {
+            let stored: u64 = client
+                .query("SELECT max(_version) FROM ?")
+                .bind(clickhouse::sql::Identifier(table.name()))
+                .fetch_one()
+                .await
+                .map_err(|source| SchemaError {
+                    shard,
+                    url: url.clone(),
+                    action: format!("reading the highest _version of {}", table.name()),
+                    source,
+                })?;
+            max = max.max(stored);
+        }
+    }
+    Ok(max)
+}
+
 /// Reads the target tables' columns from every shard (`system.columns`); all shards must agree.
 pub async fn load(
     cfg: &ClickHouseConfig,

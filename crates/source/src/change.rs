@@ -16,8 +16,8 @@
 use std::collections::HashMap;
 
 use scoresync_event::{
-    CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, ScorecardKey, SourceTable,
-    TruncateOptions, Value,
+    CONTRACT_VERSION, ChangeEvent, Column, Lsn, Operation, Row, ScorecardKey, SourceTable,
+    TruncateOptions, Value, VersionError, VersionScheme,
 };
 
 use crate::decode::{OldTuple, PgOutput, Relation, Tuple, TupleValue};
@@ -44,7 +44,7 @@ pub struct Outgoing {
 /// The transaction the next changes belong to (from the Begin message).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TxMeta {
-    /// LSN of the commit record: the version of every row the transaction wrote.
+    /// LSN of the commit record: orders this transaction's rows after every earlier one's.
     pub commit_lsn: u64,
     /// Commit time, Unix microseconds.
     pub commit_time_us: i64,
@@ -55,6 +55,9 @@ pub struct TxMeta {
 /// A change that cannot be turned into an event. Permanent: the source halts and says why.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
+    /// The change's position cannot be made a row version.
+    #[error(transparent)]
+    Version(#[from] VersionError),
     /// A change names a relation no Relation message described.
     #[error("change for relation id {0} arrived before its Relation message")]
     UnknownRelation(u32),
@@ -131,6 +134,7 @@ pub enum MapError {
 /// Turns decoded pgoutput messages into events.
 pub struct Mapper {
     system_id: u64,
+    versions: VersionScheme,
     relations: HashMap<u32, Relation>,
     tx: Option<TxMeta>,
     seq: u32,
@@ -144,10 +148,11 @@ pub struct Mapper {
 pub const MAX_TRACKED_ROWS: usize = 2_000_000;
 
 impl Mapper {
-    /// A mapper for the cluster `system_id`.
-    pub fn new(system_id: u64) -> Self {
+    /// A mapper for the cluster `system_id`, versioning rows by `versions`.
+    pub fn new(system_id: u64, versions: VersionScheme) -> Self {
         Mapper {
             system_id,
+            versions,
             relations: HashMap::new(),
             tx: None,
             seq: 0,
@@ -305,6 +310,7 @@ impl Mapper {
             })?,
             (_, None) => Vec::new(),
         };
+        let version = self.versions.change(Lsn(tx.commit_lsn), seq)?;
         Ok(ChangeEvent {
             contract_version: CONTRACT_VERSION,
             system_id: self.system_id,
@@ -321,6 +327,7 @@ impl Mapper {
             commit_time_us: tx.commit_time_us,
             xid: tx.xid,
             truncate: None,
+            version: version.0,
         })
     }
 }
@@ -401,7 +408,7 @@ mod tests {
 
     /// Feeds every captured message of `labels` through one mapper inside one transaction.
     fn run(labels: &[&str]) -> Vec<Outgoing> {
-        let mut mapper = Mapper::new(42);
+        let mut mapper = Mapper::new(42, VersionScheme::above(0, Lsn::ZERO));
         mapper.begin(TX);
         let mut out = Vec::new();
         for label in labels {
@@ -455,6 +462,8 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].destination, out[1].destination);
         assert_eq!(out[1].event.seq_in_tx, 1, "position in the transaction");
+        assert_eq!(out[0].event.commit_lsn, out[1].event.commit_lsn, "one transaction");
+        assert!(out[1].event.version > out[0].event.version, "and yet distinct versions");
         let row = out[1].event.new_row.as_ref().expect("row");
         assert_eq!(value(row, "not_applicable"), &Kind::Boolean(true));
     }
@@ -535,6 +544,7 @@ mod tests {
         // The retraction goes where the insert went, after it, with every key column.
         assert_eq!(out[1].destination, out[0].destination);
         assert!(out[1].event.seq_in_tx > out[0].event.seq_in_tx);
+        assert!(out[1].event.version > out[0].event.version, "the retraction outranks the insert");
         assert_eq!(out[1].event.key, out[0].event.key);
     }
 
@@ -547,7 +557,7 @@ mod tests {
 
     #[test]
     fn change_outside_a_transaction_or_for_an_unknown_relation_is_an_error() {
-        let mut mapper = Mapper::new(1);
+        let mut mapper = Mapper::new(1, VersionScheme::above(0, Lsn::ZERO));
         let messages = fixtures("insert_scorecard");
         let insert = decode(&messages[1]).expect("decodes");
         assert!(matches!(mapper.map(insert.clone(), 1), Err(MapError::UnknownRelation(_))));

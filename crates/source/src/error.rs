@@ -89,6 +89,15 @@ pub enum Error {
         #[source]
         source: DecodeError,
     },
+    /// The pipeline record predates row version schemes.
+    #[error(
+        "the pipeline record of slot {slot} has no row version scheme (written before format 2); \
+         run `scoresync setup` once: it adds one above the highest version ClickHouse holds"
+    )]
+    NoVersionScheme {
+        /// The slot.
+        slot: String,
+    },
     /// A change could not be mapped to an event.
     #[error("slot {slot}: change at {lsn} cannot be published")]
     Map {
@@ -152,6 +161,7 @@ impl Error {
             | Error::RecordMismatch { .. }
             | Error::Decode { .. }
             | Error::Map { .. }
+            | Error::NoVersionScheme { .. }
             | Error::BadRecord { .. }
             | Error::Publication { .. } => false,
         }

@@ -3,17 +3,22 @@
 //! Idempotent: what exists is checked, not changed. A missing slot whose pipeline has a record is
 //! an error, never silently recreated (its changes are gone); `recreate_slot` drops and creates
 //! it and starts a new pipeline record with a pending snapshot.
+//!
+//! Every new record gets a row version scheme above `max_stored_version`, the greatest
+//! `_version` ClickHouse holds (the caller reads it), so a slot re-created on a rebuilt or
+//! restored cluster, whose LSNs start lower, still writes versions that outrank every stored row.
+//! A record written before version schemes existed gets one here the same way.
 
 use secrecy::ExposeSecret;
 
 use scoresync_bus::KafkaConfig;
-use scoresync_event::SourceTable;
+use scoresync_event::{SourceTable, VersionScheme};
 
 use crate::config::PostgresConfig;
 use crate::connect::ConnectParams;
 use crate::error::Error;
 use crate::slot;
-use crate::state::{PipelineRecord, StateStore};
+use crate::state::{PipelineRecord, RECORD_FORMAT, StateStore};
 
 /// What setup found or did for one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +34,7 @@ pub async fn ensure(
     cfg: &PostgresConfig,
     kafka: &KafkaConfig,
     recreate_slot: bool,
+    max_stored_version: u64,
 ) -> Result<Vec<Outcome>, Error> {
     let params = ConnectParams::parse(cfg.url.expose_secret())
         .map_err(Error::sql("parsing postgres.url"))?;
@@ -52,19 +58,22 @@ pub async fn ensure(
             }
             slot::drop(&sql, slot_name).await?;
         }
-        let record = create_slot(&sql, &state, cfg, &params, system_id).await?;
+        let record = create_slot(&sql, &state, cfg, &params, system_id, max_stored_version).await?;
         report.push(Outcome::Created(format!(
-            "replication slot {slot_name} (recreated at {}; snapshot pending)",
-            record.snapshot.lsn
+            "replication slot {slot_name} (recreated at {}; snapshot pending; {})",
+            record.snapshot.lsn,
+            describe(&record)
         )));
         return Ok(report);
     }
     match (info, record) {
         (None, None) => {
-            let record = create_slot(&sql, &state, cfg, &params, system_id).await?;
+            let record =
+                create_slot(&sql, &state, cfg, &params, system_id, max_stored_version).await?;
             report.push(Outcome::Created(format!(
-                "replication slot {slot_name} (consistent point {}; snapshot pending)",
-                record.snapshot.lsn
+                "replication slot {slot_name} (consistent point {}; snapshot pending; {})",
+                record.snapshot.lsn,
+                describe(&record)
             )));
         }
         (None, Some(_)) => {
@@ -84,8 +93,19 @@ pub async fn ensure(
                 ),
             });
         }
-        (Some(info), Some(record)) => {
+        (Some(info), Some(mut record)) => {
             slot::check(slot_name, &params.database, Some(&info), &record, system_id)?;
+            if record.versions.is_none() {
+                // Format 1: events so far were versioned by commit LSN, all below this base.
+                record.versions =
+                    Some(VersionScheme::above(max_stored_version, record.snapshot.lsn));
+                record.format = RECORD_FORMAT;
+                state.save(&record).await?;
+                report.push(Outcome::Created(format!(
+                    "row version scheme of slot {slot_name} ({})",
+                    describe(&record)
+                )));
+            }
             let snapshot = if record.snapshot.done { "snapshot done" } else { "snapshot pending" };
             report.push(Outcome::Existed(format!(
                 "replication slot {slot_name} (confirmed {}; {snapshot})",
@@ -102,11 +122,25 @@ async fn create_slot(
     cfg: &PostgresConfig,
     params: &ConnectParams,
     system_id: u64,
+    max_stored_version: u64,
 ) -> Result<PipelineRecord, Error> {
     let consistent_point = slot::create(sql, &cfg.slot).await?;
-    let record = PipelineRecord::new(&cfg.slot, &params.database, system_id, consistent_point);
+    let record = PipelineRecord::new(
+        &cfg.slot,
+        &params.database,
+        system_id,
+        consistent_point,
+        max_stored_version,
+    );
     state.save(&record).await?;
     Ok(record)
+}
+
+fn describe(record: &PipelineRecord) -> String {
+    match record.versions {
+        Some(v) => format!("row versions from {} counted from {}", v.base, v.origin),
+        None => "no row version scheme".into(),
+    }
 }
 
 /// The publication must exist and publish every operation of the three tables.

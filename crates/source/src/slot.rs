@@ -184,7 +184,7 @@ mod tests {
     }
 
     fn record() -> PipelineRecord {
-        let mut r = PipelineRecord::new("s", "director", 7, Lsn(5));
+        let mut r = PipelineRecord::new("s", "director", 7, Lsn(5), 0);
         r.confirmed_lsn = Lsn(20);
         r
     }

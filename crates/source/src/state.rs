@@ -2,8 +2,9 @@
 //!
 //! One JSON record per update, keyed by slot name, on the single-partition state topic; the latest
 //! record for a slot wins. It holds what the start-up checks compare the slot with (system
-//! identifier, confirmed LSN) and the progress of the initial snapshot, so a killed snapshot
-//! resumes where it stopped.
+//! identifier, confirmed LSN), the progress of the initial snapshot, so a killed snapshot
+//! resumes where it stopped, and the pipeline's row [`VersionScheme`] (fixed when the slot is
+//! created; see `scoresync_event::version`).
 //!
 //! Ordering keeps rule 4 checkable: the source writes a new `confirmed_lsn` here and waits for
 //! Kafka's acknowledgement *before* it confirms that LSN to PostgreSQL, so the slot's confirmed
@@ -19,12 +20,12 @@ use serde::{Deserialize, Serialize};
 
 use scoresync_bus::KafkaConfig;
 use scoresync_bus::client::{OffsetReset, consumer_config};
-use scoresync_event::{Lsn, SourceTable};
+use scoresync_event::{Lsn, SourceTable, VersionScheme};
 
 use crate::error::Error;
 
-/// Format version of the record.
-pub const RECORD_FORMAT: u32 = 1;
+/// Format version of the record (2 added `versions`; a format-1 record gets them from `setup`).
+pub const RECORD_FORMAT: u32 = 2;
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages read per step when scanning the state topic backwards for a slot's latest record.
 const SCAN_WINDOW: i64 = 500;
@@ -45,6 +46,9 @@ pub struct PipelineRecord {
     pub confirmed_lsn: Lsn,
     /// Initial snapshot progress.
     pub snapshot: SnapshotProgress,
+    /// How this pipeline versions rows. `None` only in records written before format 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions: Option<VersionScheme>,
 }
 
 /// How far the initial snapshot got.
@@ -63,8 +67,15 @@ pub struct SnapshotProgress {
 }
 
 impl PipelineRecord {
-    /// A new pipeline whose slot was created at `consistent_point`, snapshot not yet taken.
-    pub fn new(slot: &str, database: &str, system_id: u64, consistent_point: Lsn) -> Self {
+    /// A new pipeline whose slot was created at `consistent_point`, snapshot not yet taken, whose
+    /// versions all exceed `max_stored_version` (the greatest `_version` ClickHouse holds).
+    pub fn new(
+        slot: &str,
+        database: &str,
+        system_id: u64,
+        consistent_point: Lsn,
+        max_stored_version: u64,
+    ) -> Self {
         PipelineRecord {
             format: RECORD_FORMAT,
             slot: slot.into(),
@@ -78,7 +89,14 @@ impl PipelineRecord {
                 resume_after: None,
                 rows_published: 0,
             },
+            versions: Some(VersionScheme::above(max_stored_version, consistent_point)),
         }
+    }
+
+    /// The pipeline's version scheme; a record from before format 2 has none until `setup` adds
+    /// it.
+    pub fn versions(&self) -> Result<VersionScheme, Error> {
+        self.versions.ok_or_else(|| Error::NoVersionScheme { slot: self.slot.clone() })
     }
 
     /// The table the snapshot works on next, if any.
@@ -203,7 +221,8 @@ mod tests {
 
     #[test]
     fn record_round_trips_with_a_large_system_id() {
-        let mut record = PipelineRecord::new("slot", "director", u64::MAX - 1, Lsn(0x1_0000_0010));
+        let mut record =
+            PipelineRecord::new("slot", "director", u64::MAX - 1, Lsn(0x1_0000_0010), 5);
         record.snapshot.tables_done.push("scorecards".into());
         record.snapshot.resume_after = Some(vec!["c".into(), "p".into(), "s1".into()]);
         let json = serde_json::to_string(&record).expect("serialises");
@@ -211,11 +230,22 @@ mod tests {
         assert!(json.contains("\"1/10\""), "{json}");
         let back: PipelineRecord = serde_json::from_str(&json).expect("parses");
         assert_eq!(back, record);
+        assert_eq!(back.versions().expect("has a scheme").base, 7);
+    }
+
+    #[test]
+    fn a_format_1_record_reads_and_asks_for_setup() {
+        let json = r#"{"format":1,"slot":"s","database":"d","system_id":"1","confirmed_lsn":"0/10",
+            "snapshot":{"lsn":"0/10","done":true,"tables_done":[],"resume_after":null,
+            "rows_published":0}}"#;
+        let record: PipelineRecord = serde_json::from_str(json).expect("parses");
+        let err = record.versions().expect_err("no scheme").to_string();
+        assert!(err.contains("scoresync setup"), "{err}");
     }
 
     #[test]
     fn snapshot_walks_the_tables_in_order() {
-        let mut record = PipelineRecord::new("s", "d", 1, Lsn(1));
+        let mut record = PipelineRecord::new("s", "d", 1, Lsn(1), 0);
         assert_eq!(record.snapshot_table(), Some(SourceTable::Scorecards));
         record.snapshot.tables_done.push("scorecards".into());
         assert_eq!(record.snapshot_table(), Some(SourceTable::Scores));

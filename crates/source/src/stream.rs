@@ -65,7 +65,7 @@ impl Stream<'_> {
         client.wait_started().await.map_err(wire)?;
         tracing::info!(slot, from = %record.confirmed_lsn, "streaming");
 
-        let mut mapper = Mapper::new(record.system_id);
+        let mut mapper = Mapper::new(record.system_id, record.versions()?);
         let mut progress = Progress::new(record.confirmed_lsn);
         let mut acks: Acks = FuturesUnordered::new();
         let mut tx: Option<TxId> = None;

@@ -1,5 +1,6 @@
-//! `scoresync setup`: topics, publication, slot and pipeline record, ClickHouse tables. Every
-//! step is idempotent and reports whether it found or made each object.
+//! `scoresync setup`: topics, ClickHouse tables, publication, slot and pipeline record. Every
+//! step is idempotent and reports whether it found or made each object. The tables come before
+//! the slot: a new slot's row versions must start above the highest one they hold.
 
 use std::process::ExitCode;
 
@@ -23,15 +24,6 @@ pub async fn run(config: &Config, recreate_slot: bool) -> anyhow::Result<ExitCod
             }
         }
     }
-    let postgres = scoresync_source::setup::ensure(&config.postgres, &config.kafka, recreate_slot)
-        .await
-        .map_err(|e| anyhow::anyhow!(Report::new(&e).to_string()))?;
-    for outcome in postgres {
-        match outcome {
-            Outcome::Existed(what) => println!("existed  {what}"),
-            Outcome::Created(what) => println!("created  {what}"),
-        }
-    }
     for shard in
         scoresync_sink::schema::ensure(&config.clickhouse).await.context("clickhouse schema")?
     {
@@ -41,6 +33,24 @@ pub async fn run(config: &Config, recreate_slot: bool) -> anyhow::Result<ExitCod
         }
         for table in shard.created {
             println!("created  clickhouse shard {} table {db}.{table}", shard.shard);
+        }
+    }
+    // A new slot's row versions start above everything stored (see scoresync_event::version).
+    let max_stored_version = scoresync_sink::schema::max_version(&config.clickhouse)
+        .await
+        .context("reading the highest row version in clickhouse")?;
+    let postgres = scoresync_source::setup::ensure(
+        &config.postgres,
+        &config.kafka,
+        recreate_slot,
+        max_stored_version,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(Report::new(&e).to_string()))?;
+    for outcome in postgres {
+        match outcome {
+            Outcome::Existed(what) => println!("existed  {what}"),
+            Outcome::Created(what) => println!("created  {what}"),
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,7 +1,8 @@
 //! One snapshot row as a change event.
 //!
-//! Invariant: every snapshot event is an `Operation::Snapshot` versioned at the record's
-//! snapshot LSN (the slot's consistent point minus one), so it sorts below every streamed change
+//! Invariant: every snapshot event is an `Operation::Snapshot` versioned just below the record's
+//! snapshot LSN (the slot's consistent point) by the pipeline's version scheme, so it sorts below
+//! every streamed change
 //! (see the `snapshot` module doc), and it is keyed by its scorecard like a streamed change of
 //! the same row. A value that does not parse or a row without its key is an error, never a
 //! skipped row.
@@ -32,6 +33,11 @@ pub(super) fn outgoing(
         source: MapError::MissingIdentity { table, op: "snapshot", what },
     };
     let key = primary_key(table, &row).ok_or_else(|| missing("primary key"))?;
+    let version = record.versions()?.snapshot(record.snapshot.lsn).map_err(|e| Error::Map {
+        slot: record.slot.clone(),
+        lsn: record.snapshot.lsn,
+        source: e.into(),
+    })?;
     let event = ChangeEvent {
         contract_version: CONTRACT_VERSION,
         system_id: record.system_id,
@@ -43,6 +49,7 @@ pub(super) fn outgoing(
         commit_lsn: record.snapshot.lsn.0,
         seq_in_tx: u32::try_from(seq).unwrap_or(u32::MAX),
         commit_time_us: now_us,
+        version: version.0,
         ..Default::default()
     };
     let scorecard = ScorecardKey::of_event(&event).ok_or_else(|| missing("scorecard identity"))?;
