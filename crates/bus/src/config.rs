@@ -71,11 +71,6 @@ pub struct KafkaConfig {
     /// `socket.request.max.bytes` (Kafka's default: 100 MiB).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
-    /// Static group membership id of this sink (`group.instance.id`): a restarted sink with the
-    /// same id takes its partitions back at once instead of waiting out a rebalance. Default:
-    /// `scoresync-<hostname>`; give each sink on one host its own.
-    #[serde(default)]
-    pub instance_id: Option<String>,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
     /// Values of keys that look secret are never printed.
     #[serde(default, serialize_with = "expose_properties_for_config_file")]
@@ -97,7 +92,7 @@ pub struct LibrdkafkaProperties {
 /// `[kafka.librdkafka]` may not override them. `compression.codec` stays open: whatever the
 /// codec, librdkafka checks a message's size before compressing it and sends a batch uncompressed
 /// when compressing would make it larger, so no codec takes a batch over the limit.
-pub const RESERVED_PROPERTIES: [(&str, &str); 18] = [
+pub const RESERVED_PROPERTIES: [(&str, &str); 19] = [
     ("enable.idempotence", "the producer is idempotent (rule 3)"),
     ("acks", "the producer waits for acks=all (rule 3)"),
     ("request.required.acks", "the producer waits for acks=all (rule 3)"),
@@ -111,6 +106,11 @@ pub const RESERVED_PROPERTIES: [(&str, &str); 18] = [
     ("group.id", "the sink's group is kafka.consumer_group"),
     ("enable.partition.eof", "the sink does not expect end-of-partition events"),
     ("delivery.timeout.ms", "it is kafka.delivery_timeout_ms"),
+    (
+        "group.instance.id",
+        "sinks join the group dynamically (a dead static member's partitions wait out the \
+         session timeout), and [kafka.librdkafka] would give every sink the same id",
+    ),
     ("message.max.bytes", SIZE_RULE),
     ("fetch.max.bytes", SIZE_RULE),
     ("max.partition.fetch.bytes", SIZE_RULE),
@@ -209,7 +209,6 @@ impl KafkaConfig {
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
             session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
-            instance_id: None,
             librdkafka: LibrdkafkaProperties::default(),
         }
     }
@@ -282,21 +281,6 @@ impl KafkaConfig {
     }
 }
 
-impl KafkaConfig {
-    /// The sink's static membership id: `instance_id`, or `scoresync-<hostname>`.
-    pub fn sink_instance_id(&self) -> String {
-        self.instance_id.clone().unwrap_or_else(|| {
-            let host = std::env::var("HOSTNAME")
-                .ok()
-                .filter(|h| !h.is_empty())
-                .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|| "localhost".into());
-            format!("scoresync-{host}")
-        })
-    }
-}
-
 /// True for librdkafka property names whose values must never be printed.
 fn is_secret_property(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
@@ -316,6 +300,17 @@ mod tests {
         let mut cfg = KafkaConfig::new("b:1");
         cfg.dlq_topic = "bad topic".into();
         assert!(cfg.validate().expect_err("invalid").contains("kafka.dlq_topic"));
+    }
+
+    #[test]
+    fn static_membership_is_gone_and_an_old_instance_id_is_named() {
+        let error = toml::from_str::<KafkaConfig>("brokers = \"b:1\"\ninstance_id = \"sink-a\"")
+            .expect_err("unknown field");
+        assert!(error.to_string().contains("instance_id"), "{error}");
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.librdkafka.insert("group.instance.id", "sink-a");
+        let error = cfg.validate().expect_err("refused");
+        assert!(error.contains("kafka.librdkafka.group.instance.id"), "{error}");
     }
 
     #[test]
