@@ -94,13 +94,11 @@ async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> any
             std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
         ))
     };
-    let member = |name: &str, listen: &str| -> anyhow::Result<Daemon> {
-        let vars =
-            [("SCORESYNC__KAFKA__INSTANCE_ID", name), ("SCORESYNC__METRICS__LISTEN", listen)];
-        Daemon::start_with(&env, &["sink"], &vars)
+    let member = |listen: &str| -> anyhow::Result<Daemon> {
+        Daemon::start_with(&env, &["sink"], &[("SCORESYNC__METRICS__LISTEN", listen)])
     };
     let a_listen = free()?;
-    let a = member("sink-a", &a_listen)?;
+    let a = member(&a_listen)?;
     crate::sink::wait_until_assigned(&a, env.kafka.partitions).await?;
     // More batches queue than the writers hold (three each). A revoke that waited for every
     // queued row, which only the sink's own loop (blocked in the revoke) can hand to the writers,
@@ -109,7 +107,7 @@ async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> any
         Ok((buffered_rows(&a_listen).await? >= 2_000).then_some(()))
     })
     .await?;
-    let b = member("sink-b", &free()?)?;
+    let b = member(&free()?)?;
     let (to_go, _) = {
         let kafka = env.kafka.clone();
         tokio::task::spawn_blocking(move || scoresync_tests::kafka::group_position(&kafka))

@@ -529,18 +529,12 @@ async fn sinks_joining_and_leaving_the_group_under_load_lose_nothing() -> anyhow
             std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
         ))
     };
-    let member = |name: &'static str, port: String| {
+    let member = |port: String| {
         let env = &env;
-        move || {
-            Daemon::start_with(
-                env,
-                &["sink"],
-                &[("SCORESYNC__KAFKA__INSTANCE_ID", name), ("SCORESYNC__METRICS__LISTEN", &port)],
-            )
-        }
+        move || Daemon::start_with(env, &["sink"], &[("SCORESYNC__METRICS__LISTEN", &port)])
     };
-    let start_a = member("sink-a", free_port()?);
-    let start_b = member("sink-b", free_port()?);
+    let start_a = member(free_port()?);
+    let start_b = member(free_port()?);
     let a = start_a()?;
     wait_until_assigned(&a, env.kafka.partitions).await?;
     let load = spawn_loadgen(&env, &["--scorecards", "600", "--conversations-per-shard", "20"])?;

@@ -26,6 +26,14 @@ pub const DEFAULT_DELIVERY_TIMEOUT_MS: u64 = 120_000;
 /// heartbeating (crashed) before handing its partitions to another member.
 pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 10_000;
 
+/// Default largest message scoresync produces and consumes: 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Smallest `kafka.max_message_bytes`: 1 MiB, about Kafka's own default.
+pub const MIN_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest `kafka.max_message_bytes`: librdkafka's ceiling for `message.max.bytes` and
+/// `max.partition.fetch.bytes` (1,000,000,000).
+pub const MAX_MAX_MESSAGE_BYTES: usize = 1_000_000_000;
+
 /// Kafka connection and topic settings.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -56,11 +64,13 @@ pub struct KafkaConfig {
     /// librdkafka `session.timeout.ms` of the sink's consumer.
     #[serde(default = "default_session_timeout_ms")]
     pub session_timeout_ms: u64,
-    /// Static group membership id of this sink (`group.instance.id`): a restarted sink with the
-    /// same id takes its partitions back at once instead of waiting out a rebalance. Default:
-    /// `scoresync-<hostname>`; give each sink on one host its own.
-    #[serde(default)]
-    pub instance_id: Option<String>,
+    /// Largest message, in bytes, scoresync produces and consumes: a change event or a dead
+    /// letter, key, value and headers counted before compression. The producer, the consumers and
+    /// the change and dead-letter topics `setup` creates all follow it (see [`crate::client`] and
+    /// [`crate::topics`]). A broker also caps a whole produce request at its
+    /// `socket.request.max.bytes` (Kafka's default: 100 MiB).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
     /// Values of keys that look secret are never printed.
     #[serde(default, serialize_with = "expose_properties_for_config_file")]
@@ -77,9 +87,12 @@ pub struct LibrdkafkaProperties {
     secret: BTreeMap<String, SecretString>,
 }
 
-/// librdkafka properties scoresync sets itself because a delivery rule depends on them
-/// (DESIGN.md section 5), with the reason: `[kafka.librdkafka]` may not override them.
-pub const RESERVED_PROPERTIES: [(&str, &str); 13] = [
+/// librdkafka properties scoresync sets itself because a delivery rule (DESIGN.md section 5) or
+/// the message size limit (`kafka.max_message_bytes`) depends on them, with the reason:
+/// `[kafka.librdkafka]` may not override them. `compression.codec` stays open: whatever the
+/// codec, librdkafka checks a message's size before compressing it and sends a batch uncompressed
+/// when compressing would make it larger, so no codec takes a batch over the limit.
+pub const RESERVED_PROPERTIES: [(&str, &str); 19] = [
     ("enable.idempotence", "the producer is idempotent (rule 3)"),
     ("acks", "the producer waits for acks=all (rule 3)"),
     ("request.required.acks", "the producer waits for acks=all (rule 3)"),
@@ -93,7 +106,23 @@ pub const RESERVED_PROPERTIES: [(&str, &str); 13] = [
     ("group.id", "the sink's group is kafka.consumer_group"),
     ("enable.partition.eof", "the sink does not expect end-of-partition events"),
     ("delivery.timeout.ms", "it is kafka.delivery_timeout_ms"),
+    (
+        "group.instance.id",
+        "sinks join the group dynamically (a dead static member's partitions wait out the \
+         session timeout), and [kafka.librdkafka] would give every sink the same id",
+    ),
+    ("message.max.bytes", SIZE_RULE),
+    ("fetch.max.bytes", SIZE_RULE),
+    ("max.partition.fetch.bytes", SIZE_RULE),
+    ("fetch.message.max.bytes", SIZE_RULE),
+    ("receive.message.max.bytes", SIZE_RULE),
 ];
+
+/// Why the size properties are reserved: another `message.max.bytes` would refuse messages the
+/// topics accept (or produce ones they refuse); smaller consumer sizes would not fetch or receive
+/// one message of the limit at once.
+const SIZE_RULE: &str =
+    "producer, consumers and topics all follow kafka.max_message_bytes, set that instead";
 
 impl LibrdkafkaProperties {
     /// The property names set.
@@ -162,6 +191,9 @@ fn default_delivery_timeout_ms() -> u64 {
 fn default_session_timeout_ms() -> u64 {
     DEFAULT_SESSION_TIMEOUT_MS
 }
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
 
 impl KafkaConfig {
     /// Settings for `brokers` with every other field at its default.
@@ -176,7 +208,7 @@ impl KafkaConfig {
             consumer_group: default_consumer_group(),
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
             session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS,
-            instance_id: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             librdkafka: LibrdkafkaProperties::default(),
         }
     }
@@ -238,22 +270,14 @@ impl KafkaConfig {
                 self.session_timeout_ms
             ));
         }
+        if !(MIN_MAX_MESSAGE_BYTES..=MAX_MAX_MESSAGE_BYTES).contains(&self.max_message_bytes) {
+            return Err(format!(
+                "kafka.max_message_bytes must be between {MIN_MAX_MESSAGE_BYTES} (1 MiB) and \
+                 {MAX_MAX_MESSAGE_BYTES} (librdkafka's ceiling) (got {})",
+                self.max_message_bytes
+            ));
+        }
         Ok(())
-    }
-}
-
-impl KafkaConfig {
-    /// The sink's static membership id: `instance_id`, or `scoresync-<hostname>`.
-    pub fn sink_instance_id(&self) -> String {
-        self.instance_id.clone().unwrap_or_else(|| {
-            let host = std::env::var("HOSTNAME")
-                .ok()
-                .filter(|h| !h.is_empty())
-                .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|| "localhost".into());
-            format!("scoresync-{host}")
-        })
     }
 }
 
@@ -279,6 +303,40 @@ mod tests {
     }
 
     #[test]
+    fn static_membership_is_gone_and_an_old_instance_id_is_named() {
+        let error = toml::from_str::<KafkaConfig>("brokers = \"b:1\"\ninstance_id = \"sink-a\"")
+            .expect_err("unknown field");
+        assert!(error.to_string().contains("instance_id"), "{error}");
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.librdkafka.insert("group.instance.id", "sink-a");
+        let error = cfg.validate().expect_err("refused");
+        assert!(error.contains("kafka.librdkafka.group.instance.id"), "{error}");
+    }
+
+    #[test]
+    fn the_message_size_limit_defaults_to_16_mib_and_is_bounded() {
+        let cfg: KafkaConfig = toml::from_str("brokers = \"b:1\"").expect("valid");
+        assert_eq!(cfg.max_message_bytes, 16_777_216);
+        for (limit, valid) in [
+            (1_048_575, false),
+            (1_048_576, true),
+            (1_000_000_000, true),
+            (1_000_000_001, false),
+            (0, false),
+        ] {
+            let mut cfg = KafkaConfig::new("b:1");
+            cfg.max_message_bytes = limit;
+            match cfg.validate() {
+                Ok(()) => assert!(valid, "{limit} accepted"),
+                Err(error) => {
+                    assert!(!valid, "{limit} refused: {error}");
+                    assert!(error.contains("kafka.max_message_bytes"), "{error}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn properties_that_keep_a_delivery_rule_cannot_be_overridden() {
         for (key, value) in
             [("acks", "1"), ("enable.auto.commit", "false"), ("auto.offset.reset", "latest")]
@@ -289,6 +347,22 @@ mod tests {
             assert!(error.contains(&format!("kafka.librdkafka.{key}")), "{error}");
             assert!(error.contains("rule") || error.contains("latest"), "{error}");
         }
+        for key in [
+            "message.max.bytes",
+            "fetch.max.bytes",
+            "max.partition.fetch.bytes",
+            "fetch.message.max.bytes",
+            "receive.message.max.bytes",
+        ] {
+            let mut cfg = KafkaConfig::new("b:1");
+            cfg.librdkafka.insert(key, "1000000");
+            let error = cfg.validate().expect_err("refused");
+            assert!(error.contains(&format!("kafka.librdkafka.{key}")), "{error}");
+            assert!(error.contains("kafka.max_message_bytes"), "{error}");
+        }
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.librdkafka.insert("compression.codec", "zstd");
+        assert_eq!(cfg.validate(), Ok(()), "any codec keeps the size limit");
         let mut cfg = KafkaConfig::new("b:1");
         cfg.librdkafka.insert("security.protocol", "SASL_SSL");
         cfg.librdkafka.insert("sasl.password", "hunter2");

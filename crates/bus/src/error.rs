@@ -88,3 +88,38 @@ pub fn kafka_error_is_transient(err: &KafkaError) -> bool {
         None => matches!(err, KafkaError::Canceled),
     }
 }
+
+/// True when Kafka refused a message for its size; retrying the same message cannot help.
+/// librdkafka's own check, when the message is produced (key, value and headers larger than
+/// `kafka.max_message_bytes`, counted before compression), and the broker's (a record batch larger
+/// than the topic's `max.message.bytes`, counted as stored) both report `MSG_SIZE_TOO_LARGE`; a
+/// broker reports `RECORD_LIST_TOO_LARGE` for a batch larger than its log segments.
+pub fn is_too_large(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_refused_for_its_size_is_too_large_and_not_transient() {
+        use RDKafkaErrorCode as C;
+        for code in [C::MessageSizeTooLarge, C::MessageBatchTooLarge] {
+            let err = KafkaError::MessageProduction(code);
+            assert!(is_too_large(&err), "{err}");
+            assert!(!kafka_error_is_transient(&err), "{err}");
+        }
+        for err in [
+            KafkaError::MessageProduction(C::QueueFull),
+            KafkaError::MessageProduction(C::MessageTimedOut),
+            KafkaError::MessageProduction(C::OffsetMetadataTooLarge),
+            KafkaError::Canceled,
+        ] {
+            assert!(!is_too_large(&err), "{err}");
+        }
+    }
+}

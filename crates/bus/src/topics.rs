@@ -6,8 +6,16 @@
 //! | dead-letter topic| `kafka.partitions`      | poison events with their origin and error     |
 //! | state topic      | 1                       | the source's pipeline record (latest wins)    |
 //!
+//! The change and dead-letter topics take record batches of up to `kafka.max_message_bytes` plus
+//! a batch header (`max.message.bytes`, which Kafka checks against the batch as stored, after
+//! compression) and keep the producer's compression (`compression.type=producer`, so the broker
+//! never recompresses into a different size): whatever the producer accepts, they accept
+//! ([`crate::client`]).
+//!
 //! An existing topic is never altered: a different partition count is an error, because changing
-//! it would move scorecards between partitions and break per-scorecard ordering.
+//! it would move scorecards between partitions and break per-scorecard ordering. Its configs stay
+//! as they are too: a topic created before `kafka.max_message_bytes` existed, or with a smaller
+//! one, keeps the broker's limit until an operator raises its `max.message.bytes`.
 
 use std::time::Duration;
 
@@ -18,6 +26,11 @@ use crate::config::KafkaConfig;
 use crate::error::Error;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Size of a record batch's header (Kafka's `RECORD_BATCH_OVERHEAD`, librdkafka's
+/// `RD_KAFKAP_MSGSET_V2_SIZE`). librdkafka checks a single message, not its batch, against
+/// `message.max.bytes`, so a batch holding one message of the limit is this much larger.
+pub const RECORD_BATCH_HEADER_BYTES: usize = 61;
 
 /// Whether `ensure_topics` found a topic or made it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,14 +64,22 @@ pub struct PlannedTopic {
 
 /// The topics of a configuration. Every topic with replication factor RF > 1 gets
 /// `min.insync.replicas` = RF - 1, so an acknowledged write (acks=all) survives the loss of a
-/// broker and one broker may be down without stopping writes. The state topic (the pipeline
-/// record, keyed by slot) is compacted and kept for ever: only the newest record per slot matters,
-/// and it must never expire.
+/// broker and one broker may be down without stopping writes. The change and dead-letter topics
+/// take batches of `kafka.max_message_bytes` plus a batch header, compressed as the producer
+/// compressed them. The state topic (the pipeline record, keyed by slot; small) is compacted and
+/// kept for ever: only the newest record per slot matters, and it must never expire.
 pub fn planned_topics(cfg: &KafkaConfig) -> [PlannedTopic; 3] {
     let durability: Vec<(&'static str, String)> = match cfg.replication_factor {
         rf if rf > 1 => vec![("min.insync.replicas", (rf - 1).to_string())],
         _ => Vec::new(),
     };
+    let events: Vec<(&'static str, String)> = [
+        ("max.message.bytes", (cfg.max_message_bytes + RECORD_BATCH_HEADER_BYTES).to_string()),
+        ("compression.type", "producer".to_owned()),
+    ]
+    .into_iter()
+    .chain(durability.iter().cloned())
+    .collect();
     let state: Vec<(&'static str, String)> =
         [("cleanup.policy", "compact".to_owned()), ("retention.ms", "-1".to_owned())]
             .into_iter()
@@ -70,8 +91,8 @@ pub fn planned_topics(cfg: &KafkaConfig) -> [PlannedTopic; 3] {
         configs,
     };
     [
-        topic(&cfg.change_topic, cfg.partitions, durability.clone()),
-        topic(&cfg.dlq_topic, cfg.partitions, durability),
+        topic(&cfg.change_topic, cfg.partitions, events.clone()),
+        topic(&cfg.dlq_topic, cfg.partitions, events),
         topic(&cfg.state_topic, 1, state),
     ]
 }
@@ -152,21 +173,42 @@ mod tests {
         topic.configs.iter().map(|(k, v)| (*k, v.as_str())).collect()
     }
 
+    const EVENTS: [(&str, &str); 2] =
+        [("max.message.bytes", "16777277"), ("compression.type", "producer")];
+
     #[test]
     fn the_state_topic_is_compacted_and_kept_and_replicated_topics_need_all_but_one_replica() {
         let mut cfg = KafkaConfig::new("b:1");
         cfg.replication_factor = 1;
         let [change, dlq, state] = planned_topics(&cfg);
-        assert!(change.configs.is_empty() && dlq.configs.is_empty(), "a single broker: defaults");
+        assert_eq!(configs(&change), EVENTS, "a single broker: no min.insync.replicas");
+        assert_eq!(configs(&dlq), EVENTS);
         assert_eq!(configs(&state), [("cleanup.policy", "compact"), ("retention.ms", "-1")]);
         assert_eq!((change.partitions, state.partitions), (cfg.partitions, 1));
 
         cfg.replication_factor = 3;
         let [change, dlq, state] = planned_topics(&cfg);
-        assert_eq!(configs(&change), [("min.insync.replicas", "2")]);
-        assert_eq!(configs(&dlq), [("min.insync.replicas", "2")]);
+        assert_eq!(configs(&change)[2..], [("min.insync.replicas", "2")]);
+        assert_eq!(configs(&dlq)[2..], [("min.insync.replicas", "2")]);
         assert!(configs(&state).contains(&("min.insync.replicas", "2")));
         cfg.replication_factor = 2;
-        assert_eq!(configs(&planned_topics(&cfg)[0]), [("min.insync.replicas", "1")]);
+        assert_eq!(configs(&planned_topics(&cfg)[0])[2..], [("min.insync.replicas", "1")]);
+    }
+
+    #[test]
+    fn event_topics_take_a_batch_of_one_message_of_the_limit() {
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.max_message_bytes = 2_000_000;
+        let [change, dlq, state] = planned_topics(&cfg);
+        for topic in [&change, &dlq] {
+            assert_eq!(
+                configs(topic)[..2],
+                [("max.message.bytes", "2000061"), ("compression.type", "producer")]
+            );
+        }
+        assert!(
+            configs(&state).iter().all(|(key, _)| *key != "max.message.bytes"),
+            "the pipeline record is small: the broker's limit"
+        );
     }
 }
