@@ -285,6 +285,18 @@ mod tests {
     }
 
     #[test]
+    fn conversation_answers_expire_after_ten_minutes_unless_configured() {
+        let cfg = Config::parse(MINIMAL, env(&[])).expect("valid");
+        assert_eq!(cfg.sink.conversation_cache_ttl_ms, 600_000);
+        let over = env(&[("SCORESYNC__SINK__CONVERSATION_CACHE_TTL_MS", "1500")]);
+        let cfg = Config::parse(MINIMAL, over).expect("valid");
+        assert_eq!(cfg.sink.conversation_cache_ttl_ms, 1_500);
+        let text = format!("{MINIMAL}\n[sink]\nconversation_cache_ttl_ms = 0\n");
+        let err = Config::parse(&text, env(&[])).expect_err("zero");
+        assert!(format!("{err:#}").contains("sink.conversation_cache_ttl_ms"), "{err:#}");
+    }
+
+    #[test]
     fn unknown_keys_and_invalid_values_are_named() {
         let err = Config::parse(&format!("{MINIMAL}\n[metric]\nlisten = 1"), env(&[]))
             .expect_err("unknown section");

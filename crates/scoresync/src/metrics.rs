@@ -57,6 +57,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "1 while the shard refuses inserts into the table (the server answers with an error), by shard and table.",
     ),
     (
+        "scoresync_sink_conversations_on_several_shards_total",
+        "counter",
+        "Distinct conversations found in more than one shard's conversations table (their scorecards route to the lowest shard).",
+    ),
+    (
         "scoresync_sink_commit_to_ack_seconds",
         "gauge",
         "Seconds from PostgreSQL commit to ClickHouse acknowledgement of the newest row written, by table.",
@@ -116,6 +121,9 @@ pub fn render(stats: &SinkStats) -> String {
             "scoresync_sink_insert_rejected{{shard=\"{shard}\",table=\"{table}\"}} {refused}"
         );
     }
+    header(&mut out, "scoresync_sink_conversations_on_several_shards_total");
+    let split = stats.split_conversations.lock().map(|s| s.total).unwrap_or_default();
+    let _ = writeln!(out, "scoresync_sink_conversations_on_several_shards_total {split}");
     header(&mut out, "scoresync_sink_commit_to_ack_seconds");
     let lag = stats.commit_to_ack_seconds.lock().map(|m| m.clone()).unwrap_or_default();
     for (table, seconds) in lag {
@@ -144,8 +152,10 @@ pub fn status_json(stats: &SinkStats) -> String {
             })
         })
         .collect();
+    let split = stats.split_conversations.lock().map(|s| s.clone()).unwrap_or_default();
     let doc = serde_json::json!({
         "rejected_inserts": rejected,
+        "conversations_on_several_shards": split,
         "parked": parked,
         "buffered_rows": stats.buffered_rows.load(Ordering::Relaxed),
         "paused": stats.paused.load(Ordering::Relaxed) == 1,
@@ -230,5 +240,29 @@ mod tests {
             text.contains("scoresync_sink_rows_written_total{shard=\"1\",table=\"scores\"} 10"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn split_conversations_are_counted_and_listed() {
+        let stats = SinkStats::default();
+        assert!(
+            render(&stats).contains("\nscoresync_sink_conversations_on_several_shards_total 0\n")
+        );
+        stats.conversation_split(scoresync_sink::stats::SplitConversation {
+            customer_id: "c".into(),
+            profile_id: "p".into(),
+            conversation_id: "conv".into(),
+            shards: vec![0, 1],
+        });
+        let text = render(&stats);
+        assert!(
+            text.contains("\nscoresync_sink_conversations_on_several_shards_total 1\n"),
+            "{text}"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&status_json(&stats)).expect("json");
+        let split = &doc["conversations_on_several_shards"];
+        assert_eq!(split["total"], 1);
+        assert_eq!(split["latest"][0]["conversation_id"], "conv");
+        assert_eq!(split["latest"][0]["shards"], serde_json::json!([0, 1]));
     }
 }

@@ -1,9 +1,22 @@
 //! Bounded caches of what routing needs: where each scorecard lives with its fields, and which
 //! shard holds each conversation. Past the bound the least recently used entry is evicted (the
 //! `lru` crate); a miss only costs a lookup (ClickHouse, then PostgreSQL).
+//!
+//! Only the conversation answers expire ([`Expiring`], `sink.conversation_cache_ttl_ms`): the
+//! `conversations` tables belong to another pipeline, which can add, correct or duplicate a
+//! conversation at any time, so an answer is trusted for a while and then asked again. A
+//! scorecard's entry says where its rows *are* (this sink wrote them there, or read them there);
+//! it never expires by age, so a card moves only by a planned move ([`crate::plan`]), never
+//! because an answer aged.
+//!
+//! Expiry is hand-written on top of `lru` (an entry carries the instant it was stored; a read past
+//! its time-to-live drops it): a dozen lines with an injectable clock, where a TTL cache crate
+//! (moka) would bring a concurrent cache, its own eviction policy and background maintenance to
+//! a map that one task owns.
 
 use std::hash::Hash;
 use std::num::NonZeroUsize;
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 
@@ -29,9 +42,19 @@ impl<K: Hash + Eq, V> Bounded<K, V> {
         self.map.get(key)
     }
 
+    /// The entry for `key`, not marked as used.
+    fn peek(&self, key: &K) -> Option<&V> {
+        self.map.peek(key)
+    }
+
     /// Inserts or replaces, evicting the least recently used entry when full.
     pub fn insert(&mut self, key: K, value: V) {
         self.map.put(key, value);
+    }
+
+    /// Forgets `key`.
+    fn remove(&mut self, key: &K) {
+        self.map.pop(key);
     }
 
     /// Forgets every entry (the bound stays).
@@ -55,6 +78,45 @@ impl<K: Hash + Eq, V> Bounded<K, V> {
     #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+}
+
+/// A [`Bounded`] map whose entries are forgotten `ttl` after they were stored (reading an entry
+/// does not extend its life: an answer is asked again `ttl` after it was given).
+#[derive(Debug)]
+pub struct Expiring<K: Hash + Eq, V> {
+    map: Bounded<K, (Instant, V)>,
+    ttl: Duration,
+}
+
+impl<K: Hash + Eq, V> Expiring<K, V> {
+    /// An empty cache of at most `capacity` entries, each kept at most `ttl`.
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        Expiring { map: Bounded::new(capacity), ttl }
+    }
+
+    /// The entry for `key` unless it expired.
+    pub fn get(&mut self, key: &K) -> Option<&V> {
+        self.get_at(key, Instant::now())
+    }
+
+    /// Stores `value` for `key`, its life starting now.
+    pub fn insert(&mut self, key: K, value: V) {
+        self.insert_at(key, value, Instant::now());
+    }
+
+    /// The entry for `key` as of `now`: an expired one is dropped.
+    fn get_at(&mut self, key: &K, now: Instant) -> Option<&V> {
+        let stored = self.map.peek(key).map(|(at, _)| *at)?;
+        if now.saturating_duration_since(stored) >= self.ttl {
+            self.map.remove(key);
+            return None;
+        }
+        self.map.get(key).map(|(_, value)| value)
+    }
+
+    fn insert_at(&mut self, key: K, value: V, now: Instant) {
+        self.map.insert(key, (now, value));
     }
 }
 
@@ -96,16 +158,19 @@ pub type ConversationKey = (String, String, String);
 /// The routing caches.
 #[derive(Debug)]
 pub struct Caches {
-    /// Scorecards.
+    /// Scorecards: where their rows are (never expire by age).
     pub cards: Bounded<ScorecardKey, CardState>,
-    /// Conversations.
-    pub conversations: Bounded<ConversationKey, Conversation>,
+    /// Conversations: which shard holds them (expire `conversation_ttl` after the lookup).
+    pub conversations: Expiring<ConversationKey, Conversation>,
 }
 
 impl Caches {
-    /// Caches of `capacity` entries each.
-    pub fn new(capacity: usize) -> Self {
-        Caches { cards: Bounded::new(capacity), conversations: Bounded::new(capacity) }
+    /// Caches of `capacity` entries each; conversation answers live `conversation_ttl`.
+    pub fn new(capacity: usize, conversation_ttl: Duration) -> Self {
+        Caches {
+            cards: Bounded::new(capacity),
+            conversations: Expiring::new(capacity, conversation_ttl),
+        }
     }
 }
 
@@ -134,5 +199,47 @@ mod tests {
         assert!(c.is_empty());
         assert_eq!(c.capacity(), 2, "clearing keeps the bound");
         assert_eq!(Bounded::<u8, u8>::new(0).capacity(), 1);
+    }
+
+    #[test]
+    fn conversation_answers_expire_a_ttl_after_they_were_stored() {
+        let ttl = Duration::from_secs(600);
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let mut c = Expiring::new(10, ttl);
+        c.insert_at("conv", 0_usize, start);
+        assert_eq!(c.get_at(&"conv", at(0)), Some(&0));
+        assert_eq!(c.get_at(&"conv", at(599)), Some(&0), "reads do not extend its life");
+        assert_eq!(c.get_at(&"conv", at(600)), None, "expired at the TTL");
+        assert_eq!(c.map.len(), 0, "an expired entry is dropped when read");
+        assert_eq!(c.get_at(&"conv", at(1)), None, "and stays gone");
+        c.insert_at("conv", 1, at(600));
+        assert_eq!(c.get_at(&"conv", at(1199)), Some(&1), "a new answer starts a new life");
+        assert_eq!(c.get_at(&"conv", at(1200)), None);
+        c.insert_at("a", 2, at(10));
+        assert_eq!(c.get_at(&"a", at(5)), Some(&2), "read before it was stored: kept");
+        let mut bounded = Expiring::new(1, ttl);
+        bounded.insert_at("a", 1, start);
+        bounded.insert_at("b", 2, start);
+        assert_eq!(bounded.get_at(&"a", start), None, "the bound still holds");
+        assert_eq!(bounded.get_at(&"b", start), Some(&2));
+    }
+
+    #[test]
+    fn only_conversations_expire() {
+        let mut caches = Caches::new(10, Duration::ZERO);
+        let card = ScorecardKey {
+            customer_id: "c".into(),
+            profile_id: "p".into(),
+            scorecard_id: "s".into(),
+        };
+        let conversation = Conversation { shard: 1, start_time: 0, language_code: "en".into() };
+        let state =
+            CardState::applied((7, 0), CardFields::default(), 1, Some(conversation.clone()), false);
+        caches.cards.insert(card.clone(), state.clone());
+        let key: ConversationKey = ("c".into(), "p".into(), "conv".into());
+        caches.conversations.insert(key.clone(), conversation);
+        assert_eq!(caches.conversations.get(&key), None, "a zero TTL keeps nothing");
+        assert_eq!(caches.cards.get(&card), Some(&state), "where the card is stays known");
     }
 }

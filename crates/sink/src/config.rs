@@ -121,6 +121,8 @@ pub const DEFAULT_MAX_PARKED_EVENTS: usize = 100_000;
 pub const DEFAULT_PARK_RETRY_MS: u64 = 2_000;
 /// Default bound on cached scorecards and conversations.
 pub const DEFAULT_CACHE_ENTRIES: usize = 200_000;
+/// Default time a conversation's shard is trusted before it is looked up again (10 minutes).
+pub const DEFAULT_CONVERSATION_CACHE_TTL_MS: u64 = 600_000;
 /// Default longest a score or historic score waits for a scorecard known nowhere (no shard, not
 /// in PostgreSQL) before it is dead-lettered.
 pub const DEFAULT_UNKNOWN_SCORECARD_TIMEOUT_MS: u64 = 3_600_000;
@@ -144,6 +146,10 @@ pub struct SinkConfig {
     pub park_retry_ms: u64,
     /// Scorecards and conversations kept in the routing caches.
     pub cache_entries: usize,
+    /// How long the shard found for a conversation is trusted before it is looked up again (the
+    /// other pipeline may add, correct or duplicate conversations). Where a scorecard already
+    /// is never expires: a card moves only when one of its own changes routes elsewhere.
+    pub conversation_cache_ttl_ms: u64,
     /// Longest a score or historic score waits, parked, for a scorecard that no shard holds and
     /// PostgreSQL lacks, before it goes to the dead-letter topic (`scoresync dlq redrive` puts it
     /// back once the scorecard exists).
@@ -160,6 +166,7 @@ impl Default for SinkConfig {
             max_parked_events: DEFAULT_MAX_PARKED_EVENTS,
             park_retry_ms: DEFAULT_PARK_RETRY_MS,
             cache_entries: DEFAULT_CACHE_ENTRIES,
+            conversation_cache_ttl_ms: DEFAULT_CONVERSATION_CACHE_TTL_MS,
             unknown_scorecard_timeout_ms: DEFAULT_UNKNOWN_SCORECARD_TIMEOUT_MS,
         }
     }
@@ -188,6 +195,9 @@ impl SinkConfig {
         }
         if self.max_wait_ms == 0 || self.park_retry_ms == 0 {
             return Err("sink.max_wait_ms and sink.park_retry_ms must be at least 1".into());
+        }
+        if self.conversation_cache_ttl_ms == 0 {
+            return Err("sink.conversation_cache_ttl_ms must be at least 1".into());
         }
         Ok(())
     }

@@ -56,7 +56,8 @@
 //!   and children and TRUNCATEs; `route`: routing; `toast`: unchanged-TOAST values.
 //! - [`table`], `rows`, `rowbinary`: a target table's columns, row mapping, RowBinary.
 //! - `locate`, `lookup`, `cache`: where a scorecard lives; what the sink asks ClickHouse
-//!   and PostgreSQL, and remembers.
+//!   and PostgreSQL, and remembers (conversation answers expire, card locations do not);
+//!   `split`: the report of conversations that several shards hold.
 //! - `batch`, `writer`: batching and shard writers; `handoff`: a move's old-shard markers wait
 //!   until the new shard acknowledged the copies (one hold per waiting row).
 //! - `park`, [`dlq`]: waiting events and dead letters.
@@ -81,6 +82,7 @@ mod rows;
 pub mod schema;
 mod settle;
 pub mod shard;
+mod split;
 mod stage;
 pub mod stats;
 pub mod table;

@@ -7,17 +7,35 @@
 //! child whose card event it has not seen and no shard holds (e.g. the card's insert is parked);
 //! the card's own event, when it is applied, has the final say. [`Locator::prefetch`] warms the
 //! caches for a whole poll batch with one batched lookup per shard.
+//!
+//! Two caches, two kinds of answer ([`crate::cache`]):
+//! - which shard holds a conversation: the other pipeline's data, asked of every shard and
+//!   trusted for `sink.conversation_cache_ttl_ms` (10 minutes by default), then asked again. A
+//!   conversation several shards hold routes to the lowest of them ([`crate::lookup`]) and is
+//!   reported ([`crate::split`]).
+//! - where a scorecard is: what this sink wrote or read on the shards; it does not expire.
+//!
+//! The conversation's shard is only ever used to *place* a card change ([`Locator::place`]).
+//! A card's children, and a delete, go where the card's state says it is, never where its
+//! conversation is now. So when an expired answer comes back different (the conversation was
+//! moved, or a copy appeared on a lower shard), nothing already stored changes shard until the
+//! card's next change, which the plan then carries out as a move of the card with its children
+//! ([`crate::plan::CardPlan::Move`]).
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
 
 use scoresync_event::{ChangeEvent, ScorecardKey, SourceTable};
 
 use crate::cache::{Caches, CardState, ConversationKey};
 use crate::error::Error;
-use crate::lookup::{Lookups, StoredCard};
+use crate::lookup::{FoundConversations, Lookups, StoredCard};
 use crate::park::ParkReason;
 use crate::plan::{Placement, Wait};
 use crate::route::{CardFields, Conversation, Route};
+use crate::split::SplitReport;
+use crate::stats::SinkStats;
 
 /// The caches and lookups that say where scorecards live.
 pub(crate) struct Locator {
@@ -27,6 +45,8 @@ pub(crate) struct Locator {
     caches: Caches,
     /// Scorecards the last prefetch found on no shard (spares a lookup per event).
     absent: HashSet<ScorecardKey>,
+    /// Conversations found on several shards.
+    split: SplitReport,
 }
 
 /// A card's state as the shards hold it.
@@ -48,9 +68,22 @@ fn conversation_key(key: &ScorecardKey, id: &str) -> ConversationKey {
 }
 
 impl Locator {
-    /// A locator over `shards` shards with caches of `cache_entries` each.
-    pub(crate) fn new(shards: usize, lookups: Lookups, cache_entries: usize) -> Self {
-        Locator { shards, lookups, caches: Caches::new(cache_entries), absent: HashSet::new() }
+    /// A locator over `shards` shards with caches of `cache_entries` each, conversation answers
+    /// kept `conversation_ttl`; it reports split conversations into `stats`.
+    pub(crate) fn new(
+        shards: usize,
+        lookups: Lookups,
+        cache_entries: usize,
+        conversation_ttl: Duration,
+        stats: Arc<SinkStats>,
+    ) -> Self {
+        Locator {
+            shards,
+            lookups,
+            caches: Caches::new(cache_entries, conversation_ttl),
+            absent: HashSet::new(),
+            split: SplitReport::new(stats),
+        }
     }
 
     /// Records the state a change this sink applied left the card in.
@@ -152,11 +185,19 @@ impl Locator {
             return Ok(Some(c.clone()));
         }
         let found = self.lookups.conversations(std::slice::from_ref(&ckey)).await?;
-        let conversation = found.get(&ckey).cloned();
-        if let Some(c) = &conversation {
-            self.caches.conversations.insert(ckey, c.clone());
-        }
+        let conversation = found.routed.get(&ckey).cloned();
+        self.remember_conversations(found);
         Ok(conversation)
+    }
+
+    /// Caches the conversations a lookup found and reports those several shards hold.
+    fn remember_conversations(&mut self, found: FoundConversations) {
+        for (key, shards) in &found.split {
+            self.split.found(key, shards);
+        }
+        for (key, conversation) in found.routed {
+            self.caches.conversations.insert(key, conversation);
+        }
     }
 
     /// Warms the caches for a batch of events with one batched lookup per shard: the
@@ -218,11 +259,7 @@ impl Locator {
             return;
         }
         match self.lookups.conversations(&wanted).await {
-            Ok(found) => {
-                for (k, c) in found {
-                    self.caches.conversations.insert(k, c);
-                }
-            }
+            Ok(found) => self.remember_conversations(found),
             Err(error) => tracing::debug!(%error, "prefetch of conversations failed"),
         }
     }

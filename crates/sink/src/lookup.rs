@@ -17,7 +17,8 @@
 //! `system.columns`, decode RowBinary with [`crate::rowbinary`].
 //!
 //! Here: the shard clients, their timeout and cool-down, and statements the caller writes.
-//! `routing`: where conversations and scorecards are. `stored`: whole stored rows.
+//! `routing`: where conversations (read with `FINAL`; one that several shards hold routes to the
+//! lowest of them) and scorecards are. `stored`: whole stored rows.
 //! `postgres`: the PostgreSQL fallbacks.
 
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ mod routing;
 mod stored;
 
 pub(crate) use postgres::postgres_error_is_transient;
+pub(crate) use routing::FoundConversations;
 pub use stored::live_rows;
 
 /// Longest a lookup or statement may take before the shard counts as unavailable.

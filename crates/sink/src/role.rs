@@ -54,7 +54,13 @@ impl Sink {
         )?;
         let database = &self.clickhouse.database;
         let lookups = Lookups::new(clients.clone(), database.clone(), self.postgres_url.clone());
-        let locate = Locator::new(clients.len(), lookups, self.sink.cache_entries);
+        let locate = Locator::new(
+            clients.len(),
+            lookups,
+            self.sink.cache_entries,
+            Duration::from_millis(self.sink.conversation_cache_ttl_ms),
+            Arc::clone(&self.stats),
+        );
         let limits = Limits {
             max_rows: self.sink.max_batch_rows,
             max_bytes: self.sink.max_batch_bytes,

@@ -1,7 +1,7 @@
 //! What the sink counts, for `/metrics` and `scoresync status`. Plain atomics and snapshots: the
 //! binary turns them into Prometheus metrics in one place (`scoresync::metrics`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -32,6 +32,35 @@ pub struct SinkStats {
     /// Per (shard, table): inserts the server keeps refusing (it answered with an error, as
     /// opposed to not answering), retried for ever: the server's last error and since when.
     pub rejected: Mutex<BTreeMap<(usize, String), Rejected>>,
+    /// Conversations found on more than one shard (the sink's `split` report): how many, and the
+    /// latest.
+    pub split_conversations: Mutex<SplitConversations>,
+}
+
+/// Most conversations [`SplitConversations::latest`] keeps.
+pub const SPLIT_EXAMPLES: usize = 5;
+
+/// Conversations that several shards' `conversations` tables hold.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SplitConversations {
+    /// Distinct conversations found split since the sink started (one that the report forgot,
+    /// past its bound, counts again when met again).
+    pub total: u64,
+    /// The latest of them, newest last, at most [`SPLIT_EXAMPLES`].
+    pub latest: VecDeque<SplitConversation>,
+}
+
+/// One conversation that several shards hold.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SplitConversation {
+    /// `customer_id`.
+    pub customer_id: String,
+    /// `profile_id`.
+    pub profile_id: String,
+    /// `conversation_id`.
+    pub conversation_id: String,
+    /// The shards holding it, ascending; its scorecards route to the first.
+    pub shards: Vec<usize>,
 }
 
 /// Inserts of one (shard, table) that the server refuses.
@@ -100,6 +129,17 @@ impl SinkStats {
     pub fn insert_accepted(&self, shard: usize, table: &str) {
         if let Ok(mut map) = self.rejected.lock() {
             map.remove(&(shard, table.to_owned()));
+        }
+    }
+
+    /// A conversation not met before was found on `split.shards`.
+    pub fn conversation_split(&self, split: SplitConversation) {
+        if let Ok(mut seen) = self.split_conversations.lock() {
+            seen.total += 1;
+            if seen.latest.len() == SPLIT_EXAMPLES {
+                seen.latest.pop_front();
+            }
+            seen.latest.push_back(split);
         }
     }
 

@@ -1,6 +1,7 @@
 //! `scoresync status [--json]`: where the pipeline stands. The replication slot (active,
 //! confirmed position, bytes of WAL behind), the sink group's lag per partition, the dead-letter
-//! count, and, from the running daemon's `/status`, what is parked and why.
+//! count, and, from the running daemon's `/status`, what is parked and why, inserts a shard
+//! refuses, and conversations found on several shards.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -181,6 +182,9 @@ fn print_human(doc: &Value) {
                     r["error"].as_str().unwrap_or_default()
                 );
             }
+            for line in split_lines(&sink["conversations_on_several_shards"]) {
+                println!("{line}");
+            }
             for p in parked {
                 println!(
                     "  parked     {} {} ({}s, {} retries): {} [partition {} offset {}]",
@@ -194,5 +198,52 @@ fn print_human(doc: &Value) {
                 );
             }
         }
+    }
+}
+
+/// The `SPLIT` lines: how many conversations the sink found on several shards, and the latest.
+fn split_lines(split: &Value) -> Vec<String> {
+    let total = split["total"].as_u64().unwrap_or(0);
+    if total == 0 {
+        return Vec::new();
+    }
+    let mut lines = vec![format!(
+        "  SPLIT      {total} conversation(s) found on several shards' conversations tables \
+         (scorecards route to the lowest shard); latest:"
+    )];
+    for c in split["latest"].as_array().into_iter().flatten() {
+        let shards: Vec<String> =
+            c["shards"].as_array().into_iter().flatten().map(Value::to_string).collect();
+        lines.push(format!(
+            "             conversation {} (customer {}, profile {}) on shards {}",
+            c["conversation_id"].as_str().unwrap_or_default(),
+            c["customer_id"].as_str().unwrap_or_default(),
+            c["profile_id"].as_str().unwrap_or_default(),
+            shards.join(", ")
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_conversations_are_listed_only_when_there_are_some() {
+        assert!(split_lines(&json!({ "total": 0, "latest": [] })).is_empty());
+        assert!(split_lines(&Value::Null).is_empty(), "an older daemon without the field");
+        let lines = split_lines(&json!({
+            "total": 7,
+            "latest": [{
+                "customer_id": "c", "profile_id": "p", "conversation_id": "conv-1", "shards": [0, 2]
+            }],
+        }));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].starts_with("  SPLIT      7 conversation(s)"), "{lines:?}");
+        assert_eq!(
+            lines[1],
+            "             conversation conv-1 (customer c, profile p) on shards 0, 2"
+        );
     }
 }

@@ -1,8 +1,23 @@
 //! Where things are: which shard holds each conversation, and each scorecard's newest row
 //! across shards. Batched (one `IN` list per chunk of keys, one bound tuple per key) and decoded
 //! into row structs.
+//!
+//! Conversations are read with `FINAL`: `conversations` is a `ReplacingMergeTree` without a
+//! version column (schemas/clickhouse/001_conversations.sql), so until its parts merge a shard can
+//! hold several rows of one conversation, and `FINAL` gives the one inserted last (the other
+//! pipeline's correction). The table has no deleted flag, so there is none to filter on.
+//!
+//! A conversation that several shards hold (the other pipeline's mistake) routes to the
+//! **lowest shard index** holding it, with that shard's start time and language; the lookup
+//! also returns every such conversation with its shards ([`FoundConversations::split`]) for the
+//! report ([`crate::split`]). Why the lowest: the answer is a function of what the
+//! `conversations` tables hold now and nothing else (not of which shard answered first, of this
+//! sink's history, or of a clock), so every sink, every restart, a replay that rebuilds
+//! ClickHouse and the test oracle all route the conversation to the same shard; and shards are
+//! added at the end of `clickhouse.shards`, so a copy written by mistake on a new shard never
+//! takes the conversation away from the older shard where its scorecards already are.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use clickhouse::query::Query;
 use clickhouse::sql::Identifier;
@@ -12,6 +27,7 @@ use super::{Lookups, StoredCard, placeholders};
 use crate::cache::ConversationKey;
 use crate::error::Error;
 use crate::route::{CardFields, Conversation};
+use crate::shard::ShardIndex;
 
 /// Most keys in one `IN (...)` list.
 const CHUNK: usize = 500;
@@ -45,15 +61,50 @@ struct CardRow {
     deleted: u8,
 }
 
+/// What [`Lookups::conversations`] found.
+#[derive(Debug, Default)]
+pub(crate) struct FoundConversations {
+    /// Where each conversation found routes: the lowest shard holding it, with its fields there.
+    pub(crate) routed: HashMap<ConversationKey, Conversation>,
+    /// The conversations more than one shard holds, each with those shards (ascending).
+    pub(crate) split: BTreeMap<ConversationKey, Vec<ShardIndex>>,
+}
+
+impl FoundConversations {
+    /// Adds a conversation as `conversation.shard` holds it: the lowest shard wins, whatever
+    /// order the shards answer in, and a second shard makes the conversation split.
+    fn add(&mut self, key: ConversationKey, conversation: Conversation) {
+        use std::collections::hash_map::Entry;
+        match self.routed.entry(key) {
+            Entry::Vacant(entry) => {
+                entry.insert(conversation);
+            }
+            Entry::Occupied(mut entry) => {
+                let (kept, other) = (entry.get().shard, conversation.shard);
+                if kept == other {
+                    return;
+                }
+                let shards = self.split.entry(entry.key().clone()).or_insert_with(|| vec![kept]);
+                if !shards.contains(&other) {
+                    shards.push(other);
+                    shards.sort_unstable();
+                }
+                if other < kept {
+                    entry.insert(conversation);
+                }
+            }
+        }
+    }
+}
+
 impl Lookups {
-    /// Which shard holds each conversation. A conversation that several shards hold (the other
-    /// pipeline's mistake) resolves to the lowest shard index, so every sink and every run
-    /// routes it to the same shard.
+    /// Which shard holds each conversation (`FINAL`, every shard; the lowest shard when
+    /// several do), and which conversations several shards hold.
     pub(crate) async fn conversations(
         &self,
         keys: &[ConversationKey],
-    ) -> Result<HashMap<ConversationKey, Conversation>, Error> {
-        let mut found = HashMap::new();
+    ) -> Result<FoundConversations, Error> {
+        let mut found = FoundConversations::default();
         for chunk in keys.chunks(CHUNK) {
             for (shard, client) in self.shards.iter().enumerate() {
                 let query = conversations_query(client, &self.database, chunk);
@@ -64,7 +115,7 @@ impl Lookups {
                         start_time: row.start_time,
                         language_code: row.language_code,
                     };
-                    keep_lowest_shard(&mut found, key, conversation);
+                    found.add(key, conversation);
                 }
             }
         }
@@ -108,7 +159,8 @@ impl Lookups {
     }
 }
 
-/// Conversations with the keys of `chunk`, one bound tuple per key.
+/// The newest rows (`FINAL`) of the conversations with the keys of `chunk`, one bound tuple per
+/// key.
 fn conversations_query(
     client: &clickhouse::Client,
     database: &str,
@@ -117,7 +169,8 @@ fn conversations_query(
     let sql = format!(
         "SELECT toString(customer_id), toString(profile_id), toString(conversation_id), \
          toInt64(toUnixTimestamp(conversation_start_time)), toString(language_code) \
-         FROM ?.conversations WHERE (customer_id, profile_id, conversation_id) IN ({})",
+         FROM ?.conversations FINAL \
+         WHERE (customer_id, profile_id, conversation_id) IN ({})",
         placeholders(chunk.len())
     );
     chunk.iter().fold(client.query(&sql).bind(Identifier(database)), |query, key| query.bind(key))
@@ -136,26 +189,6 @@ fn cards_query(client: &clickhouse::Client, database: &str, chunk: &[ScorecardKe
     chunk.iter().fold(client.query(&sql).bind(Identifier(database)), |query, key| {
         query.bind((&key.customer_id, &key.profile_id, &key.scorecard_id))
     })
-}
-
-/// Keeps, for a conversation several shards hold, the one on the lowest shard.
-fn keep_lowest_shard(
-    found: &mut HashMap<ConversationKey, Conversation>,
-    key: ConversationKey,
-    conversation: Conversation,
-) {
-    if let Some(kept) = found.get(&key) {
-        if kept.shard != conversation.shard {
-            tracing::warn!(
-                shards = ?(kept.shard, conversation.shard),
-                "a conversation is on several shards; routing uses the lowest"
-            );
-        }
-        if kept.shard <= conversation.shard {
-            return;
-        }
-    }
-    found.insert(key, conversation);
 }
 
 /// Keeps a scorecard's newest row: greater version, then a live row over a delete marker.
@@ -186,7 +219,7 @@ mod tests {
             sql(&conversations_query(&clickhouse::Client::default(), "db", &keys)),
             "SELECT toString(customer_id), toString(profile_id), toString(conversation_id), \
              toInt64(toUnixTimestamp(conversation_start_time)), toString(language_code) \
-             FROM `db`.conversations WHERE (customer_id, profile_id, conversation_id) \
+             FROM `db`.conversations FINAL WHERE (customer_id, profile_id, conversation_id) \
              IN (('c','p','it\\'s'), ('a?','b\\\\','x\\`'))"
         );
         let card = ScorecardKey {
@@ -200,16 +233,33 @@ mod tests {
     }
 
     #[test]
-    fn a_conversation_on_several_shards_resolves_to_the_lowest() {
-        let key: ConversationKey = ("c".into(), "p".into(), "conv".into());
-        let at = |shard| Conversation { shard, start_time: 0, language_code: "en".into() };
-        for order in [[2, 0, 1], [0, 1, 2], [1, 2, 0]] {
-            let mut found = HashMap::new();
+    fn a_conversation_on_several_shards_routes_to_the_lowest_and_is_reported_split() {
+        let key = |id: &str| -> ConversationKey { ("c".into(), "p".into(), id.into()) };
+        let at = |shard| Conversation {
+            shard,
+            start_time: 100 + shard as i64,
+            language_code: "en".into(),
+        };
+        for order in [[2, 0, 1], [0, 1, 2], [1, 2, 0], [2, 1, 0]] {
+            let mut found = FoundConversations::default();
             for shard in order {
-                keep_lowest_shard(&mut found, key.clone(), at(shard));
+                found.add(key("split"), at(shard));
             }
-            assert_eq!(found[&key].shard, 0, "{order:?}");
+            found.add(key("single"), at(1));
+            found.add(key("single"), at(1));
+            assert_eq!(
+                found.routed[&key("split")],
+                at(0),
+                "{order:?}: the lowest, with its fields"
+            );
+            assert_eq!(found.split[&key("split")], vec![0, 1, 2], "{order:?}");
+            assert_eq!(found.routed[&key("single")].shard, 1);
+            assert!(!found.split.contains_key(&key("single")), "one shard, two rows: not split");
         }
+        let mut two = FoundConversations::default();
+        two.add(key("x"), at(3));
+        two.add(key("x"), at(1));
+        assert_eq!((two.routed[&key("x")].shard, &two.split[&key("x")]), (1, &vec![1, 3]));
     }
 
     #[test]
