@@ -28,8 +28,9 @@ pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 10_000;
 
 /// Default largest message scoresync produces and consumes: 16 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
-/// Smallest `kafka.max_message_bytes`: 1 MiB, about Kafka's own default.
-pub const MIN_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Smallest `kafka.max_message_bytes`: 256 KiB (Kafka's own default is about 1 MiB; a smaller limit
+/// only makes sense to test what happens past it).
+pub const MIN_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Largest `kafka.max_message_bytes`: librdkafka's ceiling for `message.max.bytes` and
 /// `max.partition.fetch.bytes` (1,000,000,000).
 pub const MAX_MAX_MESSAGE_BYTES: usize = 1_000_000_000;
@@ -272,7 +273,7 @@ impl KafkaConfig {
         }
         if !(MIN_MAX_MESSAGE_BYTES..=MAX_MAX_MESSAGE_BYTES).contains(&self.max_message_bytes) {
             return Err(format!(
-                "kafka.max_message_bytes must be between {MIN_MAX_MESSAGE_BYTES} (1 MiB) and \
+                "kafka.max_message_bytes must be between {MIN_MAX_MESSAGE_BYTES} (256 KiB) and \
                  {MAX_MAX_MESSAGE_BYTES} (librdkafka's ceiling) (got {})",
                 self.max_message_bytes
             ));
@@ -318,8 +319,8 @@ mod tests {
         let cfg: KafkaConfig = toml::from_str("brokers = \"b:1\"").expect("valid");
         assert_eq!(cfg.max_message_bytes, 16_777_216);
         for (limit, valid) in [
-            (1_048_575, false),
-            (1_048_576, true),
+            (262_143, false),
+            (262_144, true),
             (1_000_000_000, true),
             (1_000_000_001, false),
             (0, false),

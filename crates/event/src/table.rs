@@ -45,6 +45,24 @@ impl SourceTable {
         }
     }
 
+    /// The columns that say which row a change is about and where it lives: the primary key, the
+    /// scorecard it belongs to, and for scorecards the routing fields. An event's `old_row` holds
+    /// only these (see `old_row` in the contract).
+    pub fn identity_columns(self) -> &'static [&'static str] {
+        match self {
+            SourceTable::Scorecards => &[
+                "customer_id",
+                "profile_id",
+                "scorecard_id",
+                "scorecard_type",
+                "conversation_id",
+                "process_interaction_at",
+            ],
+            SourceTable::Scores => &["customer_id", "profile_id", "score_id", "scorecard_id"],
+            SourceTable::HistoricScorecardScores => self.primary_key(),
+        }
+    }
+
     /// The table named `schema.table`, if it is one of ours.
     pub fn from_name(schema: &str, table: &str) -> Option<SourceTable> {
         if schema != SOURCE_SCHEMA {

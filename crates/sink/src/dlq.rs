@@ -1,10 +1,17 @@
 //! The dead-letter topic: poison events with their origin and error (DESIGN.md rule 8).
 //!
-//! A message that cannot be decoded or mapped is copied, bytes unchanged, to the dead-letter
+//! A message that cannot be decoded or mapped is copied (bytes unchanged, unless cut to fit: see
+//! below) to the dead-letter
 //! topic with headers naming its origin (topic, partition, offset) and the error; its offset is
 //! stored only after that copy is acknowledged. `scoresync dlq redrive` puts dead letters back
 //! on the change topic (same key, or the same partition for keyless messages) once the cause is
 //! fixed; versions make a late re-application harmless.
+//!
+//! A letter never exceeds `kafka.max_message_bytes` (DESIGN.md rule 12): a payload that would not
+//! fit with its headers is cut to fit, with a header saying its original size, and the error
+//! header is cut at [`MAX_ERROR_BYTES`]. The origin headers always stay, so the whole message can
+//! be read again at its origin while the change topic retains it. A cut letter is listed, never
+//! redriven (its payload is no longer the event).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +39,13 @@ pub const ORIGIN_OFFSET: &str = "scoresync-origin-offset";
 pub const ERROR: &str = "scoresync-error";
 /// Header: when (Unix milliseconds).
 pub const DEAD_LETTERED_AT: &str = "scoresync-dead-lettered-at";
+/// Header, only on letters whose payload was cut to fit: the original payload size in bytes.
+pub const PAYLOAD_CUT_FROM: &str = "scoresync-payload-cut-from";
+
+/// Longest error header; longer errors are cut (on a character boundary).
+pub const MAX_ERROR_BYTES: usize = 8 * 1024;
+/// Room kept in a letter for its key, headers and record framing.
+const LETTER_OVERHEAD: usize = 64 * 1024;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -54,6 +68,8 @@ pub struct Origin<'a> {
 pub struct DeadLetters {
     producer: FutureProducer,
     topic: String,
+    /// Largest payload a letter carries whole.
+    payload_room: usize,
 }
 
 impl DeadLetters {
@@ -62,6 +78,7 @@ impl DeadLetters {
         Ok(DeadLetters {
             producer: scoresync_bus::client::producer(kafka)?,
             topic: kafka.dlq_topic.clone(),
+            payload_room: kafka.max_message_bytes.saturating_sub(LETTER_OVERHEAD),
         })
     }
 
@@ -71,14 +88,22 @@ impl DeadLetters {
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()).to_string();
         let partition = origin.partition.to_string();
         let offset = origin.offset.to_string();
-        let headers = OwnedHeaders::new()
+        let error = cut_at_char(error, MAX_ERROR_BYTES);
+        let mut headers = OwnedHeaders::new()
             .insert(Header { key: ORIGIN_TOPIC, value: Some(origin.topic) })
             .insert(Header { key: ORIGIN_PARTITION, value: Some(partition.as_str()) })
             .insert(Header { key: ORIGIN_OFFSET, value: Some(offset.as_str()) })
             .insert(Header { key: ERROR, value: Some(error) })
             .insert(Header { key: DEAD_LETTERED_AT, value: Some(now_ms.as_str()) });
+        let mut payload = origin.payload;
+        let original = origin.payload.len().to_string();
+        if payload.len() > self.payload_room {
+            payload = &payload[..self.payload_room];
+            headers =
+                headers.insert(Header { key: PAYLOAD_CUT_FROM, value: Some(original.as_str()) });
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.topic).payload(origin.payload).headers(headers);
+            FutureRecord::to(&self.topic).payload(payload).headers(headers);
         record = match origin.key {
             Some(key) => record.key(key),
             None => record.partition(origin.partition),
@@ -91,6 +116,15 @@ impl DeadLetters {
             source,
         })
     }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut_at_char(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// A header's value as text.
@@ -124,6 +158,8 @@ pub struct Letter {
     pub redriven: bool,
     /// Payload size in bytes.
     pub bytes: usize,
+    /// The original payload size, when the payload was cut to fit the topic (never redriven).
+    pub cut_from: Option<usize>,
 }
 
 /// Every dead letter still retained by the dead-letter topic, oldest first per partition.
@@ -149,6 +185,7 @@ pub async fn list(kafka: &KafkaConfig) -> Result<Vec<Letter>, Error> {
                 dead_lettered_at_ms: number(DEAD_LETTERED_AT),
                 redriven,
                 bytes: message.payload().map_or(0, <[u8]>::len),
+                cut_from: number(PAYLOAD_CUT_FROM).map(|n: i64| n as usize),
             });
             Ok(())
         })?;
@@ -159,7 +196,7 @@ pub async fn list(kafka: &KafkaConfig) -> Result<Vec<Letter>, Error> {
 
 /// Puts every dead letter not yet redriven back on the change topic. Progress is the committed
 /// offset of the group `<consumer_group>.redrive`, so a second redrive does not repeat the first.
-/// Returns how many messages were redriven.
+/// Returns how many messages were redriven (letters whose payload was cut are passed over).
 pub async fn redrive(kafka: &KafkaConfig) -> Result<u64, Error> {
     let kafka = kafka.clone();
     blocking(move || redrive_blocking(&kafka)).await
@@ -286,8 +323,23 @@ fn redrive_blocking(kafka: &KafkaConfig) -> Result<u64, Error> {
     let producer = scoresync_bus::client::producer(kafka)?;
     let pending = reader.ranges()?.into_iter().map(|r| (r.partition, r.redriven, r.high)).collect();
     let topic = kafka.dlq_topic.as_str();
-    reader.read(pending, |message| {
+    let mut skipped = 0;
+    let visited = reader.read(pending, |message| {
         let payload = message.payload().unwrap_or_default();
+        if let Some(size) = header(message, PAYLOAD_CUT_FROM) {
+            tracing::warn!(
+                partition = message.partition(),
+                offset = message.offset(),
+                origin_topic = header(message, ORIGIN_TOPIC).unwrap_or("?"),
+                origin_partition = header(message, ORIGIN_PARTITION).unwrap_or("?"),
+                origin_offset = header(message, ORIGIN_OFFSET).unwrap_or("?"),
+                original_bytes = size,
+                "not redriving a dead letter whose payload was cut to fit the topic; re-read it at \
+                 its origin"
+            );
+            skipped += 1;
+            return commit_progress(&reader, topic, message);
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&kafka.change_topic).payload(payload);
         record = match message.key() {
@@ -301,14 +353,24 @@ fn redrive_blocking(kafka: &KafkaConfig) -> Result<u64, Error> {
         futures::executor::block_on(producer.send(record, TIMEOUT)).map_err(|(source, _)| {
             Error::Kafka { context: "redriving a dead letter".into(), source }
         })?;
-        let mut done = TopicPartitionList::new();
-        done.add_partition_offset(topic, message.partition(), Offset::Offset(message.offset() + 1))
-            .map_err(kafka_err("commit"))?;
-        reader
-            .consumer
-            .commit(&done, rdkafka::consumer::CommitMode::Sync)
-            .map_err(kafka_err("committing redrive progress"))
-    })
+        commit_progress(&reader, topic, message)
+    })?;
+    Ok(visited - skipped)
+}
+
+/// Records that redrive is done with `message`.
+fn commit_progress(
+    reader: &Reader,
+    topic: &str,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<(), Error> {
+    let mut done = TopicPartitionList::new();
+    done.add_partition_offset(topic, message.partition(), Offset::Offset(message.offset() + 1))
+        .map_err(kafka_err("commit"))?;
+    reader
+        .consumer
+        .commit(&done, rdkafka::consumer::CommitMode::Sync)
+        .map_err(kafka_err("committing redrive progress"))
 }
 
 /// The delivery of one dead letter: its origin message and the topic's answer.

@@ -6,10 +6,13 @@
 //!
 //! Every event is keyed by its scorecard ([`ScorecardKey`]) so that the card, its scores and its
 //! historic scores share a partition and stay in commit order: an INSERT or UPDATE by the
-//! scorecard of its new row, a DELETE by that of its old row. An UPDATE that moves a row to another
-//! scorecard or primary key carries the old row (the replica identity makes PostgreSQL send it);
-//! the sink removes the old copy with a delete marker versioned by this commit, which outranks
-//! every earlier change of the old copy whatever partition those travel in. A TRUNCATE is
+//! scorecard of its new row, a DELETE by that of its old row. An event carries a row once: its
+//! `old_row` holds only the identity columns ([`SourceTable::identity_columns`]), on a DELETE
+//! always and on an UPDATE only when one of them changed (a move to another scorecard, primary key
+//! or shard); the sink removes the old copy with a delete marker versioned by this change, which
+//! outranks every earlier change of the old copy whatever partition those travel in. An unchanged
+//! TOAST value is filled in from the whole old row PostgreSQL logs for a REPLICA IDENTITY FULL
+//! table (director.scorecards); elsewhere it stays "unchanged" for the sink. A TRUNCATE is
 //! published to every partition ([`Destination::EveryPartition`]), after every earlier change of
 //! every scorecard.
 
@@ -199,21 +202,29 @@ impl Mapper {
             }
             PgOutput::Update { relation_id, old, new } => {
                 let (table, rel) = self.table(relation_id)?;
-                let new_row = row(table, rel, &new)?;
+                let mut new_row = row(table, rel, &new)?;
                 let old_row = old.as_ref().map(|o| row(table, rel, &o.values)).transpose()?;
-                let key_only = old.as_ref().is_some_and(|o| o.key_only);
+                if let Some(full) =
+                    old_row.as_ref().filter(|_| old.as_ref().is_some_and(|o| !o.key_only))
+                {
+                    fill_unchanged_toast(&mut new_row, full);
+                }
+                // The old row travels only when the row changed identity or routing.
+                let old_row = old_row
+                    .map(|old| identity(table, &old))
+                    .filter(|old| identity(table, &new_row) != *old);
                 self.remember(table, &new_row);
                 let mut event =
                     self.event(table, Operation::Update, change_lsn, Some(new_row), old_row)?;
-                event.old_row_is_key_only = key_only;
+                event.old_row_is_key_only = event.old_row.is_some();
                 Ok(vec![keyed(table, event, "update")?])
             }
-            PgOutput::Delete { relation_id, old: OldTuple { key_only, values } } => {
+            PgOutput::Delete { relation_id, old: OldTuple { values, .. } } => {
                 let (table, rel) = self.table(relation_id)?;
-                let old_row = row(table, rel, &values)?;
+                let old_row = identity(table, &row(table, rel, &values)?);
                 let mut event =
                     self.event(table, Operation::Delete, change_lsn, None, Some(old_row))?;
-                event.old_row_is_key_only = key_only;
+                event.old_row_is_key_only = true;
                 Ok(vec![keyed(table, event, "delete")?])
             }
             PgOutput::Truncate { relation_ids, cascade, restart_identity } => {
@@ -343,6 +354,34 @@ fn op_name(op: Operation) -> &'static str {
     }
 }
 
+/// The row's identity columns ([`SourceTable::identity_columns`]), in table order.
+fn identity(table: SourceTable, row: &Row) -> Row {
+    let wanted = table.identity_columns();
+    Row {
+        columns: row
+            .columns
+            .iter()
+            .filter(|c| wanted.contains(&c.name.as_str()))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Fills the new row's unchanged TOAST values from the full old row (REPLICA IDENTITY FULL logs
+/// the old tuple with every value flattened), so no sink has to look them up.
+fn fill_unchanged_toast(new_row: &mut Row, old_row: &Row) {
+    for column in &mut new_row.columns {
+        if !column.value.as_ref().is_some_and(Value::is_unchanged_toast) {
+            continue;
+        }
+        let old =
+            old_row.columns.iter().find(|c| c.name == column.name).and_then(|c| c.value.as_ref());
+        if let Some(old) = old.filter(|v| !v.is_unchanged_toast()) {
+            column.value = Some(old.clone());
+        }
+    }
+}
+
 /// Builds a row from a tuple, typing each value by its column's type.
 pub fn row(table: SourceTable, rel: &Relation, tuple: &Tuple) -> Result<Row, MapError> {
     if tuple.len() != rel.columns.len() {
@@ -469,13 +508,37 @@ mod tests {
     }
 
     #[test]
-    fn unchanged_toast_travels_as_unchanged_not_null() {
+    fn unchanged_toast_is_filled_from_the_full_old_row_which_then_stays_home() {
+        // REPLICA IDENTITY FULL: PostgreSQL marks the TOASTed comment unchanged in the new tuple
+        // (decode::tests::update_of_other_column_marks_toasted_comment_unchanged) and logs it
+        // flattened in the old one. The event carries it once, in the new row.
         let out = run(&["insert_scorecard", "update_keeps_toast"]);
         let update = &out[1].event;
         assert_eq!(update.op(), Operation::Update);
         let row = update.new_row.as_ref().expect("row");
-        assert!(matches!(value(row, "comment"), Kind::UnchangedToast(_)));
-        assert!(!update.old_row_is_key_only);
+        assert!(
+            matches!(value(row, "comment"), Kind::Text(t) if t.len() > 2000),
+            "{:?}",
+            value(row, "comment")
+        );
+        assert_eq!(update.old_row, None, "same key, same routing: no old row");
+    }
+
+    #[test]
+    fn a_delete_carries_only_the_identity_of_the_old_row() {
+        let old = Row {
+            columns: ["customer_id", "profile_id", "scorecard_id", "comment", "conversation_id"]
+                .iter()
+                .map(|name| Column {
+                    name: (*name).into(),
+                    type_oid: 25,
+                    value: Some(Value::text(format!("{name}-value"))),
+                })
+                .collect(),
+        };
+        let kept = identity(SourceTable::Scorecards, &old);
+        let kept: Vec<&str> = kept.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(kept, ["customer_id", "profile_id", "scorecard_id", "conversation_id"]);
     }
 
     #[test]

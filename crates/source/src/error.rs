@@ -112,6 +112,9 @@ pub enum Error {
     /// A Kafka client or topic operation failed.
     #[error(transparent)]
     Bus(Box<scoresync_bus::Error>),
+    /// An event is larger than the message size limit: permanent until the limit is raised.
+    #[error(transparent)]
+    EventTooLarge(Box<TooLarge>),
     /// Kafka did not acknowledge an event (delivery timeout or fatal producer error).
     #[error("kafka did not acknowledge an event on {topic}; restarting from the slot")]
     Delivery {
@@ -147,13 +150,45 @@ impl From<scoresync_bus::Error> for Error {
     }
 }
 
+/// An event larger than the message size limit (see [`Error::EventTooLarge`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "slot {slot}: the {op} of {table} row ({key}) at {lsn} is a change event of {size} bytes, \
+     larger than kafka.max_message_bytes = {limit}. Raise kafka.max_message_bytes (and the \
+     max.message.bytes of topic {topic}, if it was created with a smaller one) and start \
+     again: nothing from this transaction on was confirmed, so nothing is lost"
+)]
+pub struct TooLarge {
+    /// The slot.
+    pub slot: String,
+    /// insert, update, delete, snapshot...
+    pub op: &'static str,
+    /// The source table.
+    pub table: String,
+    /// The row's primary key, `column=value` pairs.
+    pub key: String,
+    /// Commit LSN of its transaction (the snapshot's LSN for snapshot rows).
+    pub lsn: Lsn,
+    /// Encoded size in bytes.
+    pub size: usize,
+    /// The configured limit.
+    pub limit: usize,
+    /// The change topic.
+    pub topic: String,
+    /// What librdkafka said.
+    #[source]
+    pub source: KafkaError,
+}
+
 impl Error {
     /// True when the source should retry from the slot after a backoff.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Sql { source, .. } => sql_error_is_transient(source),
             Error::Replication { source, .. } => replication_error_is_transient(source),
-            Error::StreamEnded { .. } | Error::Delivery { .. } => true,
+            Error::StreamEnded { .. } => true,
+            // A broker that refuses an event for its size refuses it again after a restart.
+            Error::Delivery { source, .. } => !scoresync_bus::error::is_too_large(source),
             Error::Bus(err) => err.is_transient(),
             Error::SlotMissing { .. }
             | Error::SlotUnusable { .. }
@@ -162,6 +197,7 @@ impl Error {
             | Error::Decode { .. }
             | Error::Map { .. }
             | Error::NoVersionScheme { .. }
+            | Error::EventTooLarge(_)
             | Error::BadRecord { .. }
             | Error::Publication { .. } => false,
         }

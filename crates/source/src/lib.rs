@@ -68,7 +68,7 @@ use connect::ConnectParams;
 use heartbeat::Heartbeat;
 use publish::Publisher;
 use snapshot::Snapshot;
-use state::StateStore;
+use state::{PipelineRecord, StateStore};
 use stream::Stream;
 
 /// Default bound on events awaiting Kafka acknowledgement.
@@ -161,15 +161,42 @@ impl Source {
             slot::system_id(params.replication(slot_name, &self.postgres.publication, 0.into()))
                 .await?;
         slot::check(slot_name, &params.database, info.as_ref(), &record, system_id)?;
-        let publisher = Publisher::new(&self.kafka)?;
+        if record.halted.take().is_some() {
+            state.save(&record).await?;
+        }
+        let result = self.publish(params, &sql, &state, &mut record, shutdown).await;
+        if let Err(err) = &result
+            && !err.is_transient()
+        {
+            // For `scoresync status`, which outlives this process. Best effort: the error itself
+            // is what the caller acts on.
+            record.halted = Some(Report::new(err).to_string());
+            if let Err(save) = state.save(&record).await {
+                tracing::warn!(error = %Report::new(&save), "could not record why the source halted");
+            }
+        }
+        result
+    }
+
+    /// The snapshot (if pending), then the stream.
+    async fn publish(
+        &self,
+        params: &ConnectParams,
+        sql: &tokio_postgres::Client,
+        state: &StateStore,
+        record: &mut PipelineRecord,
+        shutdown: &CancellationToken,
+    ) -> Result<(), Error> {
+        let slot_name = &self.postgres.slot;
+        let publisher = Publisher::new(&self.kafka, slot_name)?;
         if !record.snapshot.done {
             let snapshot = Snapshot {
-                sql: &sql,
+                sql,
                 publisher: &publisher,
-                state: &state,
+                state,
                 chunk_rows: self.snapshot_chunk_rows,
             };
-            snapshot.run(&mut record, shutdown).await?;
+            snapshot.run(record, shutdown).await?;
             if shutdown.is_cancelled() {
                 return Ok(());
             }
@@ -178,10 +205,10 @@ impl Source {
             cfg: &self.postgres,
             params,
             publisher: &publisher,
-            state: &state,
+            state,
             max_in_flight: self.max_in_flight,
         };
-        stream.run(&mut record, shutdown).await
+        stream.run(record, shutdown).await
     }
 }
 

@@ -3,47 +3,116 @@
 //! [`Publisher::send`] only enqueues; each returned [`Delivery`] resolves when Kafka acknowledged
 //! (acks=all) or refused the event. Callers bound how many deliveries they keep open. Every
 //! message carries its transaction's commit time as Kafka timestamp, so replays can seek by time.
+//!
+//! An event larger than `kafka.max_message_bytes` is refused by the producer as it is enqueued,
+//! or by the broker (a topic created with a smaller `max.message.bytes`) in its delivery report.
+//! Both become [`Error::EventTooLarge`] here, naming table, key, position, size and the setting;
+//! the source does not retry it (DESIGN.md rule 12): a restart would meet the same event again.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use scoresync_bus::KafkaConfig;
-use scoresync_event::encode;
+use scoresync_event::{ChangeEvent, Lsn, Operation, Value, encode};
+
+/// A key value as an operator would type it.
+fn show(value: &Value) -> String {
+    value
+        .as_text()
+        .map(str::to_owned)
+        .or_else(|| value.as_int().map(|i| i.to_string()))
+        .unwrap_or_else(|| format!("{value:?}"))
+}
 
 use crate::change::{Destination, Outgoing};
-use crate::error::Error;
+use crate::error::{Error, TooLarge};
 
 /// Enqueues events on the change topic.
 pub struct Publisher {
     producer: FutureProducer,
     topic: String,
     partitions: i32,
+    refusal: Arc<Refusal>,
 }
 
 /// One enqueued message, resolving when Kafka acknowledged it.
-pub struct Delivery(DeliveryFuture);
+pub struct Delivery {
+    future: DeliveryFuture,
+    refusal: Arc<Refusal>,
+}
 
 impl Future for Delivery {
-    type Output = Result<(), KafkaError>;
+    type Output = Result<(), Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match Pin::new(&mut self.0).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Ok(_))) => Poll::Ready(Ok(())),
-            Poll::Ready(Ok(Err((err, _)))) => Poll::Ready(Err(err)),
+        let refused = match Pin::new(&mut self.future).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(Ok(_))) => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(Err((err, message)))) => {
+                // Decoded only when refused for its size, to name the row.
+                let payload = message.payload().unwrap_or_default();
+                let event = scoresync_event::decode(payload).unwrap_or_default();
+                self.refusal.error(&event, payload.len(), err)
+            }
             // The producer dropped the message without a report.
-            Poll::Ready(Err(_)) => Poll::Ready(Err(KafkaError::Canceled)),
+            Poll::Ready(Err(_)) => {
+                Error::Delivery { topic: self.refusal.topic.clone(), source: KafkaError::Canceled }
+            }
+        };
+        Poll::Ready(Err(refused))
+    }
+}
+
+/// What a refusal of an event is reported with.
+struct Refusal {
+    slot: String,
+    topic: String,
+    limit: usize,
+}
+
+impl Refusal {
+    /// The error for `event` (`size` bytes encoded) refused with `source`.
+    fn error(&self, event: &ChangeEvent, size: usize, source: KafkaError) -> Error {
+        if !scoresync_bus::error::is_too_large(&source) {
+            return Error::Delivery { topic: self.topic.clone(), source };
         }
+        let key = event
+            .key
+            .iter()
+            .map(|c| format!("{}={}", c.name, c.value.as_ref().map_or_else(String::new, show)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Error::EventTooLarge(Box::new(TooLarge {
+            slot: self.slot.clone(),
+            op: match event.op() {
+                Operation::Snapshot => "snapshot copy",
+                Operation::Insert => "insert",
+                Operation::Update => "update",
+                Operation::Delete => "delete",
+                Operation::Truncate => "truncate",
+                Operation::Unspecified => "change",
+            },
+            table: format!("{}.{}", event.schema, event.table),
+            key,
+            lsn: Lsn(event.commit_lsn),
+            size,
+            limit: self.limit,
+            topic: self.topic.clone(),
+            source,
+        }))
     }
 }
 
 impl Publisher {
-    /// A publisher on the configured change topic (which must exist: `scoresync setup`).
-    pub fn new(kafka: &KafkaConfig) -> Result<Self, Error> {
+    /// A publisher on the configured change topic (which must exist: `scoresync setup`) for the
+    /// changes of `slot`.
+    pub fn new(kafka: &KafkaConfig, slot: &str) -> Result<Self, Error> {
         let producer = scoresync_bus::client::producer(kafka)?;
         let admin = scoresync_bus::client::admin(kafka)?;
         let partitions =
@@ -53,7 +122,17 @@ impl Publisher {
                     action: "find (run `scoresync setup`)",
                     source: KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::UnknownTopic),
                 })?;
-        Ok(Publisher { producer, topic: kafka.change_topic.clone(), partitions })
+        let refusal = Refusal {
+            slot: slot.into(),
+            topic: kafka.change_topic.clone(),
+            limit: kafka.max_message_bytes,
+        };
+        Ok(Publisher {
+            producer,
+            topic: kafka.change_topic.clone(),
+            partitions,
+            refusal: Arc::new(refusal),
+        })
     }
 
     /// The change topic's partition count.
@@ -68,8 +147,8 @@ impl Publisher {
         let enqueue = |record: FutureRecord<'_, [u8], Vec<u8>>| {
             self.producer
                 .send_result(record.timestamp(timestamp_ms))
-                .map(Delivery)
-                .map_err(|(source, _)| Error::Delivery { topic: self.topic.clone(), source })
+                .map(|future| Delivery { future, refusal: Arc::clone(&self.refusal) })
+                .map_err(|(source, _)| self.refusal.error(&out.event, payload.len(), source))
         };
         match &out.destination {
             Destination::Key(key) => Ok(vec![enqueue(

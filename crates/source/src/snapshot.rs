@@ -108,9 +108,7 @@ impl Snapshot<'_> {
             let out = event::outgoing(record, table, columns, pg_row, i, now_us)?;
             deliveries.extend(self.publisher.send(&out)?);
         }
-        try_join_all(deliveries)
-            .await
-            .map_err(|source| Error::Delivery { topic: "change topic".into(), source })?;
+        try_join_all(deliveries).await?;
         if let Some(last) = rows.last() {
             let key = query::resume_key(table.primary_key(), columns, |index| last.get(index));
             record.snapshot.resume_after = Some(key);

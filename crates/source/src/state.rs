@@ -3,8 +3,9 @@
 //! One JSON record per update, keyed by slot name, on the single-partition state topic; the latest
 //! record for a slot wins. It holds what the start-up checks compare the slot with (system
 //! identifier, confirmed LSN), the progress of the initial snapshot, so a killed snapshot
-//! resumes where it stopped, and the pipeline's row [`VersionScheme`] (fixed when the slot is
-//! created; see `scoresync_event::version`).
+//! resumes where it stopped, the pipeline's row [`VersionScheme`] (fixed when the slot is
+//! created; see `scoresync_event::version`), and why the source last halted, if it did (for
+//! `scoresync status`, which outlives the process).
 //!
 //! Ordering keeps rule 4 checkable: the source writes a new `confirmed_lsn` here and waits for
 //! Kafka's acknowledgement *before* it confirms that LSN to PostgreSQL, so the slot's confirmed
@@ -49,6 +50,10 @@ pub struct PipelineRecord {
     /// How this pipeline versions rows. `None` only in records written before format 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub versions: Option<VersionScheme>,
+    /// Why the source last stopped on a permanent error (e.g. an event larger than the message
+    /// limit), for `scoresync status`; cleared when it starts streaming again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
 }
 
 /// How far the initial snapshot got.
@@ -90,6 +95,7 @@ impl PipelineRecord {
                 rows_published: 0,
             },
             versions: Some(VersionScheme::above(max_stored_version, consistent_point)),
+            halted: None,
         }
     }
 

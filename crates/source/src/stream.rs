@@ -42,9 +42,8 @@ pub struct Stream<'a> {
     pub max_in_flight: usize,
 }
 
-type Acks = FuturesUnordered<
-    std::pin::Pin<Box<dyn Future<Output = (TxId, Result<(), rdkafka::error::KafkaError>)> + Send>>,
->;
+type Acks =
+    FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = (TxId, Result<(), Error>)> + Send>>>;
 
 impl Stream<'_> {
     /// Streams from `record.confirmed_lsn`; returns `Ok` after a clean shutdown.
@@ -79,7 +78,7 @@ impl Stream<'_> {
                 _ = shutdown.cancelled() => break,
                 // 2. Kafka acknowledgements move the confirmable position.
                 Some((id, result)) = acks.next(), if !acks.is_empty() => {
-                    result.map_err(|source| self.delivery_error(source))?;
+                    result?;
                     progress.acked(id);
                 }
                 // 3. Status timer: record, then confirm, what Kafka has.
@@ -213,9 +212,5 @@ impl Stream<'_> {
         slot::advance(&sql, &self.cfg.slot, record.confirmed_lsn).await?;
         tracing::info!(slot = %self.cfg.slot, confirmed = %record.confirmed_lsn, "source stopped");
         Ok(())
-    }
-
-    fn delivery_error(&self, source: rdkafka::error::KafkaError) -> Error {
-        Error::Delivery { topic: "change topic".into(), source }
     }
 }

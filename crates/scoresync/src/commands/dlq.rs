@@ -39,7 +39,11 @@ pub async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
             or_unknown(letter.origin_partition.map(|p| p.to_string())),
             or_unknown(letter.origin_offset.map(|o| o.to_string())),
             letter.dead_lettered_at_ms.map_or_else(|| "age unknown".into(), age),
-            if letter.redriven { "redriven" } else { "pending" },
+            match (letter.cut_from, letter.redriven) {
+                (Some(_), _) => "payload cut to fit: never redriven",
+                (None, true) => "redriven",
+                (None, false) => "pending",
+            },
             letter.error.as_deref().unwrap_or("(no error recorded)"),
         );
     }

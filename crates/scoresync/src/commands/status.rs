@@ -1,5 +1,6 @@
 //! `scoresync status [--json]`: where the pipeline stands. The replication slot (active,
-//! confirmed position, bytes of WAL behind), the sink group's lag per partition, the dead-letter
+//! confirmed position, bytes of WAL behind), the source's pipeline record (snapshot done, and why
+//! the source last halted, if it did), the sink group's lag per partition, the dead-letter
 //! count, and, from the running daemon's `/status`, what is parked and why, inserts a shard
 //! refuses, and conversations found on several shards.
 
@@ -24,6 +25,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Prints the status; exits 0 when every part could be read.
 pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let slot = slot_status(config).await.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+    let source =
+        source_status(config).await.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     let kafka = {
         let cfg = config.clone();
         tokio::task::spawn_blocking(move || kafka_status(&cfg))
@@ -33,13 +36,13 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let sink = sink_status(&config.metrics.listen).await.unwrap_or_else(
         |e| json!({ "error": format!("no sink answering at {}: {e:#}", config.metrics.listen) }),
     );
-    let doc = json!({ "slot": slot, "kafka": kafka, "sink": sink });
+    let doc = json!({ "slot": slot, "source": source, "kafka": kafka, "sink": sink });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print_human(&doc);
     }
-    let failed = ["slot", "kafka", "sink"].iter().any(|k| doc[k].get("error").is_some());
+    let failed = ["slot", "source", "kafka", "sink"].iter().any(|k| doc[k].get("error").is_some());
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
@@ -64,6 +67,24 @@ async fn slot_status(config: &Config) -> anyhow::Result<Value> {
             "restart_lsn": r.get::<_, Option<String>>(2),
             "wal_status": r.get::<_, Option<String>>(3),
             "lag_bytes": r.get::<_, Option<i64>>(4),
+        }),
+    })
+}
+
+/// The source's pipeline record on the state topic (it outlives the process: a halted source
+/// says why here).
+async fn source_status(config: &Config) -> anyhow::Result<Value> {
+    let state = scoresync_source::state::StateStore::new(&config.kafka)?;
+    let record = tokio::time::timeout(TIMEOUT, state.load(&config.postgres.slot))
+        .await
+        .context("timed out reading the state topic")??;
+    Ok(match record {
+        None => json!({ "record": false }),
+        Some(r) => json!({
+            "record": true,
+            "confirmed_lsn": r.confirmed_lsn.to_string(),
+            "snapshot_done": r.snapshot.done,
+            "halted": r.halted,
         }),
     })
 }
@@ -139,6 +160,19 @@ fn print_human(doc: &Value) {
             slot["confirmed_flush_lsn"].as_str().unwrap_or("-"),
             slot["wal_status"].as_str().unwrap_or("-"),
             slot["lag_bytes"]
+        ),
+    }
+    let source = &doc["source"];
+    match (source.get("error"), source["halted"].as_str()) {
+        (Some(e), _) => println!("source:      error: {}", e.as_str().unwrap_or_default()),
+        (None, Some(why)) => println!("source:      HALTED: {why}"),
+        (None, None) if source["record"] == false => {
+            println!("source:      no pipeline record (run `scoresync setup`)")
+        }
+        (None, None) => println!(
+            "source:      recorded up to {}; snapshot {}",
+            source["confirmed_lsn"].as_str().unwrap_or("-"),
+            if source["snapshot_done"] == true { "done" } else { "pending" }
         ),
     }
     let kafka = &doc["kafka"];
