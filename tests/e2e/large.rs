@@ -26,13 +26,15 @@ async fn a_600_kb_row_replicates_and_one_past_the_limit_halts_the_source_until_r
     setup(&env).await?;
     let pg = env.pg_admin().await?;
     let daemon = Daemon::start(&env, &["run"])?;
-    // Inserted, then updated in another column (the comment travels as an unchanged TOAST value
-    // in the new tuple and whole in the old one), then more changes behind it.
+    // Inserted; updated in another column (the comment travels as an unchanged TOAST value in the
+    // new tuple and whole in the old one); updated in the comment itself (whole in both tuples:
+    // 1.2 MB when an event carried both); then more changes behind it.
     pg.batch_execute(&format!(
         "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id,
              scorecard_type, process_interaction_at, comment)
          VALUES ('c', 'p', 'big', 't', 2, '2026-01-01 00:00:00+00', {BIG_COMMENT});
          UPDATE director.scorecards SET score = 51 WHERE scorecard_id = 'big';
+         UPDATE director.scorecards SET comment = comment || '!' WHERE scorecard_id = 'big';
          INSERT INTO director.scores (customer_id, profile_id, score_id, scorecard_id, criterion_id)
          VALUES ('c', 'p', 'big-s1', 'big', 'k1');"
     ))
@@ -88,7 +90,11 @@ async fn a_600_kb_row_replicates_and_one_past_the_limit_halts_the_source_until_r
         .query("SELECT score FROM scorecards FINAL WHERE scorecard_id = 'big' AND _deleted = 0")
         .fetch_one()
         .await?;
-    assert_eq!(score, Some(52.0), "the update refused at the low limit arrived after it was raised");
+    assert_eq!(
+        score,
+        Some(52.0),
+        "the update refused at the low limit arrived after it was raised"
+    );
     assert_eq!(status(&env).await?["source"]["halted"], serde_json::Value::Null, "cleared");
     daemon.terminate(DEADLINE).await?;
     Ok(())

@@ -5,9 +5,11 @@
 //! it and starts a new pipeline record with a pending snapshot.
 //!
 //! Every new record gets a row version scheme above `max_stored_version`, the greatest
-//! `_version` ClickHouse holds (the caller reads it), so a slot re-created on a rebuilt or
-//! restored cluster, whose LSNs start lower, still writes versions that outrank every stored row.
-//! A record written before version schemes existed gets one here the same way.
+//! `_version` ClickHouse holds (the caller reads it), and above every version published on the
+//! change topic ([`max_published_version`]; some may not be applied yet), so a slot re-created on
+//! a rebuilt or restored cluster, whose LSNs start lower, still writes versions that outrank
+//! every row, stored or on its way. A record written before version schemes existed gets one here
+//! the same way (its legacy versions are commit LSNs, on the topic too).
 
 use secrecy::ExposeSecret;
 
@@ -17,6 +19,8 @@ use scoresync_event::{SourceTable, VersionScheme};
 use crate::config::PostgresConfig;
 use crate::connect::ConnectParams;
 use crate::error::Error;
+
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::slot;
 use crate::state::{PipelineRecord, RECORD_FORMAT, StateStore};
 
@@ -40,6 +44,7 @@ pub async fn ensure(
         .map_err(Error::sql("parsing postgres.url"))?;
     let sql = params.connect_sql().await.map_err(Error::sql("connecting"))?;
     let mut report = vec![ensure_publication(&sql, &cfg.publication).await?];
+    let max_stored_version = max_stored_version.max(max_published_version(kafka).await?);
 
     let state = StateStore::new(kafka)?;
     let record = state.load(&cfg.slot).await?;
@@ -134,6 +139,74 @@ async fn create_slot(
     );
     state.save(&record).await?;
     Ok(record)
+}
+
+/// The greatest row version among the last message of every partition of the change topic (0 when
+/// it is empty). The source publishes each partition in commit order, so a partition's last
+/// message holds its greatest version (a redriven dead letter, appended later, holds a smaller
+/// one): this bounds every version published, applied yet or not. A new slot's versions must start
+/// above it as well as above what ClickHouse holds.
+pub async fn max_published_version(kafka: &KafkaConfig) -> Result<u64, Error> {
+    let kafka = kafka.clone();
+    tokio::task::spawn_blocking(move || last_versions(&kafka)).await.map_err(|e| {
+        Error::BadRecord {
+            slot: String::new(),
+            topic: String::new(),
+            problem: format!("reader task failed: {e}"),
+        }
+    })?
+}
+
+fn last_versions(kafka: &KafkaConfig) -> Result<u64, Error> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    use scoresync_bus::client::{OffsetReset, consumer_config};
+
+    let topic = kafka.change_topic.as_str();
+    let fail = |action: &'static str| {
+        move |source| scoresync_bus::Error::Topic { topic: topic.into(), action, source }
+    };
+    let consumer: BaseConsumer =
+        consumer_config(kafka, "scoresync-setup-reader", OffsetReset::Error)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|source| scoresync_bus::Error::Client {
+                role: "consumer",
+                brokers: kafka.brokers.clone(),
+                source,
+            })?;
+    let partitions = scoresync_bus::topics::partition_count(consumer.client(), topic)?.unwrap_or(0);
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, TIMEOUT)
+            .map_err(fail("read watermarks"))?;
+        if high > low {
+            assignment
+                .add_partition_offset(topic, partition, Offset::Offset(high - 1))
+                .map_err(fail("assign"))?;
+        }
+    }
+    let mut waiting = assignment.count();
+    if waiting == 0 {
+        return Ok(0);
+    }
+    consumer.assign(&assignment).map_err(fail("assign"))?;
+    let mut max = 0;
+    while waiting > 0 {
+        let message = consumer
+            .poll(TIMEOUT)
+            .ok_or(rdkafka::error::KafkaError::NoMessageReceived)
+            .map_err(fail("read the last message (timed out)"))?
+            .map_err(fail("read the last message"))?;
+        // An undecodable message was never a version: the sink dead-letters it.
+        if let Ok(event) = scoresync_event::decode(message.payload().unwrap_or_default()) {
+            max = max.max(event.version);
+        }
+        waiting -= 1;
+    }
+    Ok(max)
 }
 
 fn describe(record: &PipelineRecord) -> String {
