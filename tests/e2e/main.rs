@@ -8,5 +8,6 @@ mod sink;
 mod smoke;
 mod source;
 mod stack;
+mod truncate;
 mod versions;
 mod waits;

@@ -69,3 +69,98 @@ async fn a_move_whose_new_shard_hangs_survives_a_kill_9() -> anyhow::Result<()> 
     drop(shards);
     Ok(())
 }
+
+/// A scorecard deleted and inserted again with other routing (issue 8.4), in one transaction and
+/// in two: the scores PostgreSQL kept must follow it to its new shard with its new fields, and
+/// leave no live copy behind.
+#[tokio::test]
+async fn a_card_deleted_and_reinserted_elsewhere_takes_its_children_along() -> anyhow::Result<()> {
+    let env = scoresync_tests::TestEnv::new("sink_reinsert").await?;
+    setup(&env).await?;
+    let pg = env.pg_admin().await?;
+    let daemon = Daemon::start(&env, &["run"])?;
+    // Two process cards on shard 0 (even seconds), three scores and a historic score each.
+    pg.batch_execute(
+        "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id,
+             scorecard_type, process_interaction_at)
+         VALUES ('c', 'p', 'one-tx', 't', 2, to_timestamp(1767225600)),
+                ('c', 'p', 'two-tx', 't', 2, to_timestamp(1767225600));
+         INSERT INTO director.scores (customer_id, profile_id, score_id, scorecard_id, criterion_id)
+         SELECT 'c', 'p', card || '-s' || i, card, 'k' || i
+         FROM unnest(ARRAY['one-tx', 'two-tx']) card, generate_series(1, 3) i;
+         INSERT INTO director.historic_scorecard_scores (customer_id, profile_id, scorecard_id,
+             revision, criterion_id)
+         VALUES ('c', 'p', 'one-tx', 1, 'k1'), ('c', 'p', 'two-tx', 1, 'k1');",
+    )
+    .await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    // Deleted and inserted again one second later (shard 1), with another template.
+    let reinsert = |card: &str| {
+        format!(
+            "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id,
+                 scorecard_type, process_interaction_at)
+             VALUES ('c', 'p', '{card}', 't2', 2, to_timestamp(1767225601));"
+        )
+    };
+    pg.batch_execute(&format!(
+        "BEGIN;
+         DELETE FROM director.scorecards WHERE scorecard_id = 'one-tx';
+         {}
+         COMMIT;
+         DELETE FROM director.scorecards WHERE scorecard_id = 'two-tx';",
+        reinsert("one-tx")
+    ))
+    .await?;
+    pg.batch_execute(&reinsert("two-tx")).await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    let on_new_shard: u64 = env
+        .shard(1)
+        .query("SELECT count() FROM scores FINAL WHERE _deleted = 0 AND template_id = 't2'")
+        .fetch_one()
+        .await
+        .context("counting moved scores")?;
+    assert_eq!(on_new_shard, 6, "every score moved with its card and carries its new template");
+    daemon.terminate(DEADLINE).await?;
+    Ok(())
+}
+
+/// A score re-parented to a scorecard that has to wait (its conversation is on no shard yet),
+/// then updated while that change still waits (issue 8.4): the update supersedes the parked
+/// re-parenting but must keep its side effect, the old copy's delete marker. Otherwise the score
+/// stays live on two shards.
+#[tokio::test]
+async fn a_parked_reparenting_superseded_by_a_later_update_still_retires_the_old_copy()
+-> anyhow::Result<()> {
+    let env = scoresync_tests::TestEnv::new("sink_superseded_move").await?;
+    setup(&env).await?;
+    let pg = env.pg_admin().await?;
+    let daemon = Daemon::start(&env, &["run"])?;
+    pg.batch_execute(
+        "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id,
+             scorecard_type, process_interaction_at)
+         VALUES ('c', 'p', 'home', 't', 2, to_timestamp(1767225600));
+         INSERT INTO director.scores (customer_id, profile_id, score_id, scorecard_id, criterion_id)
+         VALUES ('c', 'p', 'wanderer', 'home', 'k1');",
+    )
+    .await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    pg.batch_execute(
+        "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id,
+             scorecard_type, conversation_id)
+         VALUES ('c', 'p', 'away', 't', 1, 'conv-late');
+         UPDATE director.scores SET scorecard_id = 'away' WHERE score_id = 'wanderer';
+         UPDATE director.scores SET comment = 'later' WHERE score_id = 'wanderer';",
+    )
+    .await?;
+    // Both score changes wait behind the card, which waits for its conversation.
+    wait::until("the score changes to park", DEADLINE, || async {
+        let s = crate::sink::status(&env).await?;
+        let parked = s["sink"]["parked"]["events"].as_array().map_or(0, Vec::len);
+        Ok((parked >= 2).then_some(()))
+    })
+    .await?;
+    crate::sink::add_conversation(&env, 1, "c", "p", "conv-late", 1_700_000_000, "en").await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    daemon.terminate(DEADLINE).await?;
+    Ok(())
+}

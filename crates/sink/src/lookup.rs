@@ -16,7 +16,7 @@
 //! Reads of a fixed shape decode into row structs; reads of whole rows, whose columns come from
 //! `system.columns`, decode RowBinary with [`crate::rowbinary`].
 //!
-//! Here: the shard clients, their timeout and cool-down, and statements the caller writes.
+//! Here: the shard clients, their timeout and cool-down.
 //! `routing`: where conversations (read with `FINAL`; one that several shards hold routes to the
 //! lowest of them) and scorecards are. `stored`: whole stored rows.
 //! `postgres`: the PostgreSQL fallbacks.
@@ -106,21 +106,14 @@ impl Lookups {
         result
     }
 
+    /// The shard clients, for a job of its own with its own timeout (a TRUNCATE's markers).
+    pub(crate) fn clients(&self) -> Vec<clickhouse::Client> {
+        self.shards.clone()
+    }
+
     /// The database holding the tables on every shard.
     pub(crate) fn database(&self) -> &str {
         &self.database
-    }
-
-    /// Runs a statement that returns nothing (INSERT ... SELECT) on one shard. `sql` is sent as
-    /// it is: it must carry no values from data.
-    pub(crate) async fn execute(&self, shard: ShardIndex, sql: &str) -> Result<(), Error> {
-        self.ready(shard, "statement")?;
-        let result =
-            tokio::time::timeout(LOOKUP_TIMEOUT, self.shards[shard].query_raw(sql).execute())
-                .await
-                .map_err(|_| Error::Timeout { shard, action: "statement".into() })
-                .and_then(|r| r.map_err(Error::shard(shard, "statement")));
-        self.outcome(shard, result)
     }
 
     /// Runs `query` on `shard` within the timeout and cool-down; decodes rows of `columns`.

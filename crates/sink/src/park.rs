@@ -17,11 +17,17 @@
 //! ([`ParkReason::BehindEarlierChange`]). Otherwise a card move or a field refresh, which stamps
 //! the children it copies with the card's version, could overtake a parked child change and
 //! make it lose, or a parked card's delete markers could lose to children written after it.
+//!
+//! A TRUNCATE (one copy in every partition) parks while its delete markers are written, which
+//! takes as long as it takes ([`crate::apply`]); every later change of its partition parks
+//! behind it ([`ParkReason::BehindTruncate`]), so nothing written after a TRUNCATE (a card moving
+//! with its children, say) can meet the rows it removes. Each partition's copy is its own parked
+//! entry (keyed by partition), so one copy never supersedes another's hold.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use scoresync_event::{ChangeEvent, RowVersion, ScorecardKey};
+use scoresync_event::{ChangeEvent, Operation, RowVersion, ScorecardKey};
 
 use crate::batch::MsgId;
 use crate::rows::RowKey;
@@ -41,16 +47,23 @@ pub enum ParkReason {
     /// An earlier change of the same scorecard (the card or one of its children) is parked; the
     /// scorecard's changes are applied in commit order, so this one waits behind it.
     BehindEarlierChange(String),
+    /// This TRUNCATE's delete markers are being written (however long that takes).
+    TruncateRunning(String),
+    /// An earlier TRUNCATE in the same partition is not applied yet: every later change of the
+    /// partition waits for it (a change after it must never meet rows it removes).
+    BehindTruncate(String),
 }
 
 impl ParkReason {
     /// Every label [`ParkReason::label`] gives, for metrics that export each one (also at zero).
-    pub const LABELS: [&'static str; 5] = [
+    pub const LABELS: [&'static str; 7] = [
         "conversation_not_found",
         "scorecard_unknown",
         "toast_value_unknown",
         "dependency_unavailable",
         "behind_parked_change",
+        "truncate_running",
+        "behind_truncate",
     ];
 
     /// A short label for metrics (bounded set).
@@ -61,6 +74,8 @@ impl ParkReason {
             ParkReason::ToastValueUnknown(_) => "toast_value_unknown",
             ParkReason::Unavailable(_) => "dependency_unavailable",
             ParkReason::BehindEarlierChange(_) => "behind_parked_change",
+            ParkReason::TruncateRunning(_) => "truncate_running",
+            ParkReason::BehindTruncate(_) => "behind_truncate",
         }
     }
 }
@@ -80,6 +95,12 @@ impl std::fmt::Display for ParkReason {
             ParkReason::Unavailable(what) => write!(f, "waiting for {what}"),
             ParkReason::BehindEarlierChange(id) => {
                 write!(f, "behind an earlier parked change of scorecard {id}")
+            }
+            ParkReason::TruncateRunning(table) => {
+                write!(f, "TRUNCATE of {table}: writing its delete markers on every shard")
+            }
+            ParkReason::BehindTruncate(table) => {
+                write!(f, "behind the TRUNCATE of {table} earlier in this partition")
             }
         }
     }
@@ -129,6 +150,8 @@ pub struct Park {
     rows: HashMap<RowKey, Parked>,
     /// The parked messages of each scorecard (card and children), for the ordering rule.
     by_card: HashMap<ScorecardKey, BTreeMap<MsgId, RowKey>>,
+    /// Parked TRUNCATEs (message to table): every later message of their partition waits.
+    truncates: BTreeMap<MsgId, String>,
 }
 
 /// Retry delay after `attempts` failures: 1 s doubling to 8 s (retries are cheap: one batched
@@ -154,6 +177,9 @@ impl Park {
         if let Some(card) = ScorecardKey::of_event(&parked.event) {
             self.by_card.entry(card).or_default().insert(parked.msg, row.clone());
         }
+        if parked.event.op() == Operation::Truncate {
+            self.truncates.insert(parked.msg, parked.event.table.clone());
+        }
         if let Some(replaced) = self.rows.insert(row, parked) {
             self.forget_card(&replaced);
         }
@@ -166,6 +192,7 @@ impl Park {
     }
 
     fn forget_card(&mut self, parked: &Parked) {
+        self.truncates.remove(&parked.msg);
         let Some(card) = ScorecardKey::of_event(&parked.event) else { return };
         if let Some(msgs) = self.by_card.get_mut(&card) {
             msgs.remove(&parked.msg);
@@ -209,6 +236,21 @@ impl Park {
         superseded
     }
 
+    /// A newer change of `row` is about to be applied or parked, superseding a parked older one:
+    /// it takes over the older one's side effect. When the older change moved the row (its
+    /// `old_row` names the key or scorecard the row had before), the copy there still has to go,
+    /// and the newer change (whose own `old_row`, if any, names a state that was never written)
+    /// carries that identity instead.
+    pub fn inherit(&self, row: &RowKey, newer: &mut ChangeEvent) {
+        let Some(parked) = self.rows.get(row) else { return };
+        if let Some(old) = &parked.event.old_row
+            && older(&parked.event, newer)
+        {
+            newer.old_row = Some(old.clone());
+            newer.old_row_is_key_only = parked.event.old_row_is_key_only;
+        }
+    }
+
     /// A change of `row` is being applied: an older parked change of it is dropped. Returns its
     /// message.
     pub fn supersede(&mut self, row: &RowKey, newer: &ChangeEvent) -> Option<MsgId> {
@@ -221,11 +263,15 @@ impl Park {
         superseded
     }
 
-    /// The reason `event` (message `msg`, changing `row`) must wait, when an earlier change of
-    /// its scorecard is parked. Not counted: a parked change of the same row (this one supersedes
+    /// The reason `event` (message `msg`, changing `row`) must wait: a TRUNCATE parked earlier in
+    /// its partition, or an earlier parked change of its scorecard. Not counted for the latter: a parked change of the same row (this one supersedes
     /// it, or is a duplicate of it), and children parked because their scorecard is unknown (they
     /// wait for the card's own changes, which must not wait for them).
     pub fn behind(&self, row: &RowKey, event: &ChangeEvent, msg: MsgId) -> Option<ParkReason> {
+        let (partition, _) = msg;
+        if let Some((_, table)) = self.truncates.range((partition, i64::MIN)..msg).next() {
+            return Some(ParkReason::BehindTruncate(table.clone()));
+        }
         let card = ScorecardKey::of_event(event)?;
         let blocking =
             self.by_card.get(&card)?.iter().take_while(|(m, _)| **m < msg).any(|(_, r)| {
@@ -236,6 +282,16 @@ impl Park {
                         .is_some_and(|p| !matches!(p.reason, ParkReason::ScorecardUnknown(_)))
             });
         blocking.then(|| ParkReason::BehindEarlierChange(card.scorecard_id.clone()))
+    }
+
+    /// A TRUNCATE of `partition` was applied: the changes parked behind it are due now.
+    pub fn wake_partition(&mut self, partition: i32) {
+        let now = Instant::now();
+        for parked in self.rows.values_mut() {
+            if parked.msg.0 == partition && matches!(parked.reason, ParkReason::BehindTruncate(_)) {
+                parked.next_try = now;
+            }
+        }
     }
 
     /// An event of `event`'s scorecard was applied: the changes of that scorecard parked behind
@@ -370,9 +426,46 @@ mod tests {
             ParkReason::ToastValueUnknown("comment".into()),
             ParkReason::Unavailable("shard 0".into()),
             ParkReason::BehindEarlierChange("s".into()),
+            ParkReason::TruncateRunning("director.scores".into()),
+            ParkReason::BehindTruncate("director.scores".into()),
         ];
         let labels: Vec<&str> = reasons.iter().map(ParkReason::label).collect();
         assert_eq!(labels, ParkReason::LABELS);
+    }
+
+    #[test]
+    fn a_newer_change_takes_over_the_old_identity_of_the_parked_change_it_supersedes() {
+        let mut park = Park::default();
+        let old_home = scoresync_event::Row { columns: vec![] };
+        let moved = ChangeEvent { old_row: Some(old_home.clone()), ..event(10, 0) };
+        park.park(key("s"), (0, 1), moved, ParkReason::Unavailable("shard 1".into()));
+        let mut newer = event(20, 0);
+        park.inherit(&key("s"), &mut newer);
+        assert_eq!(newer.old_row, Some(old_home), "the old copy still has to go");
+        let mut older_still = event(5, 0);
+        park.inherit(&key("s"), &mut older_still);
+        assert_eq!(older_still.old_row, None, "an older change takes nothing over");
+    }
+
+    #[test]
+    fn a_parked_truncate_holds_back_its_partition_and_only_its_partition() {
+        let mut park = Park::default();
+        let truncate = ChangeEvent {
+            op: Operation::Truncate as i32,
+            table: "scores".into(),
+            version: 10,
+            ..Default::default()
+        };
+        let row = (SourceTable::Scores, vec!["TRUNCATE in partition 1".into()]);
+        park.park(row, (1, 5), truncate, ParkReason::TruncateRunning("scores".into()));
+        let later = event(20, 0);
+        let other = key("x");
+        assert!(matches!(park.behind(&other, &later, (1, 6)), Some(ParkReason::BehindTruncate(_))));
+        assert_eq!(park.behind(&other, &later, (1, 4)), None, "earlier in the partition");
+        assert_eq!(park.behind(&other, &later, (2, 6)), None, "another partition");
+        let (_, parked) = park.due(Instant::now() + Duration::from_secs(60)).remove(0);
+        assert_eq!(parked.msg, (1, 5));
+        assert_eq!(park.behind(&other, &later, (1, 6)), None, "released with the TRUNCATE");
     }
 
     #[test]

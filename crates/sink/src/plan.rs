@@ -9,7 +9,8 @@
 //! - A change older than what is stored (by `(version, seq)`) never writes to another shard than
 //!   the card's current one, so a replay cannot leave a stale live copy behind ([`CardPlan::Stale`]).
 //! - A card whose routing changed moves with its children: a delete marker on the old shard, the
-//!   card and its children on the new one, all at the change's version ([`CardPlan::Move`]).
+//!   card and its children on the new one, all at the change's version ([`CardPlan::Move`]). Also
+//!   a card deleted and inserted again with other routing: its children stayed where it was.
 //! - A change of the fields children carry rewrites them in place ([`CardPlan::Refresh`]).
 //! - The very change the shards hold as the card's newest, read again after a crash or a
 //!   rebalance, looks for live leftovers of a move it may have made on every other shard
@@ -168,9 +169,10 @@ pub(crate) fn plan_card(
     if stale {
         return Ok(CardPlan::Stale { rewrite_on: (p.shard == shard).then_some(shard) });
     }
-    let moving = !p.deleted && p.shard != shard;
-    let refresh =
-        !p.deleted && (p.fields != change.fields || p.conversation.as_ref() != conversation);
+    // A deleted card's children (those PostgreSQL kept) still live where the card was: a card
+    // re-inserted with other routing or fields takes them along like any other change would.
+    let moving = p.shard != shard;
+    let refresh = p.fields != change.fields || p.conversation.as_ref() != conversation;
     // The very change the shards already hold as the card's newest (a re-read after a crash or
     // a rebalance). The newest stored row may be the move's marker on the old shard, when the
     // new shard's insert was the one lost.
@@ -398,11 +400,25 @@ mod tests {
                 Ok(FinishMove { from: 0, to: 2, sweep: vec![1] }),
             ),
             (
-                "re-insert after a delete: written where it routes, no children moved",
+                "re-insert after a delete, routed elsewhere: the children it kept move with it",
                 upsert(20, "c"),
                 Some(CardState { from_shards: false, ..deleted_on(0, 10) }),
                 Some(routed(2)),
-                Ok(Write { shard: 2 }),
+                Ok(Move { from: 0, to: 2 }),
+            ),
+            (
+                "re-insert after a delete, same shard, other fields: its children refreshed",
+                upsert(20, "d"),
+                Some(CardState { from_shards: false, ..deleted_on(0, 10) }),
+                Some(routed(0)),
+                Ok(Refresh { shard: 0 }),
+            ),
+            (
+                "re-insert after a delete, same shard, same fields: the card alone",
+                upsert(20, "c"),
+                Some(CardState { from_shards: false, ..deleted_on(0, 10) }),
+                Some(routed(0)),
+                Ok(Write { shard: 0 }),
             ),
             (
                 "a change read again from the cache (not from the shards) is no replay",

@@ -90,8 +90,14 @@ impl Attempt {
 
     fn row(&self) -> Option<RowKey> {
         match self {
-            Attempt::Live(_, event) => SourceTable::from_name(&event.schema, &event.table)
-                .map(|table| event_row_key(table, event)),
+            Attempt::Live(message, event) => SourceTable::from_name(&event.schema, &event.table)
+                .map(|table| match event.op() {
+                    // Each partition's copy of a TRUNCATE parks on its own (see `park`).
+                    Operation::Truncate => {
+                        (table, vec![format!("TRUNCATE in partition {}", message.id.0)])
+                    }
+                    _ => event_row_key(table, event),
+                }),
             Attempt::Retry(row, _) => Some(row.clone()),
         }
     }
@@ -105,10 +111,13 @@ impl Loop {
     /// Settles one event; see the module doc.
     pub(crate) async fn settle(
         &mut self,
-        attempt: Attempt,
+        mut attempt: Attempt,
         shutdown: &CancellationToken,
     ) -> Result<Settled, Error> {
         let (msg, row) = (attempt.msg(), attempt.row());
+        if let (Some(key), Attempt::Live(_, event)) = (&row, &mut attempt) {
+            self.park.inherit(key, event);
+        }
         if let Some(key) = &row
             && let Some(reason) = self.park.behind(key, attempt.event(), msg)
         {
@@ -197,6 +206,7 @@ impl Loop {
             for moot in self.park.drop_older(table, RowVersion::of_event(event).0) {
                 self.group.release(moot);
             }
+            self.park.wake_partition(msg.0);
         }
         if let Some(row) = row
             && let Some(older) = self.park.supersede(row, event)

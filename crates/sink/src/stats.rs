@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::park::ParkedSummary;
 
 /// Every reason label of `scoresync_sink_parked_events`.
-pub const PARK_REASONS: [&str; 5] = crate::park::ParkReason::LABELS;
+pub const PARK_REASONS: [&str; 7] = crate::park::ParkReason::LABELS;
 
 /// Counters and gauges of one sink.
 #[derive(Debug, Default)]

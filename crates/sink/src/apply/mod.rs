@@ -68,6 +68,8 @@ pub(crate) struct Applier {
     /// Old-shard markers of moves, to be written once the new shard acknowledged the copies
     /// ([`crate::handoff`]), not yet taken by the loop.
     handoff: Vec<Waiting>,
+    /// TRUNCATE jobs running and applied.
+    truncations: truncate::Truncations,
 }
 
 /// The identity of the row an event changes (from its key columns).
@@ -107,7 +109,15 @@ impl Applier {
         locate: Locator,
         batcher: Batcher,
     ) -> Self {
-        Applier { shards, schemas, locate, batcher, fresh_holds: Vec::new(), handoff: Vec::new() }
+        Applier {
+            shards,
+            schemas,
+            locate,
+            batcher,
+            fresh_holds: Vec::new(),
+            handoff: Vec::new(),
+            truncations: truncate::Truncations::default(),
+        }
     }
 
     /// The messages whose offsets must now be held until their batch is acknowledged.
@@ -188,10 +198,7 @@ impl Applier {
         };
         match (event.op(), table) {
             (Operation::Truncate, _) if !flushed => Ok(Decision::NeedsFlush),
-            (Operation::Truncate, _) => {
-                self.truncate(table, RowVersion::of_event(event).0).await?;
-                Ok(Decision::Applied)
-            }
+            (Operation::Truncate, _) => self.truncate(table, RowVersion::of_event(event).0).await,
             (Operation::Unspecified, _) => Ok(Decision::Poison("unspecified operation".into())),
             (_, SourceTable::Scorecards) => self.apply_card(msg, event, flushed).await,
             (_, child) => self.apply_child(msg, event, child, flushed).await,
