@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use scoresync_tests::oracle::wait_until_consistent;
+use scoresync_tests::stack::free_port;
 use scoresync_tests::{Daemon, TestEnv, wait};
 
 use crate::source::setup;
@@ -88,16 +89,10 @@ async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> any
     })
     .await?;
 
-    let free = || -> anyhow::Result<String> {
-        Ok(format!(
-            "127.0.0.1:{}",
-            std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
-        ))
-    };
     let member = |listen: &str| -> anyhow::Result<Daemon> {
         Daemon::start_with(&env, &["sink"], &[("SCORESYNC__METRICS__LISTEN", listen)])
     };
-    let a_listen = free()?;
+    let a_listen = format!("127.0.0.1:{}", free_port()?);
     let a = member(&a_listen)?;
     crate::sink::wait_until_assigned(&a, env.kafka.partitions).await?;
     // More batches queue than the writers hold (three each). A revoke that waited for every
@@ -107,7 +102,7 @@ async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> any
         Ok((buffered_rows(&a_listen).await? >= 2_000).then_some(()))
     })
     .await?;
-    let b = member(&free()?)?;
+    let b = member(&format!("127.0.0.1:{}", free_port()?))?;
     let (to_go, _) = {
         let kafka = env.kafka.clone();
         tokio::task::spawn_blocking(move || scoresync_tests::kafka::group_position(&kafka))

@@ -14,6 +14,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use scoresync_bus::client::{OffsetReset, consumer_config, producer};
 use scoresync_event::{CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, Value, encode};
 use scoresync_tests::oracle::{live_counts, wait_until_consistent};
+use scoresync_tests::stack::free_port;
 use scoresync_tests::{Daemon, TestEnv, wait};
 
 use crate::source::setup;
@@ -523,18 +524,12 @@ async fn sink_killed_10_times_during_20k_changes_holds_the_oracle() -> anyhow::R
 async fn sinks_joining_and_leaving_the_group_under_load_lose_nothing() -> anyhow::Result<()> {
     let (env, pg) = running("sink_rebalance").await?;
     let _source = Daemon::start(&env, &["source"])?;
-    let free_port = || -> anyhow::Result<String> {
-        Ok(format!(
-            "127.0.0.1:{}",
-            std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
-        ))
-    };
     let member = |port: String| {
         let env = &env;
         move || Daemon::start_with(env, &["sink"], &[("SCORESYNC__METRICS__LISTEN", &port)])
     };
-    let start_a = member(free_port()?);
-    let start_b = member(free_port()?);
+    let start_a = member(format!("127.0.0.1:{}", free_port()?));
+    let start_b = member(format!("127.0.0.1:{}", free_port()?));
     let a = start_a()?;
     wait_until_assigned(&a, env.kafka.partitions).await?;
     let load = spawn_loadgen(&env, &["--scorecards", "600", "--conversations-per-shard", "20"])?;

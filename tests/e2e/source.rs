@@ -92,7 +92,8 @@ fn text_of(p: &Published, column: &str) -> Option<String> {
     value_text(row.column(column).and_then(|c| c.value.as_ref()))
 }
 
-async fn lsn_now(sql: &tokio_postgres::Client) -> anyhow::Result<u64> {
+/// The WAL position of `sql`'s cluster now (`pg_current_wal_lsn()`).
+pub async fn lsn_now(sql: &tokio_postgres::Client) -> anyhow::Result<u64> {
     let text: String = sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
     Ok(text.parse::<scoresync_event::Lsn>()?.0)
 }

@@ -13,7 +13,7 @@ use scoresync_tests::postgres::PrivatePostgres;
 use scoresync_tests::{Daemon, TestEnv, wait};
 
 use crate::sink::{loadgen, status};
-use crate::source::setup;
+use crate::source::{lsn_now, setup};
 
 const DEADLINE: Duration = Duration::from_secs(180);
 
@@ -103,12 +103,6 @@ async fn a_redriven_earlier_change_of_one_transaction_never_wins() -> anyhow::Re
     Ok(())
 }
 
-/// The WAL position of a cluster now.
-async fn current_lsn(pg: &tokio_postgres::Client) -> anyhow::Result<u64> {
-    let text: String = pg.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-    Ok(text.parse::<scoresync_event::Lsn>().map_err(|e| anyhow::anyhow!("{e}"))?.0)
-}
-
 /// A rebuilt primary (a new `initdb`, its LSNs starting low again) takes over with `setup
 /// --recreate-slot` against the same ClickHouse: its snapshot and every later update must show.
 /// With versions taken straight from LSNs, ClickHouse keeps the old rows for ever.
@@ -124,12 +118,12 @@ async fn a_slot_recreated_on_a_new_cluster_keeps_versions_rising() -> anyhow::Re
             scoresync_source::connect::ConnectParams::parse(&rebuilt.url("postgres", &env.name))?
                 .connect_sql()
                 .await?;
-        current_lsn(&sql).await?
+        lsn_now(&sql).await?
     };
     // The old cluster's WAL must be well ahead of the new one's for this to mean anything: move
     // it on by whole segments if the stack is young.
     old.batch_execute("CREATE TABLE IF NOT EXISTS public.wal_filler (x int)").await?;
-    while current_lsn(&old).await? < fresh_lsn + (256 << 20) {
+    while lsn_now(&old).await? < fresh_lsn + (256 << 20) {
         old.batch_execute("INSERT INTO public.wal_filler VALUES (1); SELECT pg_switch_wal();")
             .await?;
     }
@@ -163,7 +157,7 @@ async fn a_slot_recreated_on_a_new_cluster_keeps_versions_rising() -> anyhow::Re
         .connect_sql()
         .await?;
     ensure!(
-        current_lsn(&new).await? < current_lsn(&old).await?,
+        lsn_now(&new).await? < lsn_now(&old).await?,
         "the rebuilt cluster's LSNs must start below the old one's"
     );
 

@@ -3,14 +3,13 @@
 //! same `sqlite://` storage, durable across kill -9), on its own port and database file; killed
 //! when dropped.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::stack::repo_root;
+use crate::stack::{free_port, repo_root};
 
 /// A tansu process the test controls.
 pub struct PrivateBroker {
@@ -23,7 +22,7 @@ impl PrivateBroker {
     /// Starts a broker on a free port with storage in `dir`, and waits until it answers.
     pub fn start(dir: PathBuf) -> anyhow::Result<PrivateBroker> {
         std::fs::create_dir_all(&dir)?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = free_port()?;
         let mut broker = PrivateBroker { dir, port, child: None };
         broker.resume()?;
         Ok(broker)

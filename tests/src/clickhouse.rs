@@ -2,12 +2,13 @@
 //! test). Same binary and config template (`deploy/local/clickhouse-server.xml`) as
 //! `deploy/local/stack`; own ports and data directories; killed when dropped.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+
+use crate::stack::free_port;
 
 /// The stack's server config template; its placeholders are filled by [`server_config`].
 const CONFIG_TEMPLATE: &str = include_str!("../../deploy/local/clickhouse-server.xml");
@@ -39,10 +40,6 @@ struct Server {
 /// A set of private shards.
 pub struct PrivateShards {
     servers: Vec<Server>,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 impl PrivateShards {

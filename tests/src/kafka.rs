@@ -90,18 +90,15 @@ pub fn read_topic(
 /// A row identity: table name and primary-key values in text form.
 pub type RowId = (String, Vec<String>);
 
-/// The text form of a contract value, for keys and comparisons with PostgreSQL.
+/// The text form of a contract value, for keys and comparisons with PostgreSQL: its
+/// [`Value::to_text`](scoresync_event::Value::to_text), `None` for NULL, and `<unchanged toast>`
+/// for an unchanged TOAST marker (so it never compares equal to a NULL).
 pub fn value_text(value: Option<&scoresync_event::Value>) -> Option<String> {
-    use scoresync_event::v1::value::Kind;
-    match value?.kind.as_ref()? {
-        Kind::Null(_) => None,
-        Kind::UnchangedToast(_) => Some("<unchanged toast>".into()),
-        Kind::Text(s) => Some(s.clone()),
-        Kind::Int(i) => Some(i.to_string()),
-        Kind::Float(f) => Some(f.to_string()),
-        Kind::Boolean(b) => Some(b.to_string()),
-        Kind::TimestampUs(t) => Some(t.to_string()),
+    let value = value?;
+    if value.is_unchanged_toast() {
+        return Some("<unchanged toast>".into());
     }
+    value.to_text()
 }
 
 /// The identity of the row an event's `row` describes.

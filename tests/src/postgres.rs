@@ -7,10 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use crate::stack::repo_root;
-
-/// Password of the private cluster's superuser `postgres` and of its `scoresync` role.
-pub const PASSWORD: &str = "scoresync";
+use crate::stack::{SCORESYNC_PASSWORD, free_port, repo_root};
 
 /// A running private cluster.
 pub struct PrivatePostgres {
@@ -54,9 +51,9 @@ impl PrivatePostgres {
     pub fn start(dir: PathBuf) -> anyhow::Result<PrivatePostgres> {
         let data = dir.join("data");
         std::fs::create_dir_all(&dir)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = free_port()?;
         let pwfile = dir.join("pwfile");
-        std::fs::write(&pwfile, format!("{PASSWORD}\n"))?;
+        std::fs::write(&pwfile, format!("{SCORESYNC_PASSWORD}\n"))?;
         let _ = Command::new("chown").args(["-R", "postgres:"]).arg(&dir).status();
         let mut initdb = as_postgres("initdb");
         initdb
@@ -94,9 +91,10 @@ impl PrivatePostgres {
         Ok(cluster)
     }
 
-    /// URL of database `db` as `user` (`postgres` or `scoresync`).
+    /// URL of database `db` as `user` (`postgres` or `scoresync`; both have the password
+    /// [`SCORESYNC_PASSWORD`]).
     pub fn url(&self, user: &str, db: &str) -> String {
-        format!("postgres://{user}:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
+        format!("postgres://{user}:{SCORESYNC_PASSWORD}@127.0.0.1:{}/{db}", self.port)
     }
 
     /// Creates database `db` with every `schemas/postgres/*.sql` applied, as a new cluster gets it.
@@ -107,7 +105,7 @@ impl PrivatePostgres {
             .args(["-q", "-c"])
             .arg(format!("CREATE DATABASE \"{db}\""));
         run(create, "CREATE DATABASE")?;
-        apply_schema(&self.url("postgres", db), PASSWORD, |_| true)
+        apply_schema(&self.url("postgres", db), SCORESYNC_PASSWORD, |_| true)
     }
 }
 

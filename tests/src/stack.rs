@@ -4,6 +4,9 @@
 //! harness runs `deploy/local/stack up` (idempotent; serialised between test processes by `flock`)
 //! and reads `stack env`. A stack the harness starts keeps running after the tests so the next test
 //! process reuses it; `deploy/local/stack down` stops it (`tests/run` does).
+//!
+//! Also what the servers a test starts beside the stack share with it: the `scoresync` role's
+//! password ([`SCORESYNC_PASSWORD`]) and how a server gets its port ([`free_port`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +37,17 @@ const VARS: [&str; 5] = [
     "SCORESYNC_CLICKHOUSE_SHARDS",
     "SCORESYNC_STACK_DIR",
 ];
+
+/// Password of the least-privilege `scoresync` role (`SCORESYNC_PASSWORD` in
+/// deploy/local/stack); a private cluster ([`crate::postgres::PrivatePostgres`]) gives it to every
+/// role, its superuser included.
+pub const SCORESYNC_PASSWORD: &str = "scoresync";
+
+/// A port on 127.0.0.1 that was free when the OS picked it, for a server or listener a test
+/// starts (another process may take it before the server binds it, which the test then reports).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
 
 /// The repository root (where `deploy/local/stack` lives).
 pub fn repo_root() -> PathBuf {

@@ -11,10 +11,7 @@ use scoresync_sink::ClickHouseConfig;
 use scoresync_source::PostgresConfig;
 use scoresync_source::connect::ConnectParams;
 
-use crate::stack::{Stack, with_database};
-
-/// Password of the stack's least-privilege `scoresync` role (see deploy/local/stack).
-const SCORESYNC_PASSWORD: &str = "scoresync";
+use crate::stack::{SCORESYNC_PASSWORD, Stack, free_port, with_database};
 
 /// The schema file that creates the cluster-wide role; `stack up` ran it once, and running it per
 /// test would race (ALTER ROLE from parallel tests conflicts).
@@ -76,10 +73,7 @@ impl TestEnv {
             name,
             stack,
             extra_toml: String::new(),
-            metrics_listen: format!(
-                "127.0.0.1:{}",
-                std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
-            ),
+            metrics_listen: format!("127.0.0.1:{}", free_port()?),
         };
         std::fs::create_dir_all(env.dir())?;
         env.create_postgres().await?;

@@ -10,10 +10,16 @@
 //! - [`table`] names the three source tables, their primary keys, and the scorecard identity that
 //!   keeps all changes of one scorecard in one Kafka partition.
 //! - [`codec`] encodes and decodes events, rejecting contract versions this build does not know.
+//! - [`value`] and [`operation`] extend the generated [`Value`] and [`Operation`]: constructors,
+//!   readers, and the text forms error messages use ([`Value::to_text`], [`Operation::describe`]).
+//! - [`u64_as_string`] is the serde `with` module for `u64` fields of JSON records (as strings,
+//!   since JSON numbers cannot hold every `u64`).
 
 pub mod codec;
 pub mod lsn;
+pub mod operation;
 pub mod table;
+pub mod u64_as_string;
 pub mod value;
 pub mod version;
 

@@ -124,6 +124,26 @@ impl ScorecardKey {
     }
 }
 
+impl ChangeEvent {
+    /// The event's key columns as `name=value, ...`, for error messages (never for logs: key
+    /// values are row contents). Values as [`Value::to_text`](crate::Value::to_text) gives them;
+    /// a value without text form (NULL, which a primary key cannot hold) in its debug form, an
+    /// absent value as nothing.
+    pub fn key_text(&self) -> String {
+        self.key
+            .iter()
+            .map(|c| {
+                let value = c
+                    .value
+                    .as_ref()
+                    .map_or_else(String::new, |v| v.to_text().unwrap_or_else(|| format!("{v:?}")));
+                format!("{}={value}", c.name)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 impl Row {
     /// The column named `name`, if the row has it.
     pub fn column(&self, name: &str) -> Option<&Column> {
@@ -182,6 +202,20 @@ mod tests {
     fn truncate_has_no_scorecard() {
         let event = ChangeEvent { op: Operation::Truncate as i32, ..Default::default() };
         assert_eq!(ScorecardKey::of_event(&event), None);
+    }
+
+    #[test]
+    fn key_text_names_each_key_column_in_order() {
+        let event = ChangeEvent {
+            key: vec![
+                text("customer_id", "c"),
+                Column { name: "revision".into(), type_oid: 20, value: Some(Value::int(3)) },
+                Column { name: "criterion_id".into(), type_oid: 25, value: None },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(event.key_text(), "customer_id=c, revision=3, criterion_id=");
+        assert_eq!(ChangeEvent::default().key_text(), "");
     }
 
     #[test]

@@ -87,4 +87,38 @@ impl Value {
             _ => None,
         }
     }
+
+    /// The value as plain text: a text value as it is, an integer or a timestamp (its
+    /// microseconds) in decimal, a float and a boolean as Rust prints them (`1.5`, `true`).
+    /// `None` for SQL NULL, an unchanged TOAST marker and an absent kind, which have no text;
+    /// each caller decides how to show those.
+    pub fn to_text(&self) -> Option<String> {
+        match &self.kind {
+            Some(Kind::Text(s)) => Some(s.clone()),
+            Some(Kind::Int(i) | Kind::TimestampUs(i)) => Some(i.to_string()),
+            Some(Kind::Float(f)) => Some(f.to_string()),
+            Some(Kind::Boolean(b)) => Some(b.to_string()),
+            Some(Kind::Null(_) | Kind::UnchangedToast(_)) | None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn to_text_gives_every_value_with_a_text_form_and_nothing_for_the_rest() {
+        assert_eq!(Value::text("a b").to_text().as_deref(), Some("a b"));
+        assert_eq!(Value::int(-42).to_text().as_deref(), Some("-42"));
+        assert_eq!(
+            Value::timestamp_us(1_700_000_000_000_000).to_text().as_deref(),
+            Some("1700000000000000")
+        );
+        assert_eq!(Value::float(1.5).to_text().as_deref(), Some("1.5"));
+        assert_eq!(Value::boolean(true).to_text().as_deref(), Some("true"));
+        assert_eq!(Value::null().to_text(), None);
+        assert_eq!(Value::unchanged_toast().to_text(), None);
+        assert_eq!(Value { kind: None }.to_text(), None);
+    }
 }

@@ -84,7 +84,7 @@ impl RowVersion {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionScheme {
     /// Added to every version; above every version stored when the scheme was made.
-    #[serde(with = "u64_as_string")]
+    #[serde(with = "crate::u64_as_string")]
     pub base: u64,
     /// The slot's consistent point: WAL positions count from here.
     pub origin: Lsn,
@@ -145,18 +145,6 @@ impl VersionScheme {
     pub fn snapshot(&self, snapshot_lsn: Lsn) -> Result<RowVersion, VersionError> {
         // `base` is at least 2 above anything stored, so this never underflows.
         Ok(RowVersion(self.change(snapshot_lsn, 0)?.0 - 1))
-    }
-}
-
-mod u64_as_string {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -41,12 +41,11 @@ pub struct SchemaError {
 /// Creates the database and the missing tables on every shard.
 pub async fn ensure(cfg: &ClickHouseConfig) -> Result<Vec<ShardOutcome>, SchemaError> {
     let mut outcomes = Vec::new();
-    for (shard, url) in cfg.shards.iter().enumerate() {
+    for (shard, (url, client)) in cfg.shards.iter().zip(crate::shard::clients(cfg)).enumerate() {
         let fail = |action: String| {
             let url = url.clone();
             move |source| SchemaError { shard, url, action, source }
         };
-        let Some(client) = crate::shard::client(cfg, shard) else { continue };
         let server = client.clone().with_database("default");
         let db = &cfg.database;
         server
@@ -82,8 +81,7 @@ pub async fn ensure(cfg: &ClickHouseConfig) -> Result<Vec<ShardOutcome>, SchemaE
 /// since a version missed here could outrank the new pipeline's rows for ever.
 pub async fn max_version(cfg: &ClickHouseConfig) -> Result<u64, SchemaError> {
     let mut max = 0;
-    for (shard, url) in cfg.shards.iter().enumerate() {
-        let Some(client) = crate::shard::client(cfg, shard) else { continue };
+    for (shard, (url, client)) in cfg.shards.iter().zip(crate::shard::clients(cfg)).enumerate() {
         for table in scoresync_event::SourceTable::ALL {
             let stored: u64 = client
                 .query("SELECT max(_version) FROM ?")
@@ -110,11 +108,11 @@ pub async fn load(
     use crate::table::TableSchema;
     use scoresync_event::SourceTable;
 
+    let clients = crate::shard::clients(cfg);
     let mut schemas: Vec<TableSchema> = Vec::new();
     for table in SourceTable::ALL {
         let mut first: Option<Vec<(String, String)>> = None;
-        for shard in 0..cfg.shards.len() {
-            let Some(client) = crate::shard::client(cfg, shard) else { continue };
+        for (shard, client) in clients.iter().enumerate() {
             let columns: Vec<(String, String)> = client
                 .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
                 .bind(&cfg.database)

@@ -64,7 +64,7 @@ pub enum MapError {
     /// A change names a relation no Relation message described.
     #[error("change for relation id {0} arrived before its Relation message")]
     UnknownRelation(u32),
-    /// A change arrived outside Begin/Commit.
+    /// A change (its [`Operation::describe`] name) arrived outside Begin/Commit.
     #[error("{0} change arrived outside a transaction")]
     NoTransaction(&'static str),
     /// The publication holds a table scoresync does not replicate.
@@ -127,7 +127,7 @@ pub enum MapError {
     MissingIdentity {
         /// Table.
         table: SourceTable,
-        /// Operation.
+        /// Operation ([`Operation::describe`]).
         op: &'static str,
         /// What is missing.
         what: &'static str,
@@ -198,7 +198,7 @@ impl Mapper {
                 self.remember(table, &new_row);
                 let event =
                     self.event(table, Operation::Insert, change_lsn, Some(new_row), None)?;
-                Ok(vec![keyed(table, event, "insert")?])
+                Ok(vec![keyed(table, event, Operation::Insert)?])
             }
             PgOutput::Update { relation_id, old, new } => {
                 let (table, rel) = self.table(relation_id)?;
@@ -217,7 +217,7 @@ impl Mapper {
                 let mut event =
                     self.event(table, Operation::Update, change_lsn, Some(new_row), old_row)?;
                 event.old_row_is_key_only = event.old_row.is_some();
-                Ok(vec![keyed(table, event, "update")?])
+                Ok(vec![keyed(table, event, Operation::Update)?])
             }
             PgOutput::Delete { relation_id, old: OldTuple { values, .. } } => {
                 let (table, rel) = self.table(relation_id)?;
@@ -225,7 +225,7 @@ impl Mapper {
                 let mut event =
                     self.event(table, Operation::Delete, change_lsn, None, Some(old_row))?;
                 event.old_row_is_key_only = true;
-                Ok(vec![keyed(table, event, "delete")?])
+                Ok(vec![keyed(table, event, Operation::Delete)?])
             }
             PgOutput::Truncate { relation_ids, cascade, restart_identity } => {
                 let mut out = Vec::new();
@@ -287,7 +287,7 @@ impl Mapper {
                 continue;
             }
             let event = self.event(table, Operation::Delete, change_lsn, None, Some(identity))?;
-            out.push(keyed(table, event, "truncate")?);
+            out.push(keyed(table, event, Operation::Truncate)?);
         }
         Ok(out)
     }
@@ -308,7 +308,7 @@ impl Mapper {
         new_row: Option<Row>,
         old_row: Option<Row>,
     ) -> Result<ChangeEvent, MapError> {
-        let tx = self.tx.ok_or(MapError::NoTransaction(op.as_str_name()))?;
+        let tx = self.tx.ok_or(MapError::NoTransaction(op.describe()))?;
         let seq = self.seq;
         self.seq += 1;
         let key_source = new_row.as_ref().or(old_row.as_ref());
@@ -316,7 +316,7 @@ impl Mapper {
             (Operation::Truncate, _) => Vec::new(),
             (_, Some(row)) => primary_key(table, row).ok_or(MapError::MissingIdentity {
                 table,
-                op: op_name(op),
+                op: op.describe(),
                 what: "primary key",
             })?,
             (_, None) => Vec::new(),
@@ -340,17 +340,6 @@ impl Mapper {
             truncate: None,
             version: version.0,
         })
-    }
-}
-
-fn op_name(op: Operation) -> &'static str {
-    match op {
-        Operation::Insert => "insert",
-        Operation::Update => "update",
-        Operation::Delete => "delete",
-        Operation::Truncate => "truncate",
-        Operation::Snapshot => "snapshot",
-        Operation::Unspecified => "change",
     }
 }
 
@@ -426,11 +415,12 @@ pub fn primary_key(table: SourceTable, row: &Row) -> Option<Vec<Column>> {
         .collect()
 }
 
-/// Keys an event by its scorecard.
-fn keyed(table: SourceTable, event: ChangeEvent, op: &'static str) -> Result<Outgoing, MapError> {
+/// Keys an event by its scorecard. `op` is what an error calls the change: the event's own
+/// operation, but `Truncate` for the deletes that retract a truncated transaction's rows.
+fn keyed(table: SourceTable, event: ChangeEvent, op: Operation) -> Result<Outgoing, MapError> {
     let key = ScorecardKey::of_event(&event).ok_or(MapError::MissingIdentity {
         table,
-        op,
+        op: op.describe(),
         what: "scorecard identity (customer_id, profile_id, scorecard_id)",
     })?;
     Ok(Outgoing { event, destination: Destination::Key(key.to_message_key()) })

@@ -161,11 +161,12 @@ impl From<scoresync_bus::Error> for Error {
 pub struct TooLarge {
     /// The slot.
     pub slot: String,
-    /// insert, update, delete, snapshot...
+    /// The operation, as [`Operation::describe`](scoresync_event::Operation::describe) names it.
     pub op: &'static str,
     /// The source table.
     pub table: String,
-    /// The row's primary key, `column=value` pairs.
+    /// The row's primary key, `column=value` pairs
+    /// ([`ChangeEvent::key_text`](scoresync_event::ChangeEvent::key_text)).
     pub key: String,
     /// Commit LSN of its transaction (the snapshot's LSN for snapshot rows).
     pub lsn: Lsn,

@@ -19,16 +19,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use scoresync_bus::KafkaConfig;
-use scoresync_event::{ChangeEvent, Lsn, Operation, Value, encode};
-
-/// A key value as an operator would type it.
-fn show(value: &Value) -> String {
-    value
-        .as_text()
-        .map(str::to_owned)
-        .or_else(|| value.as_int().map(|i| i.to_string()))
-        .unwrap_or_else(|| format!("{value:?}"))
-}
+use scoresync_event::{ChangeEvent, Lsn, encode};
 
 use crate::change::{Destination, Outgoing};
 use crate::error::{Error, TooLarge};
@@ -82,24 +73,11 @@ impl Refusal {
         if !scoresync_bus::error::is_too_large(&source) {
             return Error::Delivery { topic: self.topic.clone(), source };
         }
-        let key = event
-            .key
-            .iter()
-            .map(|c| format!("{}={}", c.name, c.value.as_ref().map_or_else(String::new, show)))
-            .collect::<Vec<_>>()
-            .join(", ");
         Error::EventTooLarge(Box::new(TooLarge {
             slot: self.slot.clone(),
-            op: match event.op() {
-                Operation::Snapshot => "snapshot copy",
-                Operation::Insert => "insert",
-                Operation::Update => "update",
-                Operation::Delete => "delete",
-                Operation::Truncate => "truncate",
-                Operation::Unspecified => "change",
-            },
+            op: event.op().describe(),
             table: format!("{}.{}", event.schema, event.table),
-            key,
+            key: event.key_text(),
             lsn: Lsn(event.commit_lsn),
             size,
             limit: self.limit,
@@ -166,5 +144,38 @@ impl Publisher {
         if let Err(error) = self.producer.flush(timeout) {
             tracing::warn!(%error, topic = %self.topic, "producer flush did not finish");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::types::RDKafkaErrorCode;
+    use scoresync_event::{Column, Operation, Value};
+
+    use super::*;
+
+    #[test]
+    fn a_refusal_for_size_names_the_operation_table_and_key() {
+        let refusal = Refusal { slot: "s".into(), topic: "t".into(), limit: 100 };
+        let event = ChangeEvent {
+            schema: "director".into(),
+            table: "scores".into(),
+            op: Operation::Snapshot as i32,
+            key: vec![
+                Column { name: "customer_id".into(), type_oid: 25, value: Some(Value::text("c")) },
+                Column { name: "score_id".into(), type_oid: 20, value: Some(Value::int(7)) },
+            ],
+            commit_lsn: 0x10,
+            ..Default::default()
+        };
+        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        let message = refusal.error(&event, 200, too_large).to_string();
+        assert!(
+            message
+                .contains("the snapshot copy of director.scores row (customer_id=c, score_id=7)"),
+            "{message}"
+        );
+        let other = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
+        assert!(matches!(refusal.error(&event, 200, other), Error::Delivery { .. }));
     }
 }

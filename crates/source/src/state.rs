@@ -41,7 +41,7 @@ pub struct PipelineRecord {
     /// The database the slot decodes.
     pub database: String,
     /// System identifier of the cluster (a string: JSON numbers cannot hold every u64).
-    #[serde(with = "u64_as_string")]
+    #[serde(with = "scoresync_event::u64_as_string")]
     pub system_id: u64,
     /// Everything up to here is in Kafka; the slot may be confirmed up to here.
     pub confirmed_lsn: Lsn,
@@ -113,18 +113,6 @@ impl PipelineRecord {
         SourceTable::ALL
             .into_iter()
             .find(|t| !self.snapshot.tables_done.iter().any(|d| d == t.name()))
-    }
-}
-
-mod u64_as_string {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(v)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 

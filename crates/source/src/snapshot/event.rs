@@ -30,7 +30,7 @@ pub(super) fn outgoing(
     let missing = |what| Error::Map {
         slot: record.slot.clone(),
         lsn: record.snapshot.lsn,
-        source: MapError::MissingIdentity { table, op: "snapshot", what },
+        source: MapError::MissingIdentity { table, op: Operation::Snapshot.describe(), what },
     };
     let key = primary_key(table, &row).ok_or_else(|| missing("primary key"))?;
     let version = record.versions()?.snapshot(record.snapshot.lsn).map_err(|e| Error::Map {
