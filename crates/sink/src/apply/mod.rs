@@ -80,21 +80,10 @@ pub(crate) fn event_row_key(table: SourceTable, event: &ChangeEvent) -> RowKey {
             .iter()
             .find(|c| c.name == name)
             .and_then(|c| c.value.as_ref())
-            .map(value_text)
+            .and_then(Value::to_text)
             .unwrap_or_default()
     };
     (table, table.primary_key().iter().map(|k| text(k)).collect())
-}
-
-fn value_text(value: &Value) -> String {
-    use scoresync_event::v1::value::Kind;
-    match &value.kind {
-        Some(Kind::Text(s)) => s.clone(),
-        Some(Kind::Int(i) | Kind::TimestampUs(i)) => i.to_string(),
-        Some(Kind::Float(f)) => f.to_string(),
-        Some(Kind::Boolean(b)) => b.to_string(),
-        _ => String::new(),
-    }
 }
 
 fn scorecard_of_row(row: &Row) -> Option<ScorecardKey> {
