@@ -99,3 +99,57 @@ async fn a_600_kb_row_replicates_and_one_past_the_limit_halts_the_source_until_r
     daemon.terminate(DEADLINE).await?;
     Ok(())
 }
+
+/// A poison message larger than the dead-letter topic takes (issue 8.1): its letter is written
+/// with the payload cut to fit and the origin kept, the sink stays up, and redrive passes over it.
+#[tokio::test]
+async fn a_dead_letter_too_large_for_its_topic_is_cut_to_fit_with_its_origin() -> anyhow::Result<()>
+{
+    use rdkafka::message::Message;
+    use rdkafka::producer::FutureRecord;
+
+    let env = TestEnv::new("large_dead_letter").await?;
+    setup(&env).await?;
+    let pg = env.pg_admin().await?;
+    // 300 KB of garbage, produced with a larger limit than the sink's 256 KiB.
+    let mut roomy = env.kafka.clone();
+    roomy.max_message_bytes = 1 << 20;
+    let producer = scoresync_bus::client::producer(&roomy)?;
+    let garbage = vec![0xff_u8; 300_000];
+    let delivery = producer
+        .send(
+            FutureRecord::to(&env.kafka.change_topic).key("big").payload(&garbage),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let (partition, offset) = (delivery.partition, delivery.offset);
+    let limit = ("SCORESYNC__KAFKA__MAX_MESSAGE_BYTES", "262144");
+    let mut daemon = Daemon::start_with(&env, &["run"], &[limit])?;
+    loadgen(&env, &["--scorecards", "20", "--conversations-per-shard", "5"]).await?;
+    wait_until_consistent(&env, &pg, DEADLINE).await?;
+    ensure!(daemon.is_running(), "the sink stays up: {}", daemon.output());
+
+    let mut letters = Vec::new();
+    scoresync_tests::kafka::read_topic(&env.kafka, &env.kafka.dlq_topic, |m| {
+        let h = |name| scoresync_sink::dlq::header(m, name).map(str::to_owned);
+        letters.push((
+            h(scoresync_sink::dlq::ORIGIN_PARTITION),
+            h(scoresync_sink::dlq::ORIGIN_OFFSET),
+            h(scoresync_sink::dlq::PAYLOAD_CUT_FROM),
+            m.payload().map_or(0, <[u8]>::len),
+        ));
+        Ok(())
+    })?;
+    ensure!(letters.len() == 1, "one dead letter: {letters:?}");
+    let (p, o, cut_from, size) = letters.remove(0);
+    ensure!(p == Some(partition.to_string()) && o == Some(offset.to_string()), "origin kept");
+    ensure!(cut_from.as_deref() == Some("300000"), "the original size is recorded: {cut_from:?}");
+    ensure!(size < 262_144, "the payload was cut to fit: {size} bytes");
+
+    let mut redrive = Daemon::start_with(&env, &["dlq", "redrive"], &[limit])?;
+    ensure!(redrive.wait(DEADLINE).await?.success(), "redrive: {}", redrive.output());
+    ensure!(redrive.output().contains("redrove 0 dead letter"), "{}", redrive.output());
+    daemon.terminate(DEADLINE).await?;
+    Ok(())
+}

@@ -124,3 +124,60 @@ async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> any
     drop((a, b));
     Ok(())
 }
+
+/// A rebalance in the middle of a transaction that changes every row twice (issue 8.4): the
+/// partitions change owner while the first sink still buffers the transaction's changes. Rows of
+/// a revoked partition it had not sent are dropped, and the two changes of a row never share a
+/// version, so whatever order the two sinks' inserts land in, the second change of every row
+/// wins.
+#[tokio::test]
+async fn a_rebalance_in_the_middle_of_a_transaction_changing_each_row_twice_keeps_the_last_change()
+-> anyhow::Result<()> {
+    let env = TestEnv::new("sink_rebalance_mid_tx").await?;
+    setup(&env).await?;
+    let pg = env.pg_admin().await?;
+    let _source = Daemon::start(&env, &["source"])?;
+    pg.batch_execute(
+        "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id,
+             scorecard_type, process_interaction_at)
+         SELECT 'cust', 'prof', 'card-' || g, 'tmpl', 2, to_timestamp(1700000000 + g)
+         FROM generate_series(1, 200) g;
+         INSERT INTO director.scores (customer_id, profile_id, score_id, scorecard_id,
+             criterion_id)
+         SELECT 'cust', 'prof', 'score-' || g || '-' || k, 'card-' || g, 'crit-' || k
+         FROM generate_series(1, 200) g, generate_series(1, 100) k;
+         BEGIN;
+         UPDATE director.scores SET comment = 'first';
+         UPDATE director.scores SET comment = 'second';
+         COMMIT;",
+    )
+    .await?;
+    let changes = 200 + 20_000 * 3;
+    wait::until("the transaction to reach the change topic", DEADLINE, || async {
+        let kafka = env.kafka.clone();
+        let count = tokio::task::spawn_blocking(move || {
+            scoresync_tests::kafka::message_count(&kafka, &kafka.change_topic)
+        })
+        .await??;
+        Ok((count >= changes).then_some(()))
+    })
+    .await?;
+    let member = |listen: &str| -> anyhow::Result<Daemon> {
+        Daemon::start_with(&env, &["sink"], &[("SCORESYNC__METRICS__LISTEN", listen)])
+    };
+    let a_listen = format!("127.0.0.1:{}", free_port()?);
+    let a = member(&a_listen)?;
+    crate::sink::wait_until_assigned(&a, env.kafka.partitions).await?;
+    wait::until("sink A to buffer part of the transaction", DEADLINE, || async {
+        Ok((buffered_rows(&a_listen).await? >= 2_000).then_some(()))
+    })
+    .await?;
+    let b = member(&format!("127.0.0.1:{}", free_port()?))?;
+    wait::until("sink A to give partitions up", DEADLINE, || async {
+        Ok((!revoke_ms(&a).is_empty()).then_some(()))
+    })
+    .await?;
+    wait_until_consistent(&env, &pg, Duration::from_secs(300)).await?;
+    drop((a, b));
+    Ok(())
+}

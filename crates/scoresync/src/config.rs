@@ -147,6 +147,20 @@ impl Config {
                 bail!("invalid config: {problem}");
             }
         }
+        // A few of the largest events must fit under the sink's byte bounds, or the hold-back
+        // they trigger could never be released (it waits for the levels to halve).
+        let event = self.kafka.max_message_bytes;
+        for (field, value, times) in [
+            ("sink.max_parked_bytes", self.sink.max_parked_bytes, 4),
+            ("sink.max_buffered_bytes", self.sink.max_buffered_bytes, 4),
+        ] {
+            if value < times * event {
+                bail!(
+                    "invalid config: {field} ({value}) must be at least {times} x \
+                     kafka.max_message_bytes ({event})"
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -223,6 +237,19 @@ mod tests {
         assert_eq!(cfg.kafka.partitions, 6);
         assert_eq!(cfg.kafka.brokers, "10.0.0.1:9092");
         assert_eq!(cfg.clickhouse.shards.len(), 2);
+    }
+
+    #[test]
+    fn byte_bounds_must_hold_a_few_of_the_largest_events() {
+        let big = ("SCORESYNC__KAFKA__MAX_MESSAGE_BYTES", "33554432");
+        let err = Config::parse(MINIMAL, env(&[big])).expect_err("64 MiB < 4 x 32 MiB");
+        assert!(err.to_string().contains("sink.max_parked_bytes"), "{err}");
+        let raised = [
+            big,
+            ("SCORESYNC__SINK__MAX_PARKED_BYTES", "134217728"),
+            ("SCORESYNC__SINK__MAX_BUFFERED_BYTES", "134217728"),
+        ];
+        Config::parse(MINIMAL, env(&raised)).expect("raised with it");
     }
 
     #[test]

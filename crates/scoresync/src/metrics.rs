@@ -35,6 +35,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "Rows not yet in ClickHouse: buffered, with the writers, move markers waiting, dead letters unacknowledged.",
     ),
     (
+        "scoresync_sink_buffered_bytes",
+        "gauge",
+        "Estimated bytes of the rows buffered or with the writers, not yet in ClickHouse.",
+    ),
+    (
         "scoresync_sink_paused",
         "gauge",
         "1 while consumption is paused because buffers or the park are full.",
@@ -95,6 +100,12 @@ pub fn render(stats: &SinkStats) -> String {
         out,
         "scoresync_sink_buffered_rows {}",
         stats.buffered_rows.load(Ordering::Relaxed)
+    );
+    header(&mut out, "scoresync_sink_buffered_bytes");
+    let _ = writeln!(
+        out,
+        "scoresync_sink_buffered_bytes {}",
+        stats.buffered_bytes.load(Ordering::Relaxed)
     );
     header(&mut out, "scoresync_sink_paused");
     let _ = writeln!(out, "scoresync_sink_paused {}", stats.paused.load(Ordering::Relaxed));
@@ -158,6 +169,7 @@ pub fn status_json(stats: &SinkStats) -> String {
         "conversations_on_several_shards": split,
         "parked": parked,
         "buffered_rows": stats.buffered_rows.load(Ordering::Relaxed),
+        "buffered_bytes": stats.buffered_bytes.load(Ordering::Relaxed),
         "paused": stats.paused.load(Ordering::Relaxed) == 1,
         "dead_lettered_total": stats.dead_lettered.load(Ordering::Relaxed),
     });

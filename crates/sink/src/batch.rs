@@ -45,6 +45,8 @@ pub struct Batch {
     pub row_partitions: Vec<i32>,
     /// Its place in the order batches were handed to the writers (set by the writer pool).
     pub seq: u64,
+    /// Estimated size of its rows in memory ([`row_bytes`]).
+    pub bytes: usize,
 }
 
 impl Batch {
@@ -58,6 +60,7 @@ impl Batch {
             .filter(|(_, p)| !partitions.contains(p))
             .unzip();
         (self.rows, self.row_partitions) = (rows, row_partitions);
+        self.bytes = self.rows.iter().map(row_bytes).sum();
         take_origins(&mut self.origins, partitions)
     }
 }
@@ -94,9 +97,12 @@ pub struct Batcher {
     limits: Limits,
     buffers: BTreeMap<(ShardIndex, SourceTable), Buffer>,
     rows: usize,
+    bytes: usize,
 }
 
-fn estimate(row: &ChRow) -> usize {
+/// A row's estimated size in memory: its strings' lengths, 9 bytes for any other cell. What the
+/// sink's byte bounds (`sink.max_batch_bytes`, `sink.max_buffered_bytes`) count.
+pub(crate) fn row_bytes(row: &ChRow) -> usize {
     row.cells
         .iter()
         .map(|c| match c {
@@ -109,7 +115,7 @@ fn estimate(row: &ChRow) -> usize {
 impl Batcher {
     /// Empty buffers with these limits.
     pub fn new(limits: Limits) -> Self {
-        Batcher { limits, buffers: BTreeMap::new(), rows: 0 }
+        Batcher { limits, buffers: BTreeMap::new(), rows: 0, bytes: 0 }
     }
 
     /// Adds a row written by message `origin`. Returns true when `origin` is new to this buffer
@@ -129,12 +135,14 @@ impl Batcher {
             since: Instant::now(),
         });
         let (_, key) = row.key(schema);
-        let size = estimate(&row);
+        let size = row_bytes(&row);
         match buffer.index.get(&key) {
             Some(&i) => {
                 let current = &buffer.entries[i];
                 if (row.version, row.seq) >= (current.row.version, current.row.seq) {
-                    buffer.bytes = buffer.bytes - estimate(&current.row) + size;
+                    let replaced = row_bytes(&current.row);
+                    buffer.bytes = buffer.bytes - replaced + size;
+                    self.bytes = self.bytes - replaced + size;
                     buffer.entries[i] = Entry { row, key, origin };
                 }
             }
@@ -142,6 +150,7 @@ impl Batcher {
                 buffer.index.insert(key.clone(), buffer.entries.len());
                 buffer.entries.push(Entry { row, key, origin });
                 buffer.bytes += size;
+                self.bytes += size;
                 self.rows += 1;
             }
         }
@@ -163,7 +172,9 @@ impl Batcher {
             let before = buffer.entries.len();
             buffer.entries.retain(|e| !partitions.contains(&e.origin.0));
             self.rows -= before - buffer.entries.len();
-            buffer.bytes = buffer.entries.iter().map(|e| estimate(&e.row)).sum();
+            let kept = buffer.entries.iter().map(|e| row_bytes(&e.row)).sum();
+            self.bytes = self.bytes - buffer.bytes + kept;
+            buffer.bytes = kept;
             buffer.index =
                 buffer.entries.iter().enumerate().map(|(i, e)| (e.key.clone(), i)).collect();
             released.extend(take_origins(&mut buffer.origins, partitions));
@@ -175,6 +186,11 @@ impl Batcher {
     /// Rows buffered (not yet handed out).
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Estimated bytes of the rows buffered.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Batches that are full or old enough.
@@ -202,6 +218,7 @@ impl Batcher {
     fn take(&mut self, key: (ShardIndex, SourceTable)) -> Option<Batch> {
         let buffer = self.buffers.remove(&key)?;
         self.rows -= buffer.entries.len();
+        self.bytes -= buffer.bytes;
         let row_partitions = buffer.entries.iter().map(|e| e.origin.0).collect();
         Some(Batch {
             shard: key.0,
@@ -210,6 +227,7 @@ impl Batcher {
             origins: buffer.origins,
             row_partitions,
             seq: 0,
+            bytes: buffer.bytes,
         })
     }
 }
@@ -278,6 +296,24 @@ mod tests {
             vec![(0, 1), (0, 2), (0, 3)]
         );
         assert_eq!(b.rows(), 0);
+    }
+
+    #[test]
+    fn bytes_follow_the_rows_through_replace_purge_and_take() {
+        let s = schema();
+        let mut b = Batcher::new(limits(100));
+        let big = "x".repeat(100_000);
+        b.add(0, &s, row("a", &big, 1, 0), (0, 1));
+        b.add(1, &s, row("b", "small", 1, 0), (1, 1));
+        let both = b.bytes();
+        assert!(both > 100_000, "{both}");
+        b.add(0, &s, row("a", "now small", 2, 0), (0, 2));
+        assert!(b.bytes() < 1_000, "the replaced 100 KB row no longer counts: {}", b.bytes());
+        b.purge(&[1]);
+        let left = b.bytes();
+        let batches = b.drain();
+        assert_eq!(batches.iter().map(|batch| batch.bytes).sum::<usize>(), left);
+        assert_eq!(b.bytes(), 0);
     }
 
     #[test]

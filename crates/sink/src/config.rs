@@ -115,8 +115,12 @@ pub const DEFAULT_MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 pub const DEFAULT_MAX_WAIT_MS: u64 = 500;
 /// Default bound on rows buffered or in flight across all shards before consumption pauses.
 pub const DEFAULT_MAX_BUFFERED_ROWS: usize = 200_000;
+/// Default bound on the estimated bytes of rows buffered or in flight before consumption pauses.
+pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 128 * 1024 * 1024;
 /// Default bound on parked events before consumption pauses.
 pub const DEFAULT_MAX_PARKED_EVENTS: usize = 100_000;
+/// Default bound on the encoded bytes of parked events before consumption pauses.
+pub const DEFAULT_MAX_PARKED_BYTES: usize = 64 * 1024 * 1024;
 /// Default interval between retries of parked events.
 pub const DEFAULT_PARK_RETRY_MS: u64 = 2_000;
 /// Default bound on cached scorecards and conversations.
@@ -140,8 +144,13 @@ pub struct SinkConfig {
     /// Rows buffered or in flight, plus dead letters awaiting acknowledgement, before consumption
     /// pauses (memory bound while a shard or the broker is slow).
     pub max_buffered_rows: usize,
+    /// Estimated bytes of the rows buffered or in flight before consumption pauses (rows of 100 KB
+    /// comments reach a row bound only at gigabytes).
+    pub max_buffered_bytes: usize,
     /// Parked events before consumption pauses.
     pub max_parked_events: usize,
+    /// Encoded bytes of the parked events before consumption pauses.
+    pub max_parked_bytes: usize,
     /// How often parked events are retried.
     pub park_retry_ms: u64,
     /// Scorecards and conversations kept in the routing caches.
@@ -163,7 +172,9 @@ impl Default for SinkConfig {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_wait_ms: DEFAULT_MAX_WAIT_MS,
             max_buffered_rows: DEFAULT_MAX_BUFFERED_ROWS,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
             max_parked_events: DEFAULT_MAX_PARKED_EVENTS,
+            max_parked_bytes: DEFAULT_MAX_PARKED_BYTES,
             park_retry_ms: DEFAULT_PARK_RETRY_MS,
             cache_entries: DEFAULT_CACHE_ENTRIES,
             conversation_cache_ttl_ms: DEFAULT_CONVERSATION_CACHE_TTL_MS,
@@ -180,6 +191,8 @@ impl SinkConfig {
             ("sink.max_batch_bytes", self.max_batch_bytes),
             ("sink.max_buffered_rows", self.max_buffered_rows),
             ("sink.max_parked_events", self.max_parked_events),
+            ("sink.max_buffered_bytes", self.max_buffered_bytes),
+            ("sink.max_parked_bytes", self.max_parked_bytes),
             ("sink.cache_entries", self.cache_entries),
         ];
         for (field, value) in positive {

@@ -79,6 +79,14 @@ pub enum Error {
         "a shard writer stopped unexpectedly (see the log above); restart the sink: rows not acknowledged are read again"
     )]
     WritersStopped,
+    /// A TRUNCATE's job ended without an answer (it panicked or was cancelled); it runs again.
+    #[error("the TRUNCATE job of {table} stopped: {problem}; it runs again")]
+    TruncateJob {
+        /// The table.
+        table: String,
+        /// What the runtime said.
+        problem: String,
+    },
     /// A Kafka client operation failed.
     #[error("kafka: {context}")]
     Kafka {
@@ -125,6 +133,7 @@ impl Error {
             Error::Shard { .. }
             | Error::Timeout { .. }
             | Error::PostgresTimeout { .. }
+            | Error::TruncateJob { .. }
             | Error::Kafka { .. } => true,
             Error::Postgres { source, .. } => crate::lookup::postgres_error_is_transient(source),
             Error::Bus(err) => err.is_transient(),

@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use prost::Message as _;
 use scoresync_event::{ChangeEvent, Operation, RowVersion, ScorecardKey};
 
 use crate::batch::MsgId;
@@ -152,6 +153,8 @@ pub struct Park {
     by_card: HashMap<ScorecardKey, BTreeMap<MsgId, RowKey>>,
     /// Parked TRUNCATEs (message to table): every later message of their partition waits.
     truncates: BTreeMap<MsgId, String>,
+    /// Encoded size of the parked events, for `sink.max_parked_bytes`.
+    bytes: usize,
 }
 
 /// Retry delay after `attempts` failures: 1 s doubling to 8 s (retries are cheap: one batched
@@ -180,13 +183,16 @@ impl Park {
         if parked.event.op() == Operation::Truncate {
             self.truncates.insert(parked.msg, parked.event.table.clone());
         }
+        self.bytes += parked.event.encoded_len();
         if let Some(replaced) = self.rows.insert(row, parked) {
+            self.bytes -= replaced.event.encoded_len();
             self.forget_card(&replaced);
         }
     }
 
     fn remove(&mut self, row: &RowKey) -> Option<Parked> {
         let parked = self.rows.remove(row)?;
+        self.bytes -= parked.event.encoded_len();
         self.forget_card(&parked);
         Some(parked)
     }
@@ -340,6 +346,11 @@ impl Park {
     /// How many events are parked.
     pub fn len(&self) -> usize {
         self.rows.len()
+    }
+
+    /// Encoded bytes of the parked events.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// True when nothing is parked.

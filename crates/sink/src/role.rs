@@ -81,6 +81,8 @@ impl Sink {
             stats: Arc::clone(&self.stats),
             config: self.sink.clone(),
             flush_timed_out_at: None,
+            revoke_epoch: 0,
+            revoked_at: Default::default(),
         };
         let result = sink_loop.run(&shutdown).await;
         sink_loop.drain().await;

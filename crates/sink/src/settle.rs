@@ -2,14 +2,19 @@
 //! message read just now, or a parked event retried).
 //!
 //! The order of the rules:
-//! 1. A change of a scorecard with an earlier change parked waits behind it (one scorecard's
-//!    changes apply in commit order, see [`crate::park`]).
+//! 0. An attempt whose partition was revoked since it was taken is dropped, before and after
+//!    the flush that may absorb the revocation: its holds are retired and the new owner reads it
+//!    again ([`Settled::Revoked`]). A newer change of a row takes over the old identity of the
+//!    parked change it supersedes (`Park::inherit`), so that change's delete marker still goes.
+//! 1. A change of a scorecard with an earlier change parked, or of a partition with an earlier
+//!    TRUNCATE parked, waits behind it (see [`crate::park`]).
 //! 2. Apply. A change that reads back stored rows first has every buffered row acknowledged
 //!    (bounded by [`FLUSH_PATIENCE`]: a shard that is slow or down parks the change instead of
 //!    stalling every partition).
 //! 3. Applied: an older parked change of the same row is superseded (its hold released), the
 //!    scorecard's changes parked behind are woken, a TRUNCATE drops the parked changes it made
-//!    moot, and the message's own hold is released.
+//!    moot (already when its job starts) and wakes its partition, and the message's own hold is
+//!    released.
 //! 4. Parked (a dependency not there yet, or unavailable): kept with its reason, hold kept.
 //! 5. Poison: dead-lettered; the hold is released once the letter is acknowledged.
 //!
@@ -52,6 +57,8 @@ pub(crate) enum Settled {
     DeadLettered,
     /// Shutdown came first (a live event keeps its hold and is read again).
     Interrupted,
+    /// Its partition was revoked since it was taken: the new owner reads it again.
+    Revoked,
 }
 
 impl Settled {
@@ -103,18 +110,30 @@ impl Attempt {
     }
 }
 
+impl Loop {
+    /// True when `msg`'s partition was revoked after `epoch`.
+    fn revoked_since(&self, (partition, _): MsgId, epoch: u64) -> bool {
+        self.revoked_at.get(&partition).is_some_and(|at| *at > epoch)
+    }
+}
+
 fn unacknowledged() -> ParkReason {
     ParkReason::Unavailable("earlier rows to be acknowledged by every shard".into())
 }
 
 impl Loop {
     /// Settles one event; see the module doc.
+    /// `epoch` is the revoke epoch when the attempt was taken (read, or taken out of the park).
     pub(crate) async fn settle(
         &mut self,
         mut attempt: Attempt,
+        epoch: u64,
         shutdown: &CancellationToken,
     ) -> Result<Settled, Error> {
         let (msg, row) = (attempt.msg(), attempt.row());
+        if self.revoked_since(msg, epoch) {
+            return Ok(Settled::Revoked);
+        }
         if let (Some(key), Attempt::Live(_, event)) = (&row, &mut attempt) {
             self.park.inherit(key, event);
         }
@@ -123,7 +142,7 @@ impl Loop {
         {
             return self.park_attempt(attempt, row, reason);
         }
-        let decision = match self.apply_flushing(msg, attempt.event(), shutdown).await {
+        let decision = match self.apply_flushing(msg, attempt.event(), epoch, shutdown).await {
             Some(decision) => decision,
             None => {
                 if let Attempt::Retry(row, parked) = attempt {
@@ -133,12 +152,23 @@ impl Loop {
                 return Ok(Settled::Interrupted);
             }
         };
+        // A flush absorbs revocations: an attempt whose partition went meanwhile is stale
+        // (`apply_flushing` did not apply it again; rows it added before were purged).
+        if self.revoked_since(msg, epoch) {
+            return Ok(Settled::Revoked);
+        }
         match decision {
             Ok(Decision::Applied) => {
                 self.applied(attempt.event(), row.as_ref(), msg);
                 Ok(Settled::Applied)
             }
-            Ok(Decision::Park(reason)) => self.park_attempt(attempt, row, reason),
+            Ok(Decision::Park(reason)) => {
+                if matches!(reason, ParkReason::TruncateRunning(_)) {
+                    // Its job started: older parked changes of the table are dead already.
+                    self.drop_truncated(attempt.event());
+                }
+                self.park_attempt(attempt, row, reason)
+            }
             Ok(Decision::NeedsFlush) => self.park_attempt(attempt, row, unacknowledged()),
             Ok(Decision::Poison(error)) => {
                 self.park.wake_scorecard(attempt.event());
@@ -168,6 +198,7 @@ impl Loop {
         &mut self,
         msg: MsgId,
         event: &ChangeEvent,
+        epoch: u64,
         shutdown: &CancellationToken,
     ) -> Option<Result<Decision, Error>> {
         let first = self.apply_holding(msg, event).await;
@@ -175,6 +206,8 @@ impl Loop {
             return Some(first);
         }
         match self.flush_within(shutdown).await {
+            // Revoked during the flush: not applied again (the caller drops it).
+            Flushed::Done if self.revoked_since(msg, epoch) => Some(Ok(Decision::NeedsFlush)),
             Flushed::Done => {
                 // What the last prefetch found on no shard may be there now.
                 self.applier.locate.forget_absent();
@@ -198,14 +231,18 @@ impl Loop {
         decision
     }
 
-    fn applied(&mut self, event: &ChangeEvent, row: Option<&RowKey>, msg: MsgId) {
-        if event.op() == Operation::Truncate
-            && let Some(table) = SourceTable::from_name(&event.schema, &event.table)
-        {
-            // Parked changes of the table older than the TRUNCATE are moot now.
-            for moot in self.park.drop_older(table, RowVersion::of_event(event).0) {
+    /// Parked changes of a TRUNCATE's table older than it are moot once its job started.
+    fn drop_truncated(&mut self, truncate: &ChangeEvent) {
+        if let Some(table) = SourceTable::from_name(&truncate.schema, &truncate.table) {
+            for moot in self.park.drop_older(table, RowVersion::of_event(truncate).0) {
                 self.group.release(moot);
             }
+        }
+    }
+
+    fn applied(&mut self, event: &ChangeEvent, row: Option<&RowKey>, msg: MsgId) {
+        if event.op() == Operation::Truncate {
+            self.drop_truncated(event);
             self.park.wake_partition(msg.0);
         }
         if let Some(row) = row

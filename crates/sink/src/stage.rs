@@ -3,9 +3,10 @@
 //!
 //! Priorities: shutdown, then acknowledgements (writers, then dead letters), then the timer
 //! (flush aged batches, retry parked events, hold back or resume, the member's housekeeping),
-//! then new messages. Memory stays bounded: when buffered plus in-flight rows reach
-//! `max_buffered_rows`, or parked events reach `max_parked_events`, consumption is held back
-//! (the loop keeps polling, so the member stays in its group) until the backlog halves.
+//! then new messages. Memory stays bounded, in rows and in bytes: when buffered plus in-flight
+//! rows reach `max_buffered_rows` or their estimated bytes `max_buffered_bytes`, or parked events
+//! reach `max_parked_events` or `max_parked_bytes`, consumption is held back (the loop keeps
+//! polling, so the member stays in its group) until every one of them is back under half.
 //! How one event's outcome is settled (applied, parked, dead-lettered) is in [`crate::settle`].
 //! Revocations reach the loop only through [`GroupMember::take_revoked`], at the start of each
 //! turn ([`Loop::forget_revoked`]).
@@ -48,6 +49,12 @@ pub(crate) struct Loop {
     pub(crate) config: SinkConfig,
     /// When a bounded wait for acknowledgements last ran out (see [`crate::settle`]).
     pub(crate) flush_timed_out_at: Option<Instant>,
+    /// Counts the revocations this loop has absorbed ([`Loop::forget_revoked`]).
+    pub(crate) revoke_epoch: u64,
+    /// The epoch each partition was last revoked at: an attempt taken before that (read in a
+    /// batch, or taken out of the park) is stale, its holds retired, and is dropped, not applied
+    /// or parked again (the partition's owner reads it again).
+    pub(crate) revoked_at: std::collections::HashMap<i32, u64>,
 }
 
 impl Loop {
@@ -143,6 +150,10 @@ impl Loop {
         if gone.is_empty() {
             return;
         }
+        self.revoke_epoch += 1;
+        for &partition in &gone {
+            self.revoked_at.insert(partition, self.revoke_epoch);
+        }
         self.applier.locate.forget_cards();
         let mut released = self.applier.batcher.purge(&gone);
         released.extend(self.pool.purge(&gone));
@@ -177,9 +188,10 @@ impl Loop {
                 }
             }
         }
+        let epoch = self.revoke_epoch;
         self.applier.locate.prefetch(events.iter().map(|(_, e)| e)).await;
         for (message, event) in events {
-            if !self.settle(Attempt::Live(message, event), shutdown).await?.finished() {
+            if !self.settle(Attempt::Live(message, event), epoch, shutdown).await?.finished() {
                 return Ok(false);
             }
         }
@@ -188,6 +200,7 @@ impl Loop {
 
     /// Retries parked events that are due. Returns false when shutdown interrupted it.
     async fn retry_parked(&mut self, shutdown: &CancellationToken) -> Result<bool, Error> {
+        let epoch = self.revoke_epoch;
         let due = self.park.due(Instant::now());
         if due.is_empty() {
             return Ok(true);
@@ -195,7 +208,7 @@ impl Loop {
         self.applier.locate.prefetch(due.iter().map(|(_, p)| &p.event)).await;
         let mut applied = 0usize;
         for (row, parked) in due {
-            let settled = self.settle(Attempt::Retry(row, parked), shutdown).await?;
+            let settled = self.settle(Attempt::Retry(row, parked), epoch, shutdown).await?;
             if !settled.finished() {
                 return Ok(false);
             }
@@ -242,23 +255,36 @@ impl Loop {
             + self.outbox.len()
     }
 
+    /// Estimated bytes not yet in ClickHouse: rows buffered and with the writers.
+    fn backlog_bytes(&self) -> usize {
+        self.applier.batcher.bytes() + self.pool.in_flight_bytes()
+    }
+
     fn hold_back_or_resume(&mut self) {
-        let buffered = self.backlog();
-        let parked = self.park.len();
-        let (max_rows, max_parked) = (self.config.max_buffered_rows, self.config.max_parked_events);
-        let full = buffered >= max_rows || parked >= max_parked;
-        let relaxed = buffered <= max_rows / 2 && parked <= max_parked / 2;
-        if full && !self.group.is_held_back() {
-            tracing::warn!(buffered, parked, "buffers full: pausing consumption");
+        let c = &self.config;
+        // (what, how much, its bound)
+        let levels = [
+            ("buffered rows", self.backlog(), c.max_buffered_rows),
+            ("buffered bytes", self.backlog_bytes(), c.max_buffered_bytes),
+            ("parked events", self.park.len(), c.max_parked_events),
+            ("parked bytes", self.park.bytes(), c.max_parked_bytes),
+        ];
+        let full = levels.iter().find(|(_, level, max)| level >= max);
+        let relaxed = levels.iter().all(|(_, level, max)| *level <= max / 2);
+        if let Some((what, level, max)) = full
+            && !self.group.is_held_back()
+        {
+            tracing::warn!(what, level, max, "buffers full: pausing consumption");
             self.group.hold_back(true);
         } else if self.group.is_held_back() && relaxed {
-            tracing::info!(buffered, parked, "buffers drained: resuming consumption");
+            tracing::info!(?levels, "buffers drained: resuming consumption");
             self.group.hold_back(false);
         }
     }
 
     fn publish_stats(&self) {
         self.stats.buffered_rows.store(self.backlog() as u64, Ordering::Relaxed);
+        self.stats.buffered_bytes.store(self.backlog_bytes() as u64, Ordering::Relaxed);
         self.stats.paused.store(u64::from(self.group.is_held_back()), Ordering::Relaxed);
         if let Ok(mut parked) = self.stats.parked.lock() {
             let by_reason = self.park.by_reason().into_iter().map(|(k, v)| (k.to_owned(), v));

@@ -27,6 +27,8 @@ pub struct SinkStats {
     pub commit_to_ack_seconds: Mutex<BTreeMap<String, f64>>,
     /// Rows buffered or in flight to ClickHouse.
     pub buffered_rows: AtomicU64,
+    /// Estimated bytes of the rows buffered or in flight to ClickHouse.
+    pub buffered_bytes: AtomicU64,
     /// 1 while consumption is paused (buffers or park full).
     pub paused: AtomicU64,
     /// Per (shard, table): inserts the server keeps refusing (it answered with an error, as

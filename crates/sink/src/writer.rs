@@ -53,6 +53,8 @@ enum Refusal {
 pub(crate) struct Ack {
     /// Rows inserted.
     pub rows: usize,
+    /// Their estimated bytes.
+    pub bytes: usize,
     /// The messages whose rows the batch carried (each releases one hold).
     pub origins: BTreeSet<MsgId>,
     /// The batch's sequence number.
@@ -78,6 +80,7 @@ pub(crate) struct WriterPool {
     queues: Vec<VecDeque<Batch>>,
     acks: mpsc::Receiver<Ack>,
     in_flight_rows: usize,
+    in_flight_bytes: usize,
     tasks: Vec<JoinHandle<()>>,
     stop: CancellationToken,
     with_writers: InFlight,
@@ -122,6 +125,7 @@ impl WriterPool {
             queues,
             acks,
             in_flight_rows: 0,
+            in_flight_bytes: 0,
             tasks,
             stop,
             with_writers,
@@ -136,6 +140,7 @@ impl WriterPool {
         batch.seq = self.last_seq;
         self.outstanding.insert(batch.seq);
         self.in_flight_rows += batch.rows.len();
+        self.in_flight_bytes += batch.bytes;
         let shard = batch.shard;
         self.queues[shard].push_back(batch);
         self.push();
@@ -169,9 +174,10 @@ impl WriterPool {
         let mut released = Vec::new();
         for queue in &mut self.queues {
             for batch in queue.iter_mut() {
-                let before = batch.rows.len();
+                let (before, before_bytes) = (batch.rows.len(), batch.bytes);
                 released.extend(batch.purge(partitions));
                 self.in_flight_rows -= before - batch.rows.len();
+                self.in_flight_bytes -= before_bytes - batch.bytes;
             }
             // A batch left without rows is done: its other messages need no insert.
             for batch in queue.iter_mut().filter(|b| b.rows.is_empty()) {
@@ -187,6 +193,7 @@ impl WriterPool {
     pub(crate) async fn ack(&mut self) -> Option<Ack> {
         let ack = self.acks.recv().await?;
         self.in_flight_rows -= ack.rows;
+        self.in_flight_bytes -= ack.bytes;
         self.outstanding.remove(&ack.seq);
         self.push();
         Some(ack)
@@ -216,6 +223,11 @@ impl WriterPool {
         self.in_flight_rows
     }
 
+    /// Estimated bytes of the rows handed to the writers and not yet acknowledged.
+    pub(crate) fn in_flight_bytes(&self) -> usize {
+        self.in_flight_bytes
+    }
+
     /// Stops the writers (a batch not yet inserted stays unacknowledged: its messages are read
     /// again) and waits for them.
     pub(crate) async fn stop(self) {
@@ -239,7 +251,12 @@ impl ShardWriter {
                 return;
             }
             self.with_writers.done(batch.rows.len());
-            let ack = Ack { rows: batch.rows.len(), origins: batch.origins, seq: batch.seq };
+            let ack = Ack {
+                rows: batch.rows.len(),
+                bytes: batch.bytes,
+                origins: batch.origins,
+                seq: batch.seq,
+            };
             if self.acks.send(ack).await.is_err() {
                 return;
             }

@@ -51,6 +51,10 @@ pub struct LoadgenArgs {
     /// Share of scorecards with a large (TOASTed) comment.
     #[arg(long, default_value_t = 0.05)]
     pub large_comment_share: f64,
+    /// Size of a large comment in bytes (random-looking hex, so neither TOAST nor Kafka
+    /// compression makes much of it), rounded down to a multiple of 32.
+    #[arg(long, default_value_t = 11_200)]
+    pub large_comment_bytes: u32,
     /// Random seed: the same seed gives the same workload (with the same `rand` release).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -252,6 +256,7 @@ async fn create(
             &agent,
             &score,
             &comment,
+            &i32::try_from(args.large_comment_bytes / 32).unwrap_or(i32::MAX),
         ],
     )
     .await?;

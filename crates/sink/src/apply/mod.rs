@@ -144,6 +144,10 @@ impl Applier {
             .iter()
             .find(|s| s.table == row.table)
             .ok_or_else(|| Error::NoSchema { table: row.table.name().into() })?;
+        // A row a TRUNCATE started here removes is dead (see `truncate`); markers may go on.
+        if self.truncations.removes(row.table, row.version) && !row.is_delete(schema) {
+            return Ok(());
+        }
         if self.batcher.add(shard, schema, row, msg) {
             self.fresh_holds.push(msg);
         }
@@ -186,7 +190,11 @@ impl Applier {
             return Ok(Decision::Poison(format!("unknown table {}.{}", event.schema, event.table)));
         };
         match (event.op(), table) {
-            (Operation::Truncate, _) if !flushed => Ok(Decision::NeedsFlush),
+            (Operation::Truncate, _)
+                if !flushed && !self.truncations.knows(table, RowVersion::of_event(event).0) =>
+            {
+                Ok(Decision::NeedsFlush)
+            }
             (Operation::Truncate, _) => self.truncate(table, RowVersion::of_event(event).0).await,
             (Operation::Unspecified, _) => Ok(Decision::Poison("unspecified operation".into())),
             (_, SourceTable::Scorecards) => self.apply_card(msg, event, flushed).await,

@@ -9,6 +9,13 @@
 //! the first copy starts the job, the others find it running or done (by table and version) and
 //! never start it again. Only a failed job is started again; the statement is idempotent (rows
 //! already marked are not live under FINAL), so is a job re-run after a restart.
+//!
+//! Why once is enough: the first copy starts the job only after every row written so far is in
+//! ClickHouse (it needs a flush), and from that moment the table is *truncated through* the
+//! TRUNCATE's version: any later row of it older than that version (a partition that had not
+//! reached its copy yet, a parked change retried, a move's child copies) is dead and is not
+//! written at all ([`Applier::add`] asks [`Truncations::removes`]). After a restart that memory is
+//! gone, but every copy not yet committed is read again and runs the job again.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -30,6 +37,24 @@ const REMEMBERED: usize = 64;
 pub(crate) struct Truncations {
     running: HashMap<(SourceTable, u64), JoinHandle<Result<(), Error>>>,
     applied: VecDeque<(SourceTable, u64)>,
+    /// Per table, the version of the newest TRUNCATE whose job started: live rows older than it
+    /// are dead.
+    through: HashMap<SourceTable, u64>,
+}
+
+impl Truncations {
+    /// True when a TRUNCATE started (or done) in this process removes a live row of `table` at
+    /// `version`: such a row must not be written.
+    pub(crate) fn removes(&self, table: SourceTable, version: u64) -> bool {
+        self.through.get(&table).is_some_and(|through| version < *through)
+    }
+
+    /// True when the TRUNCATE of `table` at `version` is running or applied (retrying it needs no
+    /// flush: only starting it does).
+    pub(crate) fn knows(&self, table: SourceTable, version: u64) -> bool {
+        let id = (table, version);
+        self.running.contains_key(&id) || self.applied.contains(&id)
+    }
 }
 
 impl Applier {
@@ -51,9 +76,9 @@ impl Applier {
                 let Some(job) = self.truncations.running.remove(&id) else {
                     return Ok(Decision::Park(running));
                 };
-                let outcome = job.await.map_err(|e| Error::Timeout {
-                    shard: 0,
-                    action: format!("TRUNCATE of {table}: the job stopped ({e})"),
+                let outcome = job.await.map_err(|e| Error::TruncateJob {
+                    table: table.to_string(),
+                    problem: e.to_string(),
                 })?;
                 outcome?;
                 self.truncate_done(table, version);
@@ -76,6 +101,8 @@ impl Applier {
             Ok(())
         });
         self.truncations.running.insert(id, job);
+        let through = self.truncations.through.entry(table).or_insert(version);
+        *through = (*through).max(version);
         Ok(Decision::Park(running))
     }
 

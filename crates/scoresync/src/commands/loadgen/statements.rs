@@ -17,12 +17,13 @@ pub(super) struct Statements {
 
 impl Statements {
     pub(super) async fn prepare(pg: &Client) -> Result<Statements, tokio_postgres::Error> {
-        // A large comment (TOASTed) is built by PostgreSQL from the card id when `$10` is NULL.
+        // A large comment (TOASTed) is built by PostgreSQL from the card id when `$10` is NULL:
+        // `$11` md5 hex digests of 32 characters.
         let insert_card = "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, \
              template_id, template_revision, scorecard_type, conversation_id, process_interaction_at, \
              agent_user_id, creator_user_id, score, comment, submitted_at, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, 'rev-1', $5, $6, $7, $8, 'creator-1', $9, \
-             COALESCE($10, (SELECT string_agg(md5(g::text || $3), '') FROM generate_series(1, 350) g)), \
+             COALESCE($10, (SELECT string_agg(md5(g::text || $3), '') FROM generate_series(1, $11::int) g)), \
              now(), now(), now())";
         let insert_score = "INSERT INTO director.scores (customer_id, profile_id, score_id, \
              scorecard_id, criterion_id, numeric_value, not_applicable, ai_scored, comment, created_at, \
