@@ -152,12 +152,33 @@ async fn a_parked_reparenting_superseded_by_a_later_update_still_retires_the_old
          UPDATE director.scores SET comment = 'later' WHERE score_id = 'wanderer';",
     )
     .await?;
-    // Both score changes wait behind the card, which waits for its conversation.
-    wait::until("the score changes to park", DEADLINE, || async {
-        let s = crate::sink::status(&env).await?;
-        let parked = s["sink"]["parked"]["events"].as_array().map_or(0, Vec::len);
-        Ok((parked >= 2).then_some(()))
+    // Both score changes wait behind the card, which waits for its conversation: the score's
+    // parked entry is the second change (the first was superseded while parked).
+    let later = wait::until("the update to reach the topic", DEADLINE, || async {
+        let events = scoresync_tests::kafka::read_events(&env.kafka, &env.kafka.change_topic)?;
+        Ok(events
+            .iter()
+            .find(|p| {
+                p.event.new_row.as_ref().and_then(|r| r.column("comment")).is_some_and(|c| {
+                    scoresync_tests::kafka::value_text(c.value.as_ref()).as_deref() == Some("later")
+                })
+            })
+            .map(|p| (p.partition, p.offset)))
     })
+    .await?;
+    wait::until(
+        "the later score change to park, superseding the re-parenting",
+        DEADLINE,
+        || async {
+            let s = crate::sink::status(&env).await?;
+            let events = s["sink"]["parked"]["events"].as_array().cloned().unwrap_or_default();
+            let parked = |(partition, offset): (i32, i64)| {
+                events.iter().any(|e| e["partition"] == partition && e["offset"] == offset)
+            };
+            let scores = events.iter().filter(|e| e["table"] == "director.scores").count();
+            Ok((parked(later) && scores == 1).then_some(()))
+        },
+    )
     .await?;
     crate::sink::add_conversation(&env, 1, "c", "p", "conv-late", 1_700_000_000, "en").await?;
     wait_until_consistent(&env, &pg, DEADLINE).await?;

@@ -109,6 +109,10 @@ pub struct GroupMember {
     revoked: Vec<i32>,
     unassigned_since: Option<Instant>,
     rejoin_after: Duration,
+    /// Counts assignments absorbed; each partition remembers the count when it was last
+    /// assigned ([`GroupMember::assigned_at`]).
+    generation: u64,
+    assigned_at: std::collections::HashMap<i32, u64>,
 }
 
 impl GroupMember {
@@ -142,6 +146,8 @@ impl GroupMember {
             revoked: Vec::new(),
             unassigned_since: Some(Instant::now()),
             rejoin_after,
+            generation: 0,
+            assigned_at: Default::default(),
         })
     }
 
@@ -185,6 +191,21 @@ impl GroupMember {
     pub fn take_revoked(&mut self) -> Vec<i32> {
         self.absorb();
         std::mem::take(&mut self.revoked)
+    }
+
+    /// The assignment generation now: a count of the assignments absorbed so far.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The generation at which `partition` was last assigned to this member (`u64::MAX` when it
+    /// is not known to be assigned). Work this member did while owning a partition since an
+    /// earlier generation covered every message of it this member read.
+    pub fn assigned_at(&self, partition: i32) -> u64 {
+        match self.assigned.contains(&partition) {
+            true => self.assigned_at.get(&partition).copied().unwrap_or(u64::MAX),
+            false => u64::MAX,
+        }
     }
 
     /// Asks to hold all consumption back (true) or to resume it (false); applied by
@@ -245,6 +266,10 @@ impl GroupMember {
                         partitions.iter().copied().filter(|p| self.holds.has_retired(*p)).collect();
                     if !back.is_empty() {
                         tracing::info!(topic = %self.topic, partitions = ?back, "assigned back while rows of the revoked assignment are in flight: paused until they are acknowledged");
+                    }
+                    self.generation += 1;
+                    for &p in &partitions {
+                        self.assigned_at.insert(p, self.generation);
                     }
                     self.assigned.extend(partitions.iter().copied());
                     self.paused.extend(partitions);

@@ -39,6 +39,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "gauge",
         "Estimated bytes of the rows buffered or with the writers, not yet in ClickHouse.",
     ),
+    ("scoresync_sink_parked_bytes", "gauge", "Encoded bytes of the parked events."),
     (
         "scoresync_sink_paused",
         "gauge",
@@ -107,6 +108,9 @@ pub fn render(stats: &SinkStats) -> String {
         "scoresync_sink_buffered_bytes {}",
         stats.buffered_bytes.load(Ordering::Relaxed)
     );
+    header(&mut out, "scoresync_sink_parked_bytes");
+    let _ =
+        writeln!(out, "scoresync_sink_parked_bytes {}", stats.parked_bytes.load(Ordering::Relaxed));
     header(&mut out, "scoresync_sink_paused");
     let _ = writeln!(out, "scoresync_sink_paused {}", stats.paused.load(Ordering::Relaxed));
     let inserts = stats.inserts.lock().map(|m| m.clone()).unwrap_or_default();
@@ -170,6 +174,7 @@ pub fn status_json(stats: &SinkStats) -> String {
         "parked": parked,
         "buffered_rows": stats.buffered_rows.load(Ordering::Relaxed),
         "buffered_bytes": stats.buffered_bytes.load(Ordering::Relaxed),
+        "parked_bytes": stats.parked_bytes.load(Ordering::Relaxed),
         "paused": stats.paused.load(Ordering::Relaxed) == 1,
         "dead_lettered_total": stats.dead_lettered.load(Ordering::Relaxed),
     });

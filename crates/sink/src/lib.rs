@@ -34,6 +34,15 @@
 //! assignment are still in flight, it stays paused until they are acknowledged, so an old
 //! batch's acknowledgement never releases a message read anew.
 //!
+//! # TRUNCATE
+//!
+//! The source puts a copy of a TRUNCATE in every partition, after that partition's earlier
+//! changes. The first copy flushes and starts the delete markers as a job of its own (however
+//! long it takes); from then on, rows of the table older than the TRUNCATE are not written, and
+//! every later change of a copy's partition waits behind that copy until the job is done. A copy
+//! from a partition this sink took over after the job started runs the job again (another sink
+//! may have written rows the job did not see), see `apply/truncate.rs`.
+//!
 //! # Order within a scorecard
 //!
 //! The changes of one scorecard (card, scores, historic scores) share a partition and are applied
@@ -50,7 +59,8 @@
 //!
 //! # Modules
 //!
-//! - `role`: wiring (clients, group, writers) and shutdown; `stage`: the loop;
+//! - `role`: wiring (clients, group, writers) and shutdown; `stage`: the loop; `bounds`: when
+//!   it holds consumption back (rows and bytes buffered, events and bytes parked);
 //!   `settle`: what becomes of one event (applied, parked, dead-lettered), for every path.
 //! - `plan`: what a scorecard change writes, decided with no I/O; `apply`: carrying it out,
 //!   and children and TRUNCATEs; `route`: routing; `toast`: unchanged-TOAST values.
@@ -66,6 +76,7 @@
 
 mod apply;
 mod batch;
+mod bounds;
 mod cache;
 pub mod config;
 pub mod dlq;

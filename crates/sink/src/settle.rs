@@ -3,9 +3,10 @@
 //!
 //! The order of the rules:
 //! 0. An attempt whose partition was revoked since it was taken is dropped, before and after
-//!    the flush that may absorb the revocation: its holds are retired and the new owner reads it
-//!    again ([`Settled::Revoked`]). A newer change of a row takes over the old identity of the
-//!    parked change it supersedes (`Park::inherit`), so that change's delete marker still goes.
+//!    the flush that may absorb the revocation, its retired hold released; the new owner reads
+//!    it again ([`Settled::PartitionRevoked`]). A live change of a row takes over the old
+//!    identity of the parked change it supersedes (`Park::inherit`), so that change's delete
+//!    marker still goes.
 //! 1. A change of a scorecard with an earlier change parked, or of a partition with an earlier
 //!    TRUNCATE parked, waits behind it (see [`crate::park`]).
 //! 2. Apply. A change that reads back stored rows first has every buffered row acknowledged
@@ -27,7 +28,7 @@ use scoresync_bus::group::Message;
 use scoresync_event::{ChangeEvent, Operation, RowVersion, ScorecardKey, SourceTable};
 use tokio_util::sync::CancellationToken;
 
-use crate::apply::{Decision, event_row_key};
+use crate::apply::{Decision, Ownership, event_row_key};
 use crate::batch::MsgId;
 use crate::error::Error;
 use crate::park::{ParkReason, Parked};
@@ -58,7 +59,7 @@ pub(crate) enum Settled {
     /// Shutdown came first (a live event keeps its hold and is read again).
     Interrupted,
     /// Its partition was revoked since it was taken: the new owner reads it again.
-    Revoked,
+    PartitionRevoked,
 }
 
 impl Settled {
@@ -132,7 +133,9 @@ impl Loop {
     ) -> Result<Settled, Error> {
         let (msg, row) = (attempt.msg(), attempt.row());
         if self.revoked_since(msg, epoch) {
-            return Ok(Settled::Revoked);
+            // The revocation retired its hold; releasing it lets the partition come back.
+            self.group.release(msg);
+            return Ok(Settled::PartitionRevoked);
         }
         if let (Some(key), Attempt::Live(_, event)) = (&row, &mut attempt) {
             self.park.inherit(key, event);
@@ -155,7 +158,9 @@ impl Loop {
         // A flush absorbs revocations: an attempt whose partition went meanwhile is stale
         // (`apply_flushing` did not apply it again; rows it added before were purged).
         if self.revoked_since(msg, epoch) {
-            return Ok(Settled::Revoked);
+            // The revocation retired its hold; releasing it lets the partition come back.
+            self.group.release(msg);
+            return Ok(Settled::PartitionRevoked);
         }
         match decision {
             Ok(Decision::Applied) => {
@@ -223,7 +228,11 @@ impl Loop {
     /// acknowledged.
     async fn apply_holding(&mut self, msg: MsgId, event: &ChangeEvent) -> Result<Decision, Error> {
         let flushed = self.flushed();
-        let decision = self.applier.apply(msg, event, flushed).await;
+        let ownership = Ownership {
+            owned_since: self.group.assigned_at(msg.0),
+            generation: self.group.generation(),
+        };
+        let decision = self.applier.apply(msg, event, flushed, ownership).await;
         for held in self.applier.take_fresh_holds() {
             self.group.hold(held);
         }

@@ -246,45 +246,10 @@ impl Loop {
             && self.handoff.rows() == 0
     }
 
-    /// Rows not yet in ClickHouse: buffered, with the writers, move markers waiting, and dead
-    /// letters awaiting their acknowledgement (each holds a copy of its message).
-    fn backlog(&self) -> usize {
-        self.applier.batcher.rows()
-            + self.pool.in_flight_rows()
-            + self.handoff.rows()
-            + self.outbox.len()
-    }
-
-    /// Estimated bytes not yet in ClickHouse: rows buffered and with the writers.
-    fn backlog_bytes(&self) -> usize {
-        self.applier.batcher.bytes() + self.pool.in_flight_bytes()
-    }
-
-    fn hold_back_or_resume(&mut self) {
-        let c = &self.config;
-        // (what, how much, its bound)
-        let levels = [
-            ("buffered rows", self.backlog(), c.max_buffered_rows),
-            ("buffered bytes", self.backlog_bytes(), c.max_buffered_bytes),
-            ("parked events", self.park.len(), c.max_parked_events),
-            ("parked bytes", self.park.bytes(), c.max_parked_bytes),
-        ];
-        let full = levels.iter().find(|(_, level, max)| level >= max);
-        let relaxed = levels.iter().all(|(_, level, max)| *level <= max / 2);
-        if let Some((what, level, max)) = full
-            && !self.group.is_held_back()
-        {
-            tracing::warn!(what, level, max, "buffers full: pausing consumption");
-            self.group.hold_back(true);
-        } else if self.group.is_held_back() && relaxed {
-            tracing::info!(?levels, "buffers drained: resuming consumption");
-            self.group.hold_back(false);
-        }
-    }
-
     fn publish_stats(&self) {
         self.stats.buffered_rows.store(self.backlog() as u64, Ordering::Relaxed);
         self.stats.buffered_bytes.store(self.backlog_bytes() as u64, Ordering::Relaxed);
+        self.stats.parked_bytes.store(self.park.bytes() as u64, Ordering::Relaxed);
         self.stats.paused.store(u64::from(self.group.is_held_back()), Ordering::Relaxed);
         if let Ok(mut parked) = self.stats.parked.lock() {
             let by_reason = self.park.by_reason().into_iter().map(|(k, v)| (k.to_owned(), v));

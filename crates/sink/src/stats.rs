@@ -29,6 +29,8 @@ pub struct SinkStats {
     pub buffered_rows: AtomicU64,
     /// Estimated bytes of the rows buffered or in flight to ClickHouse.
     pub buffered_bytes: AtomicU64,
+    /// Encoded bytes of the parked events.
+    pub parked_bytes: AtomicU64,
     /// 1 while consumption is paused (buffers or park full).
     pub paused: AtomicU64,
     /// Per (shard, table): inserts the server keeps refusing (it answered with an error, as

@@ -54,6 +54,17 @@ impl From<Wait> for Decision {
     }
 }
 
+/// Since when this process owns the partition of the message applied (assignment generations,
+/// `scoresync_bus::group::GroupMember::assigned_at`), and the generation now: a TRUNCATE's job
+/// covers only partitions owned when it started (`truncate`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ownership {
+    /// The generation the partition was assigned at (`u64::MAX`: not assigned).
+    pub owned_since: u64,
+    /// The generation now.
+    pub generation: u64,
+}
+
 /// The sink's state for applying events.
 pub(crate) struct Applier {
     shards: usize,
@@ -145,7 +156,7 @@ impl Applier {
             .find(|s| s.table == row.table)
             .ok_or_else(|| Error::NoSchema { table: row.table.name().into() })?;
         // A row a TRUNCATE started here removes is dead (see `truncate`); markers may go on.
-        if self.truncations.removes(row.table, row.version) && !row.is_delete(schema) {
+        if self.truncations.is_truncated(row.table, row.version) && !row.is_delete(schema) {
             return Ok(());
         }
         if self.batcher.add(shard, schema, row, msg) {
@@ -171,8 +182,9 @@ impl Applier {
         msg: MsgId,
         event: &ChangeEvent,
         flushed: bool,
+        ownership: Ownership,
     ) -> Result<Decision, Error> {
-        match self.apply_event(msg, event, flushed).await {
+        match self.apply_event(msg, event, flushed, ownership).await {
             Err(Error::Schema(err @ (RowError::Type { .. } | RowError::NoKey(..)))) => {
                 Ok(Decision::Poison(err.to_string()))
             }
@@ -185,17 +197,24 @@ impl Applier {
         msg: MsgId,
         event: &ChangeEvent,
         flushed: bool,
+        ownership: Ownership,
     ) -> Result<Decision, Error> {
         let Some(table) = SourceTable::from_name(&event.schema, &event.table) else {
             return Ok(Decision::Poison(format!("unknown table {}.{}", event.schema, event.table)));
         };
         match (event.op(), table) {
             (Operation::Truncate, _)
-                if !flushed && !self.truncations.knows(table, RowVersion::of_event(event).0) =>
+                if !flushed
+                    && !self
+                        .truncations
+                        .started((table, RowVersion::of_event(event).0), ownership.owned_since) =>
             {
                 Ok(Decision::NeedsFlush)
             }
-            (Operation::Truncate, _) => self.truncate(table, RowVersion::of_event(event).0).await,
+            (Operation::Truncate, _) => {
+                let version = RowVersion::of_event(event).0;
+                self.truncate(table, version, ownership.owned_since, ownership.generation).await
+            }
             (Operation::Unspecified, _) => Ok(Decision::Poison("unspecified operation".into())),
             (_, SourceTable::Scorecards) => self.apply_card(msg, event, flushed).await,
             (_, child) => self.apply_child(msg, event, child, flushed).await,
