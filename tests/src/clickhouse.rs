@@ -154,6 +154,9 @@ impl Drop for PrivateShards {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            // The data can be gigabytes (an outage under large rows): kept, the test directories
+            // of a few runs fill the disk. The config and the server's logs stay for a look.
+            let _ = std::fs::remove_dir_all(server.dir.join("data"));
         }
     }
 }
