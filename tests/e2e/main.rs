@@ -3,8 +3,10 @@
 
 mod conversations;
 mod large;
+mod layout;
 mod moves;
 mod rebalance;
+mod replay;
 mod sink;
 mod smoke;
 mod source;

@@ -151,16 +151,17 @@ async fn changes_of_all_three_tables_arrive_in_commit_order_with_keys_values_and
     let events: Vec<&Published> =
         events.iter().filter(|p| p.event.op() != Operation::Snapshot).collect();
 
-    // All of card-1's changes share one partition and one key, in commit order.
+    // All of card-1's changes share its partition, each under its row's key, in commit order.
     let key = ScorecardKey {
         customer_id: "c".into(),
         profile_id: "p".into(),
         scorecard_id: "card-1".into(),
     };
-    let partition = events[0].partition;
+    let partition = key.partition(env.kafka.partitions);
     for p in &events {
-        assert_eq!(p.partition, partition, "every change of card-1 in one partition");
-        assert_eq!(p.key.as_deref(), Some(key.to_message_key().as_slice()));
+        assert_eq!(p.partition, partition, "every change of card-1 in its partition");
+        let address = scoresync_event::RowAddress::of_event(&p.event).context("row address")?;
+        assert_eq!(p.key.as_deref(), Some(address.key.as_slice()), "keyed by its row");
     }
     let order: Vec<(u64, u32)> =
         events.iter().map(|p| (p.event.commit_lsn, p.event.seq_in_tx)).collect();

@@ -77,6 +77,17 @@ impl PrivateShards {
         self.servers[i].start()
     }
 
+    /// Loses shard `i` for good: stops it, deletes its data directory (every database and table)
+    /// and starts it empty.
+    pub fn lose(&mut self, i: usize) -> anyhow::Result<()> {
+        let server = &mut self.servers[i];
+        server.stop()?;
+        let data = server.dir.join("data");
+        std::fs::remove_dir_all(&data)?;
+        std::fs::create_dir_all(&data)?;
+        server.start()
+    }
+
     /// Freezes shard `i` (SIGSTOP): it keeps its connections and answers nothing, as a hung
     /// server does.
     pub fn freeze(&mut self, i: usize) -> anyhow::Result<()> {

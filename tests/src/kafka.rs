@@ -36,13 +36,16 @@ pub struct Published {
     pub event: ChangeEvent,
 }
 
-/// Reads every message of `topic` present now, partition by partition, in offset order.
+/// Reads every event of `topic` present now (tombstones left out), partition by partition, in
+/// offset order.
 pub fn read_events(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<Published>> {
     let mut out = Vec::new();
     read_topic(kafka, topic, |message| {
         let (partition, offset) = (message.partition(), message.offset());
-        let event = decode(message.payload().unwrap_or_default())
-            .with_context(|| format!("partition {partition} offset {offset}"))?;
+        // Tombstones are for compaction (`scoresync_event::layout`); every consumer skips them.
+        let Some(payload) = message.payload() else { return Ok(()) };
+        let event =
+            decode(payload).with_context(|| format!("partition {partition} offset {offset}"))?;
         out.push(Published {
             partition,
             offset,

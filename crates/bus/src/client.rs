@@ -30,8 +30,9 @@ use rdkafka::producer::FutureProducer;
 use crate::config::KafkaConfig;
 use crate::error::Error;
 
-/// librdkafka partitioner for keyed messages: murmur2 like the Java client, so any Kafka client
-/// maps a scorecard key to the same partition.
+/// librdkafka partitioner for keyed messages without a partition: murmur2 like the Java client.
+/// The source sets each change event's partition itself (`scoresync_event::layout`, the same
+/// function on the scorecard key), so this only decides where other keyed messages go.
 pub const PARTITIONER: &str = "murmur2_random";
 
 /// librdkafka's default `fetch.max.bytes` (50 MiB), kept while the message limit is below it.

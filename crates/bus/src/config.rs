@@ -35,6 +35,36 @@ pub const MIN_MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// `max.partition.fetch.bytes` (1,000,000,000).
 pub const MAX_MAX_MESSAGE_BYTES: usize = 1_000_000_000;
 
+/// Default time the change topic keeps a message under the `delete` policy, and keeps a message
+/// from compaction under `compact`: 7 days.
+pub const DEFAULT_CHANGE_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
+
+/// Smallest `kafka.change_retention_ms`: an hour.
+pub const MIN_CHANGE_RETENTION_MS: u64 = 3_600_000;
+
+/// How the change topic keeps messages (its Kafka `cleanup.policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CleanupPolicy {
+    /// The newest message of every key (every row) is kept for ever, older ones are compacted
+    /// away: `replay --from earliest` can always rebuild ClickHouse from the topic alone.
+    #[default]
+    Compact,
+    /// Messages older than `kafka.change_retention_ms` are deleted: a replay rebuilds only that
+    /// far back (it says so; a new snapshot restores the rest from PostgreSQL).
+    Delete,
+}
+
+impl CleanupPolicy {
+    /// The Kafka `cleanup.policy` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleanupPolicy::Compact => "compact",
+            CleanupPolicy::Delete => "delete",
+        }
+    }
+}
+
 /// Kafka connection and topic settings.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +102,16 @@ pub struct KafkaConfig {
     /// `socket.request.max.bytes` (Kafka's default: 100 MiB).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// How the change topic `setup` creates keeps messages: `compact` (the default) or `delete`.
+    #[serde(default)]
+    pub change_cleanup_policy: CleanupPolicy,
+    /// Under `compact`: how long a message is safe from compaction, and how long a tombstone
+    /// stays (Kafka `min.compaction.lag.ms` and `delete.retention.ms`, counted from the
+    /// message's time, its PostgreSQL commit time). A consumer that falls further behind than
+    /// this (the sink, a replay) may find a DELETE already compacted away behind its tombstone
+    /// and keep the row. Under `delete`: how long the topic keeps a message (`retention.ms`).
+    #[serde(default = "default_change_retention_ms")]
+    pub change_retention_ms: u64,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), applied to every client.
     /// Values of keys that look secret are never printed.
     #[serde(default, serialize_with = "expose_properties_for_config_file")]
@@ -99,7 +139,7 @@ pub const RESERVED_PROPERTIES: [(&str, &str); 19] = [
     ("request.required.acks", "the producer waits for acks=all (rule 3)"),
     ("max.in.flight.requests.per.connection", "idempotence keeps order with at most 5 (rule 3)"),
     ("max.in.flight", "idempotence keeps order with at most 5 (rule 3)"),
-    ("partitioner", "a scorecard's changes share one partition, by murmur2 of the key"),
+    ("partitioner", "keyed messages go where Kafka's Java client would put them (murmur2)"),
     ("enable.auto.commit", "offsets are committed only once stored (rule 5)"),
     ("enable.auto.offset.store", "offsets are stored only after ClickHouse acknowledged (rule 5)"),
     ("auto.offset.reset", "a group never jumps to the latest offset on its own (rule 5)"),
@@ -195,6 +235,9 @@ fn default_session_timeout_ms() -> u64 {
 fn default_max_message_bytes() -> usize {
     DEFAULT_MAX_MESSAGE_BYTES
 }
+fn default_change_retention_ms() -> u64 {
+    DEFAULT_CHANGE_RETENTION_MS
+}
 
 impl KafkaConfig {
     /// Settings for `brokers` with every other field at its default.
@@ -210,6 +253,8 @@ impl KafkaConfig {
             delivery_timeout_ms: DEFAULT_DELIVERY_TIMEOUT_MS,
             session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            change_cleanup_policy: CleanupPolicy::default(),
+            change_retention_ms: DEFAULT_CHANGE_RETENTION_MS,
             librdkafka: LibrdkafkaProperties::default(),
         }
     }
@@ -276,6 +321,13 @@ impl KafkaConfig {
                 "kafka.max_message_bytes must be between {MIN_MAX_MESSAGE_BYTES} (256 KiB) and \
                  {MAX_MAX_MESSAGE_BYTES} (librdkafka's ceiling) (got {})",
                 self.max_message_bytes
+            ));
+        }
+        if self.change_retention_ms < MIN_CHANGE_RETENTION_MS {
+            return Err(format!(
+                "kafka.change_retention_ms must be at least {MIN_CHANGE_RETENTION_MS} (an hour): \
+                 a sink or replay behind by more may miss deletes (got {})",
+                self.change_retention_ms
             ));
         }
         Ok(())

@@ -36,6 +36,12 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+    /// A topic scoresync needs does not exist.
+    #[error("kafka topic {topic} does not exist: run `scoresync setup`")]
+    MissingTopic {
+        /// The topic.
+        topic: String,
+    },
     /// A topic exists with a different partition count than configured.
     #[error(
         "kafka topic {topic} has {actual} partitions but the configuration says {expected}; \
@@ -55,7 +61,9 @@ impl Error {
     /// True when retrying the same operation later can succeed (broker unreachable, timeouts).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Client { .. } | Error::PartitionMismatch { .. } => false,
+            Error::Client { .. } | Error::PartitionMismatch { .. } | Error::MissingTopic { .. } => {
+                false
+            }
             Error::Topic { source, .. } => kafka_error_is_transient(source),
             // As before the group member existed: the caller restarts from the last commit.
             Error::Consume { .. } => true,

@@ -91,8 +91,8 @@ pub struct Message {
     pub id: MsgId,
     /// The message key.
     pub key: Option<Vec<u8>>,
-    /// The payload (empty when it had none).
-    pub payload: Vec<u8>,
+    /// The payload; `None` for a tombstone (which every consumer of the change topic skips).
+    pub payload: Option<Vec<u8>>,
 }
 
 /// A member of a consumer group on one topic; see the module doc.
@@ -363,6 +363,6 @@ fn owned(message: &rdkafka::message::BorrowedMessage<'_>) -> Message {
     Message {
         id: (message.partition(), message.offset()),
         key: message.key().map(<[u8]>::to_vec),
-        payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        payload: message.payload().map(<[u8]>::to_vec),
     }
 }

@@ -9,7 +9,10 @@
 //!   in use, rebalances (a revoke waits, bounded, for the work other tasks still do on messages
 //!   already taken: [`group::InFlight`]), pause and resume, offset storing and the rejoin
 //!   watchdog.
-//! - [`topics`]: creating the change, dead-letter and state topics, idempotently.
+//! - [`offsets`]: a topic's watermarks and a group's committed offsets, read without joining the
+//!   group; offsets for a time; start offsets set for a new group.
+//! - [`topics`]: creating the change (compacted, keyed by row), dead-letter and state topics,
+//!   idempotently, and reporting an existing topic's configs that differ.
 //!
 //! Errors are [`Error`]; each one knows whether retrying can help ([`Error::is_transient`]). A
 //! message Kafka refused for its size is recognised by [`error::is_too_large`].
@@ -18,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod group;
+pub mod offsets;
 pub mod topics;
 
 pub use config::KafkaConfig;

@@ -2,9 +2,15 @@
 //!
 //! | topic            | partitions              | holds                                         |
 //! |------------------|-------------------------|-----------------------------------------------|
-//! | change topic     | `kafka.partitions`      | change events, keyed by scorecard             |
+//! | change topic     | `kafka.partitions`      | change events (`scoresync_event::layout`)     |
 //! | dead-letter topic| `kafka.partitions`      | poison events with their origin and error     |
 //! | state topic      | 1                       | the source's pipeline record (latest wins)    |
+//!
+//! The change topic is compacted by default (`kafka.change_cleanup_policy`): every message is
+//! keyed by its row, so the topic always holds each row's newest change and a replay from the
+//! earliest offset rebuilds every row, however old. Compaction waits `kafka.change_retention_ms`
+//! before it touches a message and keeps tombstones as long (`min.compaction.lag.ms`,
+//! `delete.retention.ms`). Under the `delete` policy the topic keeps messages that long instead.
 //!
 //! The change and dead-letter topics take record batches of up to `kafka.max_message_bytes` plus
 //! a batch header (`max.message.bytes`, which Kafka checks against the batch as stored, after
@@ -13,16 +19,17 @@
 //! ([`crate::client`]).
 //!
 //! An existing topic is never altered: a different partition count is an error, because changing
-//! it would move scorecards between partitions and break per-scorecard ordering. Its configs stay
-//! as they are too: a topic created before `kafka.max_message_bytes` existed, or with a smaller
-//! one, keeps the broker's limit until an operator raises its `max.message.bytes`.
+//! it would move scorecards between partitions and break per-scorecard ordering. A config that
+//! differs from what `setup` would create (a topic made by hand, or before a setting changed) is
+//! reported ([`ConfigDifference`]) with the command that changes it; the operator decides.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-use crate::config::KafkaConfig;
+use crate::config::{CleanupPolicy, KafkaConfig};
 use crate::error::Error;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,6 +48,8 @@ pub enum TopicOutcome {
         topic: String,
         /// Its partitions.
         partitions: i32,
+        /// Its configs that differ from what `setup` would create it with (left as they are).
+        differences: Vec<ConfigDifference>,
     },
     /// The topic was created.
     Created {
@@ -49,6 +58,42 @@ pub enum TopicOutcome {
         /// Its partitions.
         partitions: i32,
     },
+}
+
+/// A config of an existing topic that differs from what `setup` would set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigDifference {
+    /// The topic.
+    pub topic: String,
+    /// The config name.
+    pub key: &'static str,
+    /// What `setup` would set.
+    pub wanted: String,
+    /// What the broker reports (`None`: not reported).
+    pub actual: Option<String>,
+}
+
+impl std::fmt::Display for ConfigDifference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ConfigDifference { topic, key, wanted, actual } = self;
+        let actual = actual.as_deref().unwrap_or("not reported");
+        write!(
+            f,
+            "kafka topic {topic}: {key} is {actual}, scoresync would set {wanted} (left as it is)"
+        )
+    }
+}
+
+/// The one command that gives `topic` every config of `differences` (Apache Kafka's
+/// `kafka-configs.sh`), for an operator to review and run.
+pub fn alter_command(brokers: &str, topic: &str, differences: &[ConfigDifference]) -> String {
+    let configs: Vec<String> =
+        differences.iter().map(|d| format!("{}={}", d.key, d.wanted)).collect();
+    format!(
+        "kafka-configs.sh --bootstrap-server {brokers} --alter --entity-type topics --entity-name \
+         {topic} --add-config {}",
+        configs.join(",")
+    )
 }
 
 /// A topic `setup` creates: its name, partition count and topic configs.
@@ -62,7 +107,8 @@ pub struct PlannedTopic {
     pub configs: Vec<(&'static str, String)>,
 }
 
-/// The topics of a configuration. Every topic with replication factor RF > 1 gets
+/// The topics of a configuration. The change topic is compacted or time-limited as
+/// `kafka.change_cleanup_policy` says (see the module doc). Every topic with replication factor RF > 1 gets
 /// `min.insync.replicas` = RF - 1, so an acknowledged write (acks=all) survives the loss of a
 /// broker and one broker may be down without stopping writes. The change and dead-letter topics
 /// take batches of `kafka.max_message_bytes` plus a batch header, compressed as the producer
@@ -85,13 +131,25 @@ pub fn planned_topics(cfg: &KafkaConfig) -> [PlannedTopic; 3] {
             .into_iter()
             .chain(durability.iter().cloned())
             .collect();
+    let retention = cfg.change_retention_ms.to_string();
+    let policy: Vec<(&'static str, String)> = match cfg.change_cleanup_policy {
+        CleanupPolicy::Compact => vec![
+            ("cleanup.policy", "compact".to_owned()),
+            ("min.compaction.lag.ms", retention.clone()),
+            ("delete.retention.ms", retention),
+        ],
+        CleanupPolicy::Delete => {
+            vec![("cleanup.policy", "delete".to_owned()), ("retention.ms", retention)]
+        }
+    };
+    let changes: Vec<(&'static str, String)> = events.iter().cloned().chain(policy).collect();
     let topic = |name: &str, partitions, configs| PlannedTopic {
         name: name.to_owned(),
         partitions,
         configs,
     };
     [
-        topic(&cfg.change_topic, cfg.partitions, events.clone()),
+        topic(&cfg.change_topic, cfg.partitions, changes),
         topic(&cfg.dlq_topic, cfg.partitions, events),
         topic(&cfg.state_topic, 1, state),
     ]
@@ -106,7 +164,8 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Vec<TopicOutcome>, Error
             if actual != partitions {
                 return Err(Error::PartitionMismatch { topic, expected: partitions, actual });
             }
-            outcomes.push(TopicOutcome::Existed { topic, partitions });
+            let differences = differences(&admin, &topic, &configs).await?;
+            outcomes.push(TopicOutcome::Existed { topic, partitions, differences });
             continue;
         }
         let new = configs.iter().fold(
@@ -131,6 +190,50 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Vec<TopicOutcome>, Error
         outcomes.push(TopicOutcome::Created { topic, partitions });
     }
     Ok(outcomes)
+}
+
+/// The configs of `topic` that differ from `wanted`, as the broker describes them.
+async fn differences(
+    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topic: &str,
+    wanted: &[(&'static str, String)],
+) -> Result<Vec<ConfigDifference>, Error> {
+    let described = describe_with(admin, topic).await?;
+    Ok(wanted
+        .iter()
+        .filter_map(|(key, value)| {
+            let actual = described.get(*key).cloned();
+            (actual.as_deref() != Some(value.as_str())).then(|| ConfigDifference {
+                topic: topic.into(),
+                key,
+                wanted: value.clone(),
+                actual,
+            })
+        })
+        .collect())
+}
+
+/// The configs of `topic` as the broker describes them (name to value; configs without a value
+/// left out).
+pub async fn describe(cfg: &KafkaConfig, topic: &str) -> Result<BTreeMap<String, String>, Error> {
+    describe_with(&crate::client::admin(cfg)?, topic).await
+}
+
+async fn describe_with(
+    admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
+    topic: &str,
+) -> Result<BTreeMap<String, String>, Error> {
+    let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let fail = |source| Error::Topic { topic: topic.into(), action: "describe configs", source };
+    let described = admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts).await;
+    let resource = described
+        .map_err(fail)?
+        .into_iter()
+        .next()
+        .ok_or(KafkaError::AdminOp(RDKafkaErrorCode::UnknownTopic))
+        .map_err(fail)?
+        .map_err(|code| fail(KafkaError::AdminOp(code)))?;
+    Ok(resource.entries.into_iter().filter_map(|e| Some((e.name, e.value?))).collect())
 }
 
 /// The partition count of `topic`, or `None` when the broker does not know it. Any client will
@@ -181,18 +284,18 @@ mod tests {
         let mut cfg = KafkaConfig::new("b:1");
         cfg.replication_factor = 1;
         let [change, dlq, state] = planned_topics(&cfg);
-        assert_eq!(configs(&change), EVENTS, "a single broker: no min.insync.replicas");
+        assert_eq!(configs(&change)[..2], EVENTS, "a single broker: no min.insync.replicas");
         assert_eq!(configs(&dlq), EVENTS);
         assert_eq!(configs(&state), [("cleanup.policy", "compact"), ("retention.ms", "-1")]);
         assert_eq!((change.partitions, state.partitions), (cfg.partitions, 1));
 
         cfg.replication_factor = 3;
         let [change, dlq, state] = planned_topics(&cfg);
-        assert_eq!(configs(&change)[2..], [("min.insync.replicas", "2")]);
+        assert!(configs(&change).contains(&("min.insync.replicas", "2")));
         assert_eq!(configs(&dlq)[2..], [("min.insync.replicas", "2")]);
         assert!(configs(&state).contains(&("min.insync.replicas", "2")));
         cfg.replication_factor = 2;
-        assert_eq!(configs(&planned_topics(&cfg)[0])[2..], [("min.insync.replicas", "1")]);
+        assert!(configs(&planned_topics(&cfg)[0]).contains(&("min.insync.replicas", "1")));
     }
 
     #[test]
@@ -209,6 +312,49 @@ mod tests {
         assert!(
             configs(&state).iter().all(|(key, _)| *key != "max.message.bytes"),
             "the pipeline record is small: the broker's limit"
+        );
+    }
+
+    #[test]
+    fn the_change_topic_is_compacted_unless_configured_to_expire() {
+        let mut cfg = KafkaConfig::new("b:1");
+        cfg.replication_factor = 1;
+        let [change, ..] = planned_topics(&cfg);
+        assert_eq!(
+            configs(&change)[2..],
+            [
+                ("cleanup.policy", "compact"),
+                ("min.compaction.lag.ms", "604800000"),
+                ("delete.retention.ms", "604800000")
+            ]
+        );
+        cfg.change_cleanup_policy = CleanupPolicy::Delete;
+        cfg.change_retention_ms = 86_400_000;
+        let [change, ..] = planned_topics(&cfg);
+        assert_eq!(
+            configs(&change)[2..],
+            [("cleanup.policy", "delete"), ("retention.ms", "86400000")]
+        );
+    }
+
+    #[test]
+    fn differences_say_what_is_set_and_what_would_be_and_one_command_changes_them_all() {
+        let difference = |key, wanted: &str, actual: &str| ConfigDifference {
+            topic: "t".into(),
+            key,
+            wanted: wanted.into(),
+            actual: Some(actual.into()),
+        };
+        let policy = difference("cleanup.policy", "compact", "delete");
+        let lag = difference("min.compaction.lag.ms", "604800000", "0");
+        assert_eq!(
+            policy.to_string(),
+            "kafka topic t: cleanup.policy is delete, scoresync would set compact (left as it is)"
+        );
+        assert_eq!(
+            alter_command("b:9092", "t", &[policy, lag]),
+            "kafka-configs.sh --bootstrap-server b:9092 --alter --entity-type topics \
+             --entity-name t --add-config cleanup.policy=compact,min.compaction.lag.ms=604800000"
         );
     }
 }

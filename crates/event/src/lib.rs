@@ -9,13 +9,18 @@
 //!   one, re-applying a change gives the same version, and a re-created slot never goes backwards.
 //! - [`table`] names the three source tables, their primary keys, and the scorecard identity that
 //!   keeps all changes of one scorecard in one Kafka partition.
+//! - [`layout`] says where events live on the change topic: the partition (the scorecard's,
+//!   Kafka's default partitioner) and the message key (the row's identity), tombstones and
+//!   TRUNCATE keys, so a compacted topic always holds every row's current state.
 //! - [`codec`] encodes and decodes events, rejecting contract versions this build does not know.
 //! - [`value`] and [`operation`] extend the generated [`Value`] and [`Operation`]: constructors,
-//!   readers, and the text forms error messages use ([`Value::to_text`], [`Operation::describe`]).
+//!   readers, and text forms: [`Value::to_text`] (part of the contract: change-topic message keys
+//!   are made of it, and error messages show it) and [`Operation::describe`].
 //! - [`u64_as_string`] is the serde `with` module for `u64` fields of JSON records (as strings,
 //!   since JSON numbers cannot hold every `u64`).
 
 pub mod codec;
+pub mod layout;
 pub mod lsn;
 pub mod operation;
 pub mod table;
@@ -30,6 +35,7 @@ pub mod v1 {
 }
 
 pub use codec::{CONTRACT_VERSION, DecodeError, LEGACY_CONTRACT_VERSION, decode, encode};
+pub use layout::{RowAddress, TOMBSTONE_VERSION_HEADER, message_key, redrive_key, truncate_key};
 pub use lsn::Lsn;
 pub use table::{ScorecardKey, SourceTable};
 pub use v1::{ChangeEvent, Column, Operation, Row, TruncateOptions, Value};

@@ -101,6 +101,11 @@ impl ScorecardKey {
             .find_map(Self::of_columns)
     }
 
+    /// The scorecard `row` belongs to; `None` when it lacks one of the three columns as text.
+    pub fn of_row(row: &Row) -> Option<ScorecardKey> {
+        Self::of_columns(&row.columns)
+    }
+
     fn of_columns(columns: &[Column]) -> Option<ScorecardKey> {
         let text = |name: &str| {
             columns.iter().find(|c| c.name == name).and_then(|c| match &c.value.as_ref()?.kind {
@@ -115,9 +120,10 @@ impl ScorecardKey {
         })
     }
 
-    /// The Kafka message key: the three parts joined by NUL (which PostgreSQL text cannot contain),
-    /// so distinct keys never collide.
-    pub fn to_message_key(&self) -> Vec<u8> {
+    /// The bytes the change-topic partition is chosen from ([`ScorecardKey::partition`]): the
+    /// three parts joined by NUL (which PostgreSQL text cannot contain), so distinct scorecards
+    /// never collide.
+    pub fn partition_key(&self) -> Vec<u8> {
         [self.customer_id.as_str(), self.profile_id.as_str(), self.scorecard_id.as_str()]
             .join("\0")
             .into_bytes()
@@ -178,7 +184,7 @@ mod tests {
         };
         let key = ScorecardKey::of_event(&event).expect("key");
         assert_eq!(key.scorecard_id, "card");
-        assert_eq!(key.to_message_key(), b"c\0p\0card".to_vec());
+        assert_eq!(key.partition_key(), b"c\0p\0card".to_vec());
     }
 
     #[test]

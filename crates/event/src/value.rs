@@ -91,7 +91,8 @@ impl Value {
     /// The value as plain text: a text value as it is, an integer or a timestamp (its
     /// microseconds) in decimal, a float and a boolean as Rust prints them (`1.5`, `true`).
     /// `None` for SQL NULL, an unchanged TOAST marker and an absent kind, which have no text;
-    /// each caller decides how to show those.
+    /// each caller decides how to show those. Part of the contract: change-topic message keys
+    /// are made of it ([`crate::layout`]), so changing a form moves rows to new keys.
     pub fn to_text(&self) -> Option<String> {
         match &self.kind {
             Some(Kind::Text(s)) => Some(s.clone()),

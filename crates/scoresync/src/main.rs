@@ -61,6 +61,19 @@ enum Command {
     /// scorecards created with their scores and historic scores in one transaction, some
     /// updated, some deleted. For the demo, the tests and benchmarks.
     Loadgen(commands::loadgen::LoadgenArgs),
+    /// Rebuild ClickHouse from the change topic, beside the running daemon.
+    ///
+    /// For a shard that lost data, or to re-apply a time range. Reads every partition from its
+    /// start (`--from earliest`, the default; `--from-timestamp`; `--from-offsets`) up to its end
+    /// when the replay starts (or `--to-timestamp`), in a consumer group of its own (the
+    /// daemon's offsets are never touched), writes through the sink's own code, and exits 0 once
+    /// every partition is applied to its end; 1 if interrupted or the sink fails (running it
+    /// again is harmless). Rows carry versions: a replay never replaces a newer row, and running
+    /// it twice changes nothing. Before it starts, it says which history the topic no longer
+    /// holds. To rebuild a lost shard: start it empty, restore its `conversations` table, run
+    /// `scoresync setup`, then `scoresync replay --shard N`. Times without a zone are UTC.
+    /// Progress on stderr.
+    Replay(commands::replay::ReplayArgs),
     /// Dead-letter topic operations.
     Dlq {
         #[command(subcommand)]
@@ -75,8 +88,8 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum DlqCommand {
-    /// Put dead letters back on the change topic (same key, or same partition for keyless
-    /// messages) once their cause is fixed. Progress is kept in the consumer group
+    /// Put dead letters back on the change topic (in their origin partition) once their cause
+    /// is fixed. Progress is kept in the consumer group
     /// `<kafka.consumer_group>.redrive`, so each dead letter is redriven once.
     Redrive,
     /// List the dead letters the topic still holds: where each came from (topic, partition,
@@ -122,6 +135,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sink => commands::sink::run(&config, shutdown_on_signals()?).await,
         Command::Run => commands::run::run(&config, shutdown_on_signals()?).await,
         Command::Loadgen(args) => commands::loadgen::run(&config, &args).await,
+        Command::Replay(args) => {
+            commands::replay::run(&config, &args, shutdown_on_signals()?).await
+        }
         Command::Status { json } => commands::status::run(&config, json).await,
         Command::Dlq { command: DlqCommand::Redrive } => commands::dlq::redrive(&config).await,
         Command::Dlq { command: DlqCommand::List { json } } => {

@@ -4,8 +4,9 @@
 //! below) to the dead-letter
 //! topic with headers naming its origin (topic, partition, offset) and the error; its offset is
 //! stored only after that copy is acknowledged. `scoresync dlq redrive` puts dead letters back
-//! on the change topic (same key, or the same partition for keyless messages) once the cause is
-//! fixed; versions make a late re-application harmless.
+//! on the change topic (its origin partition, under its key with a redrive suffix, see
+//! `scoresync_event::layout`) once the cause is fixed; versions make a late re-application
+//! harmless.
 //!
 //! A letter never exceeds `kafka.max_message_bytes` (DESIGN.md rule 12): a payload that would not
 //! fit with its headers is cut to fit, with a header saying its original size, and the error
@@ -104,10 +105,12 @@ impl DeadLetters {
         }
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&self.topic).payload(payload).headers(headers);
-        record = match origin.key {
-            Some(key) => record.key(key),
-            None => record.partition(origin.partition),
-        };
+        // The dead-letter topic has the change topic's partitions: a letter stays in its
+        // origin's partition number, under its origin's key.
+        record = record.partition(origin.partition);
+        if let Some(key) = origin.key {
+            record = record.key(key);
+        }
         self.producer.send_result(record).map_err(|(source, _)| Error::Kafka {
             context: format!(
                 "dead-lettering {}/{}@{} to {}",
@@ -340,19 +343,26 @@ fn redrive_blocking(kafka: &KafkaConfig) -> Result<u64, Error> {
             skipped += 1;
             return commit_progress(&reader, topic, message);
         }
-        let mut record: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&kafka.change_topic).payload(payload);
-        record = match message.key() {
-            Some(key) => record.key(key),
-            None => match header(message, ORIGIN_PARTITION).and_then(|p| p.parse().ok()) {
-                Some(p) => record.partition(p),
-                None => record,
-            },
+        // Back to its origin partition (its scorecard's; every letter carries the header), under
+        // its redrive key, then a tombstone for that key: on a compacted topic the copy must
+        // neither replace its row's later changes nor outlive the row (the original stays at
+        // its origin offset under the row's own key until a later change replaces it).
+        let key = scoresync_event::redrive_key(message.key().unwrap_or_default());
+        let partition = header(message, ORIGIN_PARTITION).and_then(|p| p.parse().ok());
+        let copy: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&kafka.change_topic).payload(payload).key(&key);
+        let tombstone: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&kafka.change_topic).key(&key);
+        let (copy, tombstone) = match partition {
+            Some(p) => (copy.partition(p), tombstone.partition(p)),
+            None => (copy, tombstone),
         };
-        // This thread is not an async worker: waiting here for the acknowledgement is fine.
-        futures::executor::block_on(producer.send(record, TIMEOUT)).map_err(|(source, _)| {
-            Error::Kafka { context: "redriving a dead letter".into(), source }
-        })?;
+        // This thread is not an async worker: waiting here for the acknowledgements is fine.
+        for record in [copy, tombstone] {
+            futures::executor::block_on(producer.send(record, TIMEOUT)).map_err(
+                |(source, _)| Error::Kafka { context: "redriving a dead letter".into(), source },
+            )?;
+        }
         commit_progress(&reader, topic, message)
     })?;
     Ok(visited - skipped)

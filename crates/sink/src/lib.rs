@@ -20,10 +20,12 @@
 //! The loop (`stage`) owns every piece of mutable state; the consumer-group member
 //! ([`scoresync_bus::group`]) owns the hold book. Every message is held from the moment it
 //! arrives until it is applied, superseded, or its dead-letter copy is acknowledged (a parked
-//! message keeps that hold); another hold is taken for each batch that carries its rows. Writers
-//! acknowledge a batch with the messages it covered and the loop releases their holds. A Kafka offset is stored only when every message before it in
-//! its partition is done: its rows acknowledged by every shard they went to, or its dead-letter
-//! copy acknowledged, or it was superseded. A parked message stays held, so the stored offset
+//! message keeps that hold; a tombstone, or an event of a table outside the run's `scope`, is done
+//! on arrival); another hold is taken for each batch that carries its rows. Writers acknowledge a
+//! batch with the messages it covered and the loop releases their holds. A Kafka offset is stored
+//! only when every message before it in its partition is done: its rows acknowledged by every
+//! shard they went to (a shard outside the run's scope acknowledges without writing), or its
+//! dead-letter copy acknowledged, or it was superseded. A parked message stays held, so the stored offset
 //! never passes it; after a restart it is read and parked again.
 //!
 //! On a partition revoke the member waits (at most 1 s) for the rows already with the shard
@@ -71,6 +73,8 @@
 //! - `batch`, `writer`: batching and shard writers; `handoff`: a move's old-shard markers wait
 //!   until the new shard acknowledged the copies (one hold per waiting row).
 //! - `park`, [`dlq`]: waiting events and dead letters.
+//! - [`scope`]: what one run applies and writes (the daemon: everything; a replay: the messages
+//!   before its end offsets, optionally one shard and some tables).
 //! - [`config`], [`shard`], [`schema`], [`error`], [`stats`]: settings, shard clients, per-shard
 //!   DDL, errors, counters.
 
@@ -91,6 +95,7 @@ mod route;
 mod rowbinary;
 mod rows;
 pub mod schema;
+pub mod scope;
 mod settle;
 pub mod shard;
 mod split;
@@ -104,4 +109,5 @@ pub use config::{ClickHouseConfig, SinkConfig};
 pub use error::Error;
 pub use lookup::live_rows;
 pub use role::Sink;
+pub use scope::Scope;
 pub use stats::SinkStats;

@@ -125,7 +125,8 @@ impl Locator {
         Ok(Some(state))
     }
 
-    /// The scorecard a child belongs to: cache, shards, then PostgreSQL (routed like its card).
+    /// The scorecard a child belongs to: cache, shards, then PostgreSQL (routed like its card;
+    /// also when the shards hold the card only as deleted and no event of this run said so).
     /// A card PostgreSQL has but that can never be routed makes the child poison (it follows its
     /// card to the dead-letter topic); a card known nowhere, or whose conversation is on no shard
     /// yet, makes it wait.
@@ -133,11 +134,18 @@ impl Locator {
         &mut self,
         key: &ScorecardKey,
     ) -> Result<Result<CardState, Wait>, Error> {
-        if let Some(state) = self.card_state(key).await? {
-            return Ok(Ok(state));
+        let known = self.card_state(key).await?;
+        // A card the shards hold only as deleted may have moved to a shard that lost it (a
+        // replay after a shard loss): PostgreSQL says where it lives now, if it lives.
+        if let Some(state) = &known
+            && !(state.deleted && state.from_shards)
+        {
+            return Ok(Ok(state.clone()));
         }
         let Some(fields) = self.lookups.card_in_postgres(key).await? else {
-            return Ok(Err(Wait::Park(ParkReason::ScorecardUnknown(key.scorecard_id.clone()))));
+            return Ok(known.ok_or_else(|| {
+                Wait::Park(ParkReason::ScorecardUnknown(key.scorecard_id.clone()))
+            }));
         };
         Ok(match self.place(key, &fields).await? {
             // Not cached: the card's own event, when applied, decides its version and state.

@@ -19,6 +19,7 @@ use crate::handoff::Handoff;
 use crate::locate::Locator;
 use crate::lookup::Lookups;
 use crate::park::Park;
+use crate::scope::Scope;
 use crate::stage::Loop;
 use crate::stats::SinkStats;
 use crate::writer::WriterPool;
@@ -35,6 +36,8 @@ pub struct Sink {
     pub postgres_url: Option<secrecy::SecretString>,
     /// What it counts.
     pub stats: Arc<SinkStats>,
+    /// What it applies and writes (the daemon: everything; `scoresync replay`: less).
+    pub scope: Scope,
 }
 
 impl Sink {
@@ -66,20 +69,26 @@ impl Sink {
             max_bytes: self.sink.max_batch_bytes,
             max_wait: Duration::from_millis(self.sink.max_wait_ms),
         };
+        let mut applier =
+            Applier::new(clients.len(), Arc::clone(&schemas), locate, Batcher::new(limits));
+        applier.only_shard = self.scope.shard;
         let mut sink_loop = Loop {
             group,
-            applier: Applier::new(
-                clients.len(),
-                Arc::clone(&schemas),
-                locate,
-                Batcher::new(limits),
-            ),
+            applier,
             park: Park::default(),
-            pool: WriterPool::start(&clients, database, &schemas, &self.stats, with_writers),
+            pool: WriterPool::start(
+                &clients,
+                database,
+                &schemas,
+                &self.stats,
+                with_writers,
+                &self.scope,
+            ),
             outbox: Outbox::new(&self.kafka)?,
             handoff: Handoff::default(),
             stats: Arc::clone(&self.stats),
             config: self.sink.clone(),
+            scope: self.scope.clone(),
             flush_timed_out_at: None,
             revoke_epoch: 0,
             revoked_at: Default::default(),

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use error_reporter::Report;
 use scoresync_bus::group::Message;
-use scoresync_event::{ChangeEvent, Operation, RowVersion, ScorecardKey, SourceTable};
+use scoresync_event::{ChangeEvent, Operation, RowVersion, SourceTable};
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Decision, Ownership, event_row_key};
@@ -315,11 +315,12 @@ impl Loop {
     fn dead_letter(&mut self, attempt: Attempt, error: &str) -> Result<(), Error> {
         match attempt {
             Attempt::Live(message, _) => {
-                self.dead_letter_bytes(message.id, message.key.as_deref(), &message.payload, error)
+                let payload = message.payload.as_deref().unwrap_or_default();
+                self.dead_letter_bytes(message.id, message.key.as_deref(), payload, error)
             }
             Attempt::Retry(_, parked) => {
-                // The key the source gave it (so a redrive lands in the same partition).
-                let key = ScorecardKey::of_event(&parked.event).map(|k| k.to_message_key());
+                // The key the source gave it; a redrive goes back to its origin partition.
+                let key = scoresync_event::message_key(&parked.event);
                 let payload = scoresync_event::encode(&parked.event);
                 self.dead_letter_bytes(parked.msg, key.as_deref(), &payload, error)
             }

@@ -27,6 +27,7 @@ use crate::dlq::Outbox;
 use crate::error::Error;
 use crate::handoff::Handoff;
 use crate::park::Park;
+use crate::scope::Scope;
 use crate::settle::Attempt;
 use crate::stats::{ParkedSnapshot, SinkStats};
 use crate::writer::{Ack, WriterPool};
@@ -47,6 +48,8 @@ pub(crate) struct Loop {
     pub(crate) handoff: Handoff,
     pub(crate) stats: Arc<SinkStats>,
     pub(crate) config: SinkConfig,
+    /// What this run applies (everything, for the daemon).
+    pub(crate) scope: Scope,
     /// When a bounded wait for acknowledgements last ran out (see [`crate::settle`]).
     pub(crate) flush_timed_out_at: Option<Instant>,
     /// Counts the revocations this loop has absorbed ([`Loop::forget_revoked`]).
@@ -175,10 +178,16 @@ impl Loop {
         SinkStats::add(&self.stats.messages_consumed, batch.len() as u64);
         let mut events = Vec::with_capacity(batch.len());
         for message in batch {
-            match decode(&message.payload) {
+            let Some(payload) = &message.payload else {
+                // A tombstone, for compaction only (`scoresync_event::layout`).
+                self.group.release(message.id);
+                continue;
+            };
+            match decode(payload) {
+                Ok(event) if self.scope.skips_table(&event) => self.group.release(message.id),
                 Ok(event) => events.push((message, event)),
                 Err(err) => {
-                    let (key, payload) = (message.key.as_deref(), &message.payload);
+                    let key = message.key.as_deref();
                     self.dead_letter_bytes(
                         message.id,
                         key,

@@ -21,6 +21,7 @@ use scoresync_bus::group::InFlight;
 
 use crate::batch::{Batch, MsgId};
 use crate::rowbinary::write_row_binary;
+use crate::scope::Scope;
 use crate::shard::ShardIndex;
 use crate::stats::SinkStats;
 use crate::table::TableSchema;
@@ -72,6 +73,8 @@ struct ShardWriter {
     stats: Arc<SinkStats>,
     /// Rows handed to the writers and not yet inserted (a revoke waits for them, bounded).
     with_writers: InFlight,
+    /// False for a shard outside the run's scope: its batches are acknowledged unwritten.
+    writes: bool,
 }
 
 /// The loop's handle on the shard writers.
@@ -92,13 +95,15 @@ pub(crate) struct WriterPool {
 
 impl WriterPool {
     /// Starts one writer per client (shard order). `with_writers` counts the rows the writers
-    /// hold (a partition revoke waits for them, bounded).
+    /// hold (a partition revoke waits for them, bounded). Writers of shards outside `scope`
+    /// acknowledge their batches without writing them.
     pub(crate) fn start(
         clients: &[clickhouse::Client],
         database: &str,
         schemas: &Arc<Vec<TableSchema>>,
         stats: &Arc<SinkStats>,
         with_writers: InFlight,
+        scope: &Scope,
     ) -> Self {
         let stop = CancellationToken::new();
         let (ack_tx, acks) = mpsc::channel(1024);
@@ -116,6 +121,7 @@ impl WriterPool {
                 acks: ack_tx.clone(),
                 stats: Arc::clone(stats),
                 with_writers: with_writers.clone(),
+                writes: scope.writes(shard),
             };
             tasks.push(tokio::spawn(writer.run(stop.clone())));
         }
@@ -247,7 +253,7 @@ impl ShardWriter {
             _ = shutdown.cancelled() => None,
             batch = self.batches.recv() => batch,
         } {
-            if !self.insert_until_done(&batch, &shutdown).await {
+            if self.writes && !self.insert_until_done(&batch, &shutdown).await {
                 return;
             }
             self.with_writers.done(batch.rows.len());

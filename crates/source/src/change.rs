@@ -4,9 +4,12 @@
 //! table in a session and again after `ALTER TABLE`, so a new column travels from its next change
 //! on) and the current transaction (commit LSN, time, xid, and the position of each change in it).
 //!
-//! Every event is keyed by its scorecard ([`ScorecardKey`]) so that the card, its scores and its
-//! historic scores share a partition and stay in commit order: an INSERT or UPDATE by the
-//! scorecard of its new row, a DELETE by that of its old row. An event carries a row once: its
+//! Every event goes to its scorecard's partition under its row's key ([`RowAddress`], see
+//! [`scoresync_event::layout`]), so that the card, its scores and its historic scores stay in
+//! commit order and a compacted topic keeps each row's newest change: an INSERT or UPDATE by its
+//! new row, a DELETE by its old row. A DELETE, and a change that gives a row another address (a
+//! score re-parented to a card in another partition), name a key for a tombstone
+//! ([`Outgoing::tombstone`]). An event carries a row once: its
 //! `old_row` holds only the identity columns ([`SourceTable::identity_columns`]), on a DELETE
 //! always and on an UPDATE only when one of them changed (a move to another scorecard, primary key
 //! or shard); the sink removes the old copy with a delete marker versioned by this change, which
@@ -14,25 +17,25 @@
 //! TOAST value is filled in from the whole old row PostgreSQL logs for a REPLICA IDENTITY FULL
 //! table (director.scorecards); elsewhere it stays "unchanged" for the sink. A TRUNCATE is
 //! published to every partition ([`Destination::EveryPartition`]), after every earlier change of
-//! every scorecard.
+//! every scorecard, under its table's TRUNCATE key.
 
 use std::collections::HashMap;
 
 use scoresync_event::{
-    CONTRACT_VERSION, ChangeEvent, Column, Lsn, Operation, Row, ScorecardKey, SourceTable,
-    TruncateOptions, Value, VersionError, VersionScheme,
+    CONTRACT_VERSION, ChangeEvent, Column, Lsn, Operation, Row, RowAddress, SourceTable,
+    TruncateOptions, Value, VersionError, VersionScheme, truncate_key,
 };
 
 use crate::decode::{OldTuple, PgOutput, Relation, Tuple, TupleValue};
 use crate::text::{ValueError, typed_value};
 
-/// Where an event goes on the change topic.
+/// Where an event goes on the change topic ([`scoresync_event::layout`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destination {
-    /// The partition of this message key (a scorecard key).
-    Key(Vec<u8>),
-    /// One copy to every partition (TRUNCATE).
-    EveryPartition,
+    /// The row's address: its scorecard's partition, under the row's key.
+    Row(RowAddress),
+    /// One copy to every partition (TRUNCATE), under this key ([`truncate_key`]).
+    EveryPartition(Vec<u8>),
 }
 
 /// An event ready to publish.
@@ -42,6 +45,11 @@ pub struct Outgoing {
     pub event: ChangeEvent,
     /// Where it goes.
     pub destination: Destination,
+    /// A key compaction may forget once the event is published: the row's own after a DELETE,
+    /// its old address after a change that gave it another one. The publisher sends a tombstone
+    /// for it, unless that would be the event's own partition and key (a change that keeps its
+    /// address must stay its key's newest message).
+    pub tombstone: Option<RowAddress>,
 }
 
 /// The transaction the next changes belong to (from the Begin message).
@@ -235,7 +243,11 @@ impl Mapper {
                     let mut event =
                         self.event(table, Operation::Truncate, change_lsn, None, None)?;
                     event.truncate = Some(TruncateOptions { cascade, restart_identity });
-                    out.push(Outgoing { event, destination: Destination::EveryPartition });
+                    out.push(Outgoing {
+                        event,
+                        destination: Destination::EveryPartition(truncate_key(table)),
+                        tombstone: None,
+                    });
                 }
                 Ok(out)
             }
@@ -415,15 +427,25 @@ pub fn primary_key(table: SourceTable, row: &Row) -> Option<Vec<Column>> {
         .collect()
 }
 
-/// Keys an event by its scorecard. `op` is what an error calls the change: the event's own
-/// operation, but `Truncate` for the deletes that retract a truncated transaction's rows.
+/// Addresses an event by its row ([`RowAddress`]): the new row's, a DELETE's old row's. `op` is
+/// what an error calls the change: the event's own operation, but `Truncate` for the deletes
+/// that retract a truncated transaction's rows.
 fn keyed(table: SourceTable, event: ChangeEvent, op: Operation) -> Result<Outgoing, MapError> {
-    let key = ScorecardKey::of_event(&event).ok_or(MapError::MissingIdentity {
+    let missing = || MapError::MissingIdentity {
         table,
         op: op.describe(),
-        what: "scorecard identity (customer_id, profile_id, scorecard_id)",
-    })?;
-    Ok(Outgoing { event, destination: Destination::Key(key.to_message_key()) })
+        what: "row identity (primary key, customer_id, profile_id, scorecard_id)",
+    };
+    let address = RowAddress::of_event(&event).ok_or_else(missing)?;
+    let tombstone = match event.op() {
+        Operation::Delete => Some(address.clone()),
+        _ => event
+            .old_row
+            .as_ref()
+            .and_then(|old| RowAddress::of_row(table, old))
+            .filter(|old| *old != address),
+    };
+    Ok(Outgoing { event, destination: Destination::Row(address), tombstone })
 }
 
 #[cfg(test)]
@@ -431,6 +453,7 @@ mod tests {
     use super::*;
     use crate::decode::decode;
     use crate::fixtures::fixtures;
+    use scoresync_event::ScorecardKey;
     use scoresync_event::v1::value::Kind;
 
     const TX: TxMeta = TxMeta { commit_lsn: 0x100, commit_time_us: 1_700_000_000_000_000, xid: 9 };
@@ -453,21 +476,23 @@ mod tests {
         row.column(name).and_then(|c| c.value.as_ref()).and_then(|v| v.kind.as_ref()).expect(name)
     }
 
-    fn card_key() -> Vec<u8> {
-        ScorecardKey {
-            customer_id: "c1".into(),
-            profile_id: "p1".into(),
-            scorecard_id: "card-1".into(),
-        }
-        .to_message_key()
+    fn card(id: &str) -> ScorecardKey {
+        ScorecardKey { customer_id: "c1".into(), profile_id: "p1".into(), scorecard_id: id.into() }
+    }
+
+    fn address(table: &str, key: &[&str], card_id: &str) -> RowAddress {
+        let key = [table].iter().chain(key).copied().collect::<Vec<_>>().join("\0");
+        RowAddress { scorecard: card(card_id), key: key.into_bytes() }
     }
 
     #[test]
-    fn insert_becomes_a_typed_event_keyed_by_scorecard() {
+    fn insert_becomes_a_typed_event_keyed_by_its_row_in_its_scorecards_partition() {
         let out = run(&["insert_scorecard"]);
         assert_eq!(out.len(), 1);
-        let Outgoing { event, destination } = &out[0];
-        assert_eq!(destination, &Destination::Key(card_key()));
+        let Outgoing { event, destination, tombstone } = &out[0];
+        let own = address("director.scorecards", &["c1", "p1", "card-1"], "card-1");
+        assert_eq!(destination, &Destination::Row(own));
+        assert_eq!(tombstone, &None);
         assert_eq!(event.op(), Operation::Insert);
         assert_eq!((event.schema.as_str(), event.table.as_str()), ("director", "scorecards"));
         assert_eq!(
@@ -486,10 +511,16 @@ mod tests {
     }
 
     #[test]
-    fn score_events_share_the_scorecard_partition_key() {
+    fn score_events_share_the_scorecard_partition_under_their_own_keys() {
         let out = run(&["insert_scorecard", "insert_score"]);
         assert_eq!(out.len(), 2);
-        assert_eq!(out[0].destination, out[1].destination);
+        let (Destination::Row(card), Destination::Row(score)) =
+            (&out[0].destination, &out[1].destination)
+        else {
+            panic!("row destinations: {:?}", (&out[0].destination, &out[1].destination));
+        };
+        assert_eq!(card.scorecard, score.scorecard, "one partition");
+        assert_ne!(card.key, score.key, "two rows");
         assert_eq!(out[1].event.seq_in_tx, 1, "position in the transaction");
         assert_eq!(out[0].event.commit_lsn, out[1].event.commit_lsn, "one transaction");
         assert!(out[1].event.version > out[0].event.version, "and yet distinct versions");
@@ -532,38 +563,36 @@ mod tests {
     }
 
     #[test]
-    fn update_moving_a_score_to_another_scorecard_carries_the_old_row() {
+    fn update_moving_a_score_to_another_scorecard_carries_the_old_row_and_forgets_its_old_address()
+    {
         let out = run(&["insert_score", "update_score_moves"]);
         assert_eq!(out.len(), 2);
         let update = &out[1];
         assert_eq!(update.event.op(), Operation::Update);
-        let card2 = ScorecardKey {
-            customer_id: "c1".into(),
-            profile_id: "p1".into(),
-            scorecard_id: "card-2".into(),
+        let Destination::Row(new) = &update.destination else {
+            panic!("{:?}", update.destination);
         };
-        assert_eq!(
-            update.destination,
-            Destination::Key(card2.to_message_key()),
-            "keyed by the new card"
-        );
+        assert_eq!(new.scorecard, card("card-2"), "in the new card's partition");
         assert!(update.event.old_row_is_key_only);
         let old = update.event.old_row.as_ref().expect("old row");
         assert_eq!(value(old, "scorecard_id"), &Kind::Text("card-1".into()));
+        let Destination::Row(before) = &out[0].destination else {
+            panic!("{:?}", out[0].destination);
+        };
+        assert_eq!(update.tombstone.as_ref(), Some(before), "a tombstone where it was");
     }
 
     #[test]
-    fn key_only_delete_of_a_score_is_keyed_by_its_scorecard() {
+    fn key_only_delete_of_a_score_is_addressed_by_its_scorecard_and_followed_by_a_tombstone() {
         let out = run(&["insert_score", "delete_score_key_only"]);
         let delete = &out[1];
         assert_eq!(delete.event.op(), Operation::Delete);
         assert!(delete.event.old_row_is_key_only);
-        let card2 = ScorecardKey {
-            customer_id: "c1".into(),
-            profile_id: "p1".into(),
-            scorecard_id: "card-2".into(),
+        let Destination::Row(own) = &delete.destination else {
+            panic!("{:?}", delete.destination);
         };
-        assert_eq!(delete.destination, Destination::Key(card2.to_message_key()));
+        assert_eq!(own.scorecard, card("card-2"));
+        assert_eq!(delete.tombstone.as_ref(), Some(own), "its own key");
         let names: Vec<&str> = delete.event.key.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["customer_id", "profile_id", "score_id"]);
     }
@@ -574,7 +603,8 @@ mod tests {
         let tables: Vec<&str> = out.iter().map(|o| o.event.table.as_str()).collect();
         assert_eq!(tables, ["scores", "historic_scorecard_scores"]);
         for o in &out {
-            assert_eq!(o.destination, Destination::EveryPartition);
+            let table = SourceTable::from_name("director", &o.event.table).expect("table");
+            assert_eq!(o.destination, Destination::EveryPartition(truncate_key(table)));
             assert_eq!(o.event.op(), Operation::Truncate);
             assert!(o.event.truncate.is_some_and(|t| t.restart_identity));
         }

@@ -5,8 +5,8 @@
 //!     | pgwire-replication: Begin / XLogData / Commit / KeepAlive / Message
 //!     v
 //!  decode ──> change::Mapper ──> publish::Publisher ──> change topic (idempotent, acks=all)
-//!     ^            (events keyed by scorecard;                 |
-//!     |             TRUNCATE to every partition)               | acknowledgements
+//!     ^            (scorecard's partition, row's key;          |
+//!     |             tombstones; TRUNCATE to every partition)   | acknowledgements
 //!     |                                                        v
 //!  standby status <── update_applied_lsn <── state topic <── progress::Progress
 //!                      (after the record)     (record)        (confirmable LSN)

@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use scoresync_bus::KafkaConfig;
-use scoresync_event::{ChangeEvent, Lsn, encode};
+use scoresync_event::{ChangeEvent, Lsn, Operation, TOMBSTONE_VERSION_HEADER, encode};
 
 use crate::change::{Destination, Outgoing};
 use crate::error::{Error, TooLarge};
@@ -95,10 +95,8 @@ impl Publisher {
         let admin = scoresync_bus::client::admin(kafka)?;
         let partitions =
             scoresync_bus::topics::partition_count(admin.inner(), &kafka.change_topic)?
-                .ok_or_else(|| scoresync_bus::Error::Topic {
+                .ok_or_else(|| scoresync_bus::Error::MissingTopic {
                     topic: kafka.change_topic.clone(),
-                    action: "find (run `scoresync setup`)",
-                    source: KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::UnknownTopic),
                 })?;
         let refusal = Refusal {
             slot: slot.into(),
@@ -118,7 +116,8 @@ impl Publisher {
         self.partitions
     }
 
-    /// Enqueues one event (one message per partition for [`Destination::EveryPartition`]).
+    /// Enqueues one event (one message per partition for [`Destination::EveryPartition`]), and
+    /// after it the tombstone it asks for, if any ([`Outgoing::tombstone`]).
     pub fn send(&self, out: &Outgoing) -> Result<Vec<Delivery>, Error> {
         let payload = encode(&out.event);
         let timestamp_ms = out.event.commit_time_us.div_euclid(1_000);
@@ -128,14 +127,33 @@ impl Publisher {
                 .map(|future| Delivery { future, refusal: Arc::clone(&self.refusal) })
                 .map_err(|(source, _)| self.refusal.error(&out.event, payload.len(), source))
         };
-        match &out.destination {
-            Destination::Key(key) => Ok(vec![enqueue(
-                FutureRecord::to(&self.topic).key(key.as_slice()).payload(&payload),
-            )?]),
-            Destination::EveryPartition => (0..self.partitions)
-                .map(|p| enqueue(FutureRecord::to(&self.topic).partition(p).payload(&payload)))
-                .collect(),
+        let mut deliveries = match &out.destination {
+            Destination::Row(address) => vec![enqueue(
+                FutureRecord::to(&self.topic)
+                    .partition(address.partition(self.partitions))
+                    .key(address.key.as_slice())
+                    .payload(&payload),
+            )?],
+            Destination::EveryPartition(key) => (0..self.partitions)
+                .map(|p| {
+                    enqueue(
+                        FutureRecord::to(&self.topic)
+                            .partition(p)
+                            .key(key.as_slice())
+                            .payload(&payload),
+                    )
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        if let Some((partition, key)) = tombstone(out, self.partitions) {
+            let version = out.event.version.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: TOMBSTONE_VERSION_HEADER, value: Some(version.as_bytes()) });
+            deliveries.push(enqueue(
+                FutureRecord::to(&self.topic).partition(partition).key(key).headers(headers),
+            )?);
         }
+        Ok(deliveries)
     }
 
     /// Waits up to `timeout` for every enqueued message to be acknowledged or to fail.
@@ -147,10 +165,22 @@ impl Publisher {
     }
 }
 
+/// Where the tombstone `out` asks for goes among `partitions`, if anywhere: never onto the
+/// partition and key of an event that is not a DELETE, which would make compaction forget the
+/// row's newest state.
+fn tombstone(out: &Outgoing, partitions: i32) -> Option<(i32, &[u8])> {
+    let address = out.tombstone.as_ref()?;
+    let partition = address.partition(partitions);
+    let overwrites = matches!(&out.destination, Destination::Row(own)
+        if own.partition(partitions) == partition && own.key == address.key);
+    (out.event.op() == Operation::Delete || !overwrites)
+        .then_some((partition, address.key.as_slice()))
+}
+
 #[cfg(test)]
 mod tests {
     use rdkafka::types::RDKafkaErrorCode;
-    use scoresync_event::{Column, Operation, Value};
+    use scoresync_event::{Column, RowAddress, ScorecardKey, Value};
 
     use super::*;
 
@@ -177,5 +207,49 @@ mod tests {
         );
         let other = KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull);
         assert!(matches!(refusal.error(&event, 200, other), Error::Delivery { .. }));
+    }
+
+    fn address(card: &str, key: &str) -> RowAddress {
+        let scorecard = ScorecardKey {
+            customer_id: "c".into(),
+            profile_id: "p".into(),
+            scorecard_id: card.into(),
+        };
+        RowAddress { scorecard, key: key.as_bytes().to_vec() }
+    }
+
+    fn outgoing(op: Operation, to: &RowAddress, tombstone: &RowAddress) -> Outgoing {
+        Outgoing {
+            event: ChangeEvent { op: op as i32, ..Default::default() },
+            destination: Destination::Row(to.clone()),
+            tombstone: Some(tombstone.clone()),
+        }
+    }
+
+    #[test]
+    fn a_tombstone_never_lands_on_the_key_of_a_row_that_still_lives_there() {
+        let here = address("card-1", "director.scores\0c\0p\0s1");
+        // A card in the same partition as card-1 among 3, and one in another.
+        let partition = here.partition(3);
+        let other_card = |same: bool| {
+            (2..100)
+                .map(|i| address(&format!("card-{i}"), "director.scores\0c\0p\0s1"))
+                .find(|a| (a.partition(3) == partition) == same)
+                .expect("a card")
+        };
+        let (same_partition, elsewhere) = (other_card(true), other_card(false));
+        let key = here.key.as_slice();
+
+        let delete = outgoing(Operation::Delete, &here, &here);
+        assert_eq!(tombstone(&delete, 3), Some((partition, key)), "a DELETE's own key");
+        let moved_away = outgoing(Operation::Update, &elsewhere, &here);
+        assert_eq!(tombstone(&moved_away, 3), Some((partition, key)), "the old partition");
+        let moved_next_door = outgoing(Operation::Update, &same_partition, &here);
+        assert_eq!(tombstone(&moved_next_door, 3), None, "same partition, same key: the update");
+        let renamed = address("card-1", "director.scores\0c\0p\0s2");
+        let rekeyed = outgoing(Operation::Update, &renamed, &here);
+        assert_eq!(tombstone(&rekeyed, 3), Some((partition, key)), "the old key");
+        let plain = Outgoing { tombstone: None, ..moved_away };
+        assert_eq!(tombstone(&plain, 3), None);
     }
 }

@@ -159,7 +159,6 @@ pub async fn max_published_version(kafka: &KafkaConfig) -> Result<u64, Error> {
 
 fn last_versions(kafka: &KafkaConfig) -> Result<u64, Error> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::message::Message;
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     use scoresync_bus::client::{OffsetReset, consumer_config};
 
@@ -200,13 +199,25 @@ fn last_versions(kafka: &KafkaConfig) -> Result<u64, Error> {
             .ok_or(rdkafka::error::KafkaError::NoMessageReceived)
             .map_err(fail("read the last message (timed out)"))?
             .map_err(fail("read the last message"))?;
-        // An undecodable message was never a version: the sink dead-letters it.
-        if let Ok(event) = scoresync_event::decode(message.payload().unwrap_or_default()) {
-            max = max.max(event.version);
-        }
+        max = max.max(published_version(&message).unwrap_or(0));
         waiting -= 1;
     }
     Ok(max)
+}
+
+/// The version a change-topic message carries: its event's, or for a tombstone the one in its
+/// header ([`scoresync_event::layout`]). `None` for an undecodable message, which was never a
+/// version (the sink dead-letters it).
+fn published_version(message: &impl rdkafka::message::Message) -> Option<u64> {
+    use rdkafka::message::Headers as _;
+    match message.payload() {
+        Some(payload) => scoresync_event::decode(payload).ok().map(|event| event.version),
+        None => message
+            .headers()?
+            .iter()
+            .find(|h| h.key == scoresync_event::TOMBSTONE_VERSION_HEADER)
+            .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok()),
+    }
 }
 
 fn describe(record: &PipelineRecord) -> String {

@@ -2,6 +2,7 @@
 
 pub mod dlq;
 pub mod loadgen;
+pub mod replay;
 pub mod run;
 pub mod setup;
 pub mod sink;

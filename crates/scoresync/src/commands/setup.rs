@@ -16,8 +16,19 @@ use crate::config::Config;
 pub async fn run(config: &Config, recreate_slot: bool) -> anyhow::Result<ExitCode> {
     for outcome in ensure_topics(&config.kafka).await.context("kafka topics")? {
         match outcome {
-            TopicOutcome::Existed { topic, partitions } => {
-                println!("existed  kafka topic {topic} ({partitions} partitions)")
+            TopicOutcome::Existed { topic, partitions, differences } => {
+                println!("existed  kafka topic {topic} ({partitions} partitions)");
+                for difference in &differences {
+                    println!("differs  {difference}");
+                }
+                if !differences.is_empty() {
+                    let brokers = &config.kafka.brokers;
+                    let command =
+                        scoresync_bus::topics::alter_command(brokers, &topic, &differences);
+                    println!(
+                        "         to change them (review first: compacting a topic drops older messages of each key): {command}"
+                    );
+                }
             }
             TopicOutcome::Created { topic, partitions } => {
                 println!("created  kafka topic {topic} ({partitions} partitions)")

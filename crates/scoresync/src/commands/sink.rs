@@ -19,6 +19,7 @@ pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
         sink: config.sink.clone(),
         postgres_url: Some(config.postgres.url.expose_secret().to_owned().into()),
         stats,
+        scope: scoresync_sink::Scope::default(),
     }
 }
 

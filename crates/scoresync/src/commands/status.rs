@@ -8,14 +8,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use scoresync_bus::client::{OffsetReset, consumer_config};
-use scoresync_bus::topics::{message_count, partition_count};
+use scoresync_bus::offsets::OffsetReader;
 use scoresync_source::connect::ConnectParams;
 
 use crate::config::Config;
@@ -91,30 +88,23 @@ async fn source_status(config: &Config) -> anyhow::Result<Value> {
 
 fn kafka_status(config: &Config) -> anyhow::Result<Value> {
     let kafka = &config.kafka;
-    let consumer: BaseConsumer = consumer_config(kafka, &kafka.consumer_group, OffsetReset::Error)
-        .set("enable.auto.commit", "false")
-        .create()?;
     let topic = kafka.change_topic.as_str();
-    let partitions = partition_count(consumer.client(), topic)?.unwrap_or(0);
-    let mut query = TopicPartitionList::new();
-    for p in 0..partitions {
-        query.add_partition(topic, p);
-    }
-    let committed = consumer.committed_offsets(query, TIMEOUT)?;
+    let reader = OffsetReader::open(kafka, &kafka.consumer_group, topic)?;
+    let committed = reader.committed()?;
     let mut rows = Vec::new();
     let mut total_lag = 0;
-    for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, TIMEOUT)?;
-        let at = committed.find_partition(topic, p).and_then(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        });
+    for (p, (low, high)) in reader.watermarks()? {
+        let at = committed.get(&p).copied().flatten();
         let lag = high - at.unwrap_or(low).max(low);
         total_lag += lag;
         rows.push(json!({ "partition": p, "committed": at, "high_watermark": high, "lag": lag }));
     }
     let dlq = kafka.dlq_topic.as_str();
-    let dead_letters = message_count(consumer.client(), dlq)?;
+    let dead_letters = match OffsetReader::open(kafka, &kafka.consumer_group, dlq) {
+        Ok(reader) => reader.messages()?,
+        Err(scoresync_bus::Error::MissingTopic { .. }) => 0,
+        Err(error) => return Err(error.into()),
+    };
     Ok(json!({
         "group": kafka.consumer_group,
         "topic": topic,

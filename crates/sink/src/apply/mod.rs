@@ -81,6 +81,8 @@ pub(crate) struct Applier {
     handoff: Vec<Waiting>,
     /// TRUNCATE jobs running and applied.
     truncations: truncate::Truncations,
+    /// The only shard TRUNCATE jobs write (a replay's `--shard`); `None`: every shard.
+    pub(crate) only_shard: Option<crate::shard::ShardIndex>,
 }
 
 /// The identity of the row an event changes (from its key columns).
@@ -117,6 +119,7 @@ impl Applier {
             fresh_holds: Vec::new(),
             handoff: Vec::new(),
             truncations: truncate::Truncations::default(),
+            only_shard: None,
         }
     }
 

@@ -141,9 +141,11 @@ impl Applier {
         let schema = self.schema(table)?.clone();
         let sql = schema.truncate_sql(self.locate.lookups.database(), version);
         let shards = self.locate.lookups.clients();
-        tracing::info!(%table, version, "truncate: writing delete markers on every shard");
+        let only = self.only_shard;
+        tracing::info!(%table, version, ?only, "truncate: writing delete markers on every shard (in scope)");
         let handle = tokio::spawn(async move {
-            for (shard, client) in shards.iter().enumerate() {
+            let in_scope = |(shard, _): &(usize, _)| only.is_none_or(|o| o == *shard);
+            for (shard, client) in shards.iter().enumerate().filter(in_scope) {
                 let action = format!("TRUNCATE of {table} (delete markers)");
                 tokio::time::timeout(TRUNCATE_TIMEOUT, client.query_raw(&sql).execute())
                     .await

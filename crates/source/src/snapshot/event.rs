@@ -3,12 +3,12 @@
 //! Invariant: every snapshot event is an `Operation::Snapshot` versioned just below the record's
 //! snapshot LSN (the slot's consistent point) by the pipeline's version scheme, so it sorts below
 //! every streamed change
-//! (see the `snapshot` module doc), and it is keyed by its scorecard like a streamed change of
-//! the same row. A value that does not parse or a row without its key is an error, never a
+//! (see the `snapshot` module doc), and it is addressed (partition and key) like a streamed change
+//! of the same row. A value that does not parse or a row without its key is an error, never a
 //! skipped row.
 
 use scoresync_event::{
-    CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, ScorecardKey, SourceTable,
+    CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, RowAddress, SourceTable,
 };
 
 use super::query::TableColumn;
@@ -52,8 +52,12 @@ pub(super) fn outgoing(
         version: version.0,
         ..Default::default()
     };
-    let scorecard = ScorecardKey::of_event(&event).ok_or_else(|| missing("scorecard identity"))?;
-    Ok(Outgoing { event, destination: Destination::Key(scorecard.to_message_key()) })
+    let address = event
+        .new_row
+        .as_ref()
+        .and_then(|row| RowAddress::of_row(table, row))
+        .ok_or_else(|| missing("scorecard identity"))?;
+    Ok(Outgoing { event, destination: Destination::Row(address), tombstone: None })
 }
 
 /// The row's text values typed by their column's type.
