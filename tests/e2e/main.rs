@@ -1,6 +1,7 @@
 //! End-to-end scenarios against the real local stack. One test binary, one module per area;
 //! each test takes its own [`scoresync_tests::TestEnv`].
 
+mod backfill;
 mod conversations;
 mod large;
 mod layout;

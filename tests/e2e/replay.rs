@@ -95,7 +95,7 @@ async fn a_shard_emptied_behind_the_daemons_back_is_restored_by_replay_while_loa
 }
 
 #[tokio::test]
-async fn replay_names_the_history_a_delete_policy_dropped_and_how_to_restore_it()
+async fn replay_names_the_history_a_delete_policy_dropped_and_points_to_backfill()
 -> anyhow::Result<()> {
     // A private broker: tansu applies retention when it starts. (Its sqlite storage does not
     // implement DeleteRecords: the call kills its storage task.)
@@ -137,7 +137,7 @@ async fn replay_names_the_history_a_delete_policy_dropped_and_how_to_restore_it(
     let topic = &env.kafka.change_topic;
     let gone = format!("kafka topic {topic} partition 0: messages before offset 2 are gone");
     assert!(output.contains(&gone), "{output}");
-    assert!(output.contains("`scoresync setup --recreate-slot`"), "{output}");
+    assert!(output.contains("`scoresync backfill`"), "{output}");
     assert!(output.contains("total: "), "the table: {output}");
     for partition in 1..env.kafka.partitions {
         let other = format!("partition {partition}: messages before");

@@ -51,7 +51,7 @@ pub enum CleanupPolicy {
     #[default]
     Compact,
     /// Messages older than `kafka.change_retention_ms` are deleted: a replay rebuilds only that
-    /// far back (it says so; a new snapshot restores the rest from PostgreSQL).
+    /// far back (it says so; `scoresync backfill` restores the rest from PostgreSQL).
     Delete,
 }
 

@@ -23,8 +23,10 @@
 //!   messages stay before it in their partitions, and a replay applies them and then the
 //!   TRUNCATE, which outranks them.
 //! - **A redriven dead letter** (`scoresync dlq redrive`) goes back to its origin partition under
-//!   [`redrive_key`], its key with a suffix: it is older than its row's later changes, and under
-//!   the row's own key compaction would keep it instead of them.
+//!   [`redrive_key`], and **a backfilled row** (`scoresync backfill`) to its partition under
+//!   [`backfill_key`]: each is its row's key with a suffix, followed by a tombstone for it. Both
+//!   may be older than their row's changes published before them, and under the row's own key
+//!   compaction would keep them instead.
 //!
 //! Invariant: the newest message of every row key carries its row's newest state (or is its
 //! tombstone), so a compacted topic replays to the current rows; older messages a compaction left
@@ -99,6 +101,11 @@ pub fn message_key(event: &ChangeEvent) -> Option<Vec<u8>> {
 /// The key of a redriven dead letter whose original key was `key`.
 pub fn redrive_key(key: &[u8]) -> Vec<u8> {
     [key, b"\0redriven"].concat()
+}
+
+/// The key of a backfilled copy of the row keyed `key`.
+pub fn backfill_key(key: &[u8]) -> Vec<u8> {
+    [key, b"\0backfilled"].concat()
 }
 
 /// The key of a TRUNCATE of `table` (in every partition).

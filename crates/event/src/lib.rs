@@ -35,7 +35,9 @@ pub mod v1 {
 }
 
 pub use codec::{CONTRACT_VERSION, DecodeError, LEGACY_CONTRACT_VERSION, decode, encode};
-pub use layout::{RowAddress, TOMBSTONE_VERSION_HEADER, message_key, redrive_key, truncate_key};
+pub use layout::{
+    RowAddress, TOMBSTONE_VERSION_HEADER, backfill_key, message_key, redrive_key, truncate_key,
+};
 pub use lsn::Lsn;
 pub use table::{ScorecardKey, SourceTable};
 pub use v1::{ChangeEvent, Column, Operation, Row, TruncateOptions, Value};

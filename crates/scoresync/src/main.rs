@@ -74,6 +74,16 @@ enum Command {
     /// `scoresync setup`, then `scoresync replay --shard N`. Times without a zone are UTC.
     /// Progress on stderr.
     Replay(commands::replay::ReplayArgs),
+    /// Re-publish the current PostgreSQL rows of some scorecards, beside the running daemon.
+    ///
+    /// Selects scorecards (`--customer`, `--profile`, `--kind`, `--since`/`--until` on
+    /// `--time-column`, `--keys FILE`; none: all) and publishes each one's rows (the card, its
+    /// scores, its historic scores; `--table` to choose) to the change topic, in chunks. Each
+    /// chunk is read in a snapshot and versioned below every change it missed, so a concurrent
+    /// change always wins. Resumable: the same command started again goes on after the last
+    /// chunk Kafka acknowledged. Exits 0 when done, 1 if interrupted or on an error. It cannot
+    /// see deletes: rows ClickHouse holds that PostgreSQL lacks stay. Progress on stderr.
+    Backfill(commands::backfill::BackfillArgs),
     /// Dead-letter topic operations.
     Dlq {
         #[command(subcommand)]
@@ -135,6 +145,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sink => commands::sink::run(&config, shutdown_on_signals()?).await,
         Command::Run => commands::run::run(&config, shutdown_on_signals()?).await,
         Command::Loadgen(args) => commands::loadgen::run(&config, &args).await,
+        Command::Backfill(args) => {
+            commands::backfill::run(&config, &args, shutdown_on_signals()?).await
+        }
         Command::Replay(args) => {
             commands::replay::run(&config, &args, shutdown_on_signals()?).await
         }

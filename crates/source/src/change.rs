@@ -45,11 +45,20 @@ pub struct Outgoing {
     pub event: ChangeEvent,
     /// Where it goes.
     pub destination: Destination,
-    /// A key compaction may forget once the event is published: the row's own after a DELETE,
-    /// its old address after a change that gave it another one. The publisher sends a tombstone
-    /// for it, unless that would be the event's own partition and key (a change that keeps its
-    /// address must stay its key's newest message).
-    pub tombstone: Option<RowAddress>,
+    /// A key compaction may forget once the event is published (the publisher sends a
+    /// tombstone for it).
+    pub tombstone: Option<Forget>,
+}
+
+/// What a tombstone after an event is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Forget {
+    /// The event's own key: after a DELETE, or after a copy under a side key (a backfill's).
+    Own,
+    /// The row's old address, after a change that gave it another one; never sent onto the
+    /// event's own partition and key (a row that keeps its address must stay its key's newest
+    /// message).
+    Left(RowAddress),
 }
 
 /// The transaction the next changes belong to (from the Begin message).
@@ -438,12 +447,13 @@ fn keyed(table: SourceTable, event: ChangeEvent, op: Operation) -> Result<Outgoi
     };
     let address = RowAddress::of_event(&event).ok_or_else(missing)?;
     let tombstone = match event.op() {
-        Operation::Delete => Some(address.clone()),
+        Operation::Delete => Some(Forget::Own),
         _ => event
             .old_row
             .as_ref()
             .and_then(|old| RowAddress::of_row(table, old))
-            .filter(|old| *old != address),
+            .filter(|old| *old != address)
+            .map(Forget::Left),
     };
     Ok(Outgoing { event, destination: Destination::Row(address), tombstone })
 }
@@ -579,7 +589,11 @@ mod tests {
         let Destination::Row(before) = &out[0].destination else {
             panic!("{:?}", out[0].destination);
         };
-        assert_eq!(update.tombstone.as_ref(), Some(before), "a tombstone where it was");
+        assert_eq!(
+            update.tombstone,
+            Some(Forget::Left(before.clone())),
+            "a tombstone where it was"
+        );
     }
 
     #[test]
@@ -592,7 +606,7 @@ mod tests {
             panic!("{:?}", delete.destination);
         };
         assert_eq!(own.scorecard, card("card-2"));
-        assert_eq!(delete.tombstone.as_ref(), Some(own), "its own key");
+        assert_eq!(delete.tombstone, Some(Forget::Own), "its own key");
         let names: Vec<&str> = delete.event.key.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["customer_id", "profile_id", "score_id"]);
     }

@@ -134,6 +134,12 @@ pub enum Error {
         /// What is wrong.
         problem: String,
     },
+    /// A backfill met something it cannot work with.
+    #[error("backfill: {problem}")]
+    Backfill {
+        /// What.
+        problem: String,
+    },
     /// The publication is missing or incomplete.
     #[error("publication {publication}: {problem}")]
     Publication {
@@ -200,7 +206,8 @@ impl Error {
             | Error::NoVersionScheme { .. }
             | Error::EventTooLarge(_)
             | Error::BadRecord { .. }
-            | Error::Publication { .. } => false,
+            | Error::Publication { .. }
+            | Error::Backfill { .. } => false,
         }
     }
 

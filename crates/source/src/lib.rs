@@ -33,8 +33,11 @@
 //! - [`publish`], [`progress`], [`stream`]: the streaming stage.
 //! - [`slot`], [`state`], [`setup`]: slot checks, the pipeline record, `scoresync setup`.
 //! - [`snapshot`]: the initial snapshot, resumable, versioned below every streamed change.
+//! - [`backfill`]: re-publishing some scorecards' current rows beside the running source,
+//!   resumable, each chunk versioned below every change it missed.
 //! - [`heartbeat`]: keeps an idle slot moving.
 
+pub mod backfill;
 pub mod change;
 pub mod config;
 pub mod connect;

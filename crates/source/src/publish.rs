@@ -19,9 +19,9 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
 use scoresync_bus::KafkaConfig;
-use scoresync_event::{ChangeEvent, Lsn, Operation, TOMBSTONE_VERSION_HEADER, encode};
+use scoresync_event::{ChangeEvent, Lsn, TOMBSTONE_VERSION_HEADER, encode};
 
-use crate::change::{Destination, Outgoing};
+use crate::change::{Destination, Forget, Outgoing};
 use crate::error::{Error, TooLarge};
 
 /// Enqueues events on the change topic.
@@ -166,21 +166,24 @@ impl Publisher {
 }
 
 /// Where the tombstone `out` asks for goes among `partitions`, if anywhere: never onto the
-/// partition and key of an event that is not a DELETE, which would make compaction forget the
+/// partition and key of the event for [`Forget::Left`], which would make compaction forget the
 /// row's newest state.
 fn tombstone(out: &Outgoing, partitions: i32) -> Option<(i32, &[u8])> {
-    let address = out.tombstone.as_ref()?;
-    let partition = address.partition(partitions);
-    let overwrites = matches!(&out.destination, Destination::Row(own)
-        if own.partition(partitions) == partition && own.key == address.key);
-    (out.event.op() == Operation::Delete || !overwrites)
-        .then_some((partition, address.key.as_slice()))
+    let Destination::Row(own) = &out.destination else { return None };
+    let own_place = (own.partition(partitions), own.key.as_slice());
+    match out.tombstone.as_ref()? {
+        Forget::Own => Some(own_place),
+        Forget::Left(old) => {
+            let place = (old.partition(partitions), old.key.as_slice());
+            (place != own_place).then_some(place)
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use rdkafka::types::RDKafkaErrorCode;
-    use scoresync_event::{Column, RowAddress, ScorecardKey, Value};
+    use scoresync_event::{Column, Operation, RowAddress, ScorecardKey, Value};
 
     use super::*;
 
@@ -218,11 +221,11 @@ mod tests {
         RowAddress { scorecard, key: key.as_bytes().to_vec() }
     }
 
-    fn outgoing(op: Operation, to: &RowAddress, tombstone: &RowAddress) -> Outgoing {
+    fn outgoing(op: Operation, to: &RowAddress, tombstone: Forget) -> Outgoing {
         Outgoing {
             event: ChangeEvent { op: op as i32, ..Default::default() },
             destination: Destination::Row(to.clone()),
-            tombstone: Some(tombstone.clone()),
+            tombstone: Some(tombstone),
         }
     }
 
@@ -240,14 +243,15 @@ mod tests {
         let (same_partition, elsewhere) = (other_card(true), other_card(false));
         let key = here.key.as_slice();
 
-        let delete = outgoing(Operation::Delete, &here, &here);
+        let delete = outgoing(Operation::Delete, &here, Forget::Own);
         assert_eq!(tombstone(&delete, 3), Some((partition, key)), "a DELETE's own key");
-        let moved_away = outgoing(Operation::Update, &elsewhere, &here);
+        let moved_away = outgoing(Operation::Update, &elsewhere, Forget::Left(here.clone()));
         assert_eq!(tombstone(&moved_away, 3), Some((partition, key)), "the old partition");
-        let moved_next_door = outgoing(Operation::Update, &same_partition, &here);
+        let moved_next_door =
+            outgoing(Operation::Update, &same_partition, Forget::Left(here.clone()));
         assert_eq!(tombstone(&moved_next_door, 3), None, "same partition, same key: the update");
         let renamed = address("card-1", "director.scores\0c\0p\0s2");
-        let rekeyed = outgoing(Operation::Update, &renamed, &here);
+        let rekeyed = outgoing(Operation::Update, &renamed, Forget::Left(here.clone()));
         assert_eq!(tombstone(&rekeyed, 3), Some((partition, key)), "the old key");
         let plain = Outgoing { tombstone: None, ..moved_away };
         assert_eq!(tombstone(&plain, 3), None);

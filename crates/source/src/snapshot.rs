@@ -18,8 +18,8 @@
 //! `snapshot/query.rs` owns what is read from PostgreSQL (the catalog columns, the chunk query,
 //! the resume key) and `snapshot/event.rs` turns one row into its change event.
 
-mod event;
-mod query;
+pub(crate) mod event;
+pub(crate) mod query;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -105,7 +105,8 @@ impl Snapshot<'_> {
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
         let mut deliveries = Vec::new();
         for (i, pg_row) in rows.iter().enumerate() {
-            let out = event::outgoing(record, table, columns, pg_row, i, now_us)?;
+            let out =
+                event::outgoing(record, record.snapshot.lsn, table, columns, pg_row, i, now_us)?;
             deliveries.extend(self.publisher.send(&out)?);
         }
         try_join_all(deliveries).await?;

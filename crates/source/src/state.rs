@@ -130,21 +130,41 @@ impl StateStore {
 
     /// Writes `record` and waits for Kafka's acknowledgement.
     pub async fn save(&self, record: &PipelineRecord) -> Result<(), Error> {
-        let payload =
-            serde_json::to_vec(record).map_err(|e| self.bad(&record.slot, e.to_string()))?;
+        self.save_keyed(&record.slot, &record.slot, record).await
+    }
+
+    /// The latest record for `slot`, or `None` when the topic holds none.
+    pub async fn load(&self, slot: &str) -> Result<Option<PipelineRecord>, Error> {
+        self.load_keyed(slot, slot).await
+    }
+
+    /// Writes `value` as JSON under `key` (for slot `slot`'s pipeline, which errors name) and
+    /// waits for Kafka's acknowledgement. Other records than the pipeline record (a backfill's
+    /// progress) use keys of their own.
+    pub async fn save_keyed(
+        &self,
+        slot: &str,
+        key: &str,
+        value: &impl Serialize,
+    ) -> Result<(), Error> {
+        let payload = serde_json::to_vec(value).map_err(|e| self.bad(slot, e.to_string()))?;
         let topic = &self.kafka.state_topic;
         self.producer
-            .send(FutureRecord::to(topic).partition(0).key(&record.slot).payload(&payload), TIMEOUT)
+            .send(FutureRecord::to(topic).partition(0).key(key).payload(&payload), TIMEOUT)
             .await
             .map_err(|(source, _)| Error::Delivery { topic: topic.clone(), source })?;
         Ok(())
     }
 
-    /// The latest record for `slot`, or `None` when the topic holds none.
-    pub async fn load(&self, slot: &str) -> Result<Option<PipelineRecord>, Error> {
+    /// The latest value under `key`, or `None` when the topic holds none.
+    pub async fn load_keyed<T: serde::de::DeserializeOwned>(
+        &self,
+        slot: &str,
+        key: &str,
+    ) -> Result<Option<T>, Error> {
         let kafka = self.kafka.clone();
-        let slot_owned = slot.to_owned();
-        let found = tokio::task::spawn_blocking(move || latest_payload(&kafka, &slot_owned))
+        let key_owned = key.to_owned();
+        let found = tokio::task::spawn_blocking(move || latest_payload(&kafka, &key_owned))
             .await
             .map_err(|e| self.bad(slot, format!("reader task failed: {e}")))??;
         found
@@ -157,8 +177,8 @@ impl StateStore {
     }
 }
 
-/// Scans the state topic backwards from its end for the newest message keyed `slot`.
-fn latest_payload(kafka: &KafkaConfig, slot: &str) -> Result<Option<Vec<u8>>, Error> {
+/// Scans the state topic backwards from its end for the newest message keyed `key`.
+fn latest_payload(kafka: &KafkaConfig, key: &str) -> Result<Option<Vec<u8>>, Error> {
     let topic = kafka.state_topic.as_str();
     let consumer: BaseConsumer =
         consumer_config(kafka, "scoresync-state-reader", OffsetReset::Error)
@@ -197,7 +217,7 @@ fn latest_payload(kafka: &KafkaConfig, slot: &str) -> Result<Option<Vec<u8>>, Er
                 }
             };
             next = message.offset() + 1;
-            if message.offset() < end && message.key() == Some(slot.as_bytes()) {
+            if message.offset() < end && message.key() == Some(key.as_bytes()) {
                 latest = message.payload().map(<[u8]>::to_vec);
             }
         }

@@ -1,7 +1,9 @@
 //! One module per CLI command.
 
+pub mod backfill;
 pub mod dlq;
 pub mod loadgen;
+pub mod progress;
 pub mod replay;
 pub mod run;
 pub mod setup;

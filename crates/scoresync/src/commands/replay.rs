@@ -15,8 +15,6 @@
 
 mod range;
 
-use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,6 +29,7 @@ use scoresync_bus::offsets::OffsetReader;
 use scoresync_event::SourceTable;
 use scoresync_sink::{Scope, SinkStats};
 
+use crate::commands::progress::Progress;
 use crate::config::Config;
 use range::{Ranges, Start, rfc3339, unix_ms};
 
@@ -39,9 +38,8 @@ use range::{Ranges, Start, rfc3339, unix_ms};
 /// order. Replaying a little more is harmless.
 const SEEK_MARGIN_MS: i64 = 60_000;
 
-/// How often progress is checked, and printed when stderr is not a terminal.
+/// How often progress is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
-const PRINT_EVERY: Duration = Duration::from_secs(10);
 
 /// `scoresync replay` arguments.
 #[derive(clap::Args, Debug)]
@@ -212,6 +210,13 @@ async fn execute(
 #[derive(Clone, Copy, Debug)]
 pub struct TableArg(SourceTable);
 
+impl TableArg {
+    /// The table.
+    pub fn table(self) -> SourceTable {
+        self.0
+    }
+}
+
 impl clap::ValueEnum for TableArg {
     fn value_variants<'a>() -> &'a [Self] {
         &[
@@ -258,9 +263,8 @@ fn missing_history(
                 "replay: kafka topic {topic} partition {p}: messages before offset {low} are gone \
                  (the topic's cleanup.policy deletes old messages): the changes committed before \
                  {since} cannot be replayed. To restore the rows they wrote, re-publish the \
-                 current rows from PostgreSQL: stop the daemon once it has drained the topic, \
-                 run `scoresync setup --recreate-slot` (a new snapshot of every row, versioned \
-                 above everything stored), and start it again.",
+                 current rows from PostgreSQL with `scoresync backfill` (beside the running \
+                 daemon; with a filter for the rows those changes touched, or none for all).",
                 p = r.partition,
                 low = r.low,
             ))
@@ -285,7 +289,7 @@ async fn watch(
 ) -> Watch {
     let reader = Arc::new(reader);
     let total = ranges.messages() as u64;
-    let mut progress = Progress::new(total);
+    let mut progress = Progress::new("replay", "messages", total);
     let started = Instant::now();
     loop {
         tokio::select! {
@@ -328,65 +332,16 @@ async fn watch(
                 || committed.get(&r.partition).copied().flatten().is_some_and(|c| c >= r.end)
         });
         let parked = stats.parked.lock().map(|p| p.by_reason.clone()).unwrap_or_default();
-        progress.set(done.max(0) as u64, started.elapsed(), &parked);
-        if finished {
-            progress.finish();
-            return Watch::Done { elapsed: started.elapsed() };
-        }
-    }
-}
-
-/// Progress on stderr: a bar on a terminal, a line every [`PRINT_EVERY`] otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    total: u64,
-    printed_at: Instant,
-}
-
-impl Progress {
-    fn new(total: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            let style = indicatif::ProgressStyle::with_template(
-                "replay {bar:40} {pos}/{len} messages, {per_sec}, ETA {eta}{msg}",
-            );
-            if let Ok(style) = style {
-                bar.set_style(style);
-            }
-            bar
-        });
-        Progress { bar, total, printed_at: Instant::now() }
-    }
-
-    /// Shows `done` messages after `elapsed`, and what waits parked (by reason), if anything.
-    fn set(&mut self, done: u64, elapsed: Duration, parked: &BTreeMap<String, usize>) {
-        let waiting = if parked.is_empty() {
+        let note = if parked.is_empty() {
             String::new()
         } else {
             let reasons: Vec<String> = parked.iter().map(|(r, n)| format!("{n} {r}")).collect();
             format!("; parked: {} (see the sink's log)", reasons.join(", "))
         };
-        if let Some(bar) = &self.bar {
-            bar.set_position(done);
-            bar.set_message(waiting);
-            return;
-        }
-        if self.printed_at.elapsed() < PRINT_EVERY {
-            return;
-        }
-        self.printed_at = Instant::now();
-        let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
-        let eta = (self.total.saturating_sub(done)) as f64 / rate.max(0.001);
-        let percent = done as f64 * 100.0 / self.total.max(1) as f64;
-        eprintln!(
-            "replay: {done}/{} messages ({percent:.0}%), {rate:.0} messages/s, ETA {:.0} s{waiting}",
-            self.total, eta
-        );
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish();
+        progress.set(done.max(0) as u64, &note);
+        if finished {
+            progress.finish();
+            return Watch::Done { elapsed: started.elapsed() };
         }
     }
 }

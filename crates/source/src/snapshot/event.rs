@@ -1,14 +1,14 @@
-//! One snapshot row as a change event.
+//! One row read from a table (by the snapshot or a backfill) as a change event.
 //!
-//! Invariant: every snapshot event is an `Operation::Snapshot` versioned just below the record's
-//! snapshot LSN (the slot's consistent point) by the pipeline's version scheme, so it sorts below
-//! every streamed change
-//! (see the `snapshot` module doc), and it is addressed (partition and key) like a streamed change
-//! of the same row. A value that does not parse or a row without its key is an error, never a
+//! Invariant: every such event is an `Operation::Snapshot` versioned just below the LSN it was
+//! read at (`at`: for the initial snapshot the slot's consistent point; for a backfill chunk a
+//! position every change its read missed commits after) by the pipeline's version scheme, so it
+//! sorts below every change committed after that position (see the `snapshot` and `backfill`
+//! module docs), and it is addressed (partition and key) like a streamed change of the same row. A value that does not parse or a row without its key is an error, never a
 //! skipped row.
 
 use scoresync_event::{
-    CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, RowAddress, SourceTable,
+    CONTRACT_VERSION, ChangeEvent, Column, Lsn, Operation, Row, RowAddress, SourceTable,
 };
 
 use super::query::TableColumn;
@@ -17,25 +17,26 @@ use crate::error::Error;
 use crate::state::PipelineRecord;
 use crate::text::typed_value;
 
-/// The event for the `seq`-th row of a chunk, `pg_row` holding `columns` as text.
-pub(super) fn outgoing(
+/// The event for the `seq`-th row of a chunk read at `at`, `pg_row` holding `columns` as text.
+pub(crate) fn outgoing(
     record: &PipelineRecord,
+    at: Lsn,
     table: SourceTable,
     columns: &[TableColumn],
     pg_row: &tokio_postgres::Row,
     seq: usize,
     now_us: i64,
 ) -> Result<Outgoing, Error> {
-    let row = typed_row(record, table, columns, pg_row)?;
+    let row = typed_row(record, at, table, columns, pg_row)?;
     let missing = |what| Error::Map {
         slot: record.slot.clone(),
-        lsn: record.snapshot.lsn,
+        lsn: at,
         source: MapError::MissingIdentity { table, op: Operation::Snapshot.describe(), what },
     };
     let key = primary_key(table, &row).ok_or_else(|| missing("primary key"))?;
-    let version = record.versions()?.snapshot(record.snapshot.lsn).map_err(|e| Error::Map {
+    let version = record.versions()?.snapshot(at).map_err(|e| Error::Map {
         slot: record.slot.clone(),
-        lsn: record.snapshot.lsn,
+        lsn: at,
         source: e.into(),
     })?;
     let event = ChangeEvent {
@@ -46,7 +47,7 @@ pub(super) fn outgoing(
         op: Operation::Snapshot as i32,
         key,
         new_row: Some(row),
-        commit_lsn: record.snapshot.lsn.0,
+        commit_lsn: at.0,
         seq_in_tx: u32::try_from(seq).unwrap_or(u32::MAX),
         commit_time_us: now_us,
         version: version.0,
@@ -63,6 +64,7 @@ pub(super) fn outgoing(
 /// The row's text values typed by their column's type.
 fn typed_row(
     record: &PipelineRecord,
+    at: Lsn,
     table: SourceTable,
     columns: &[TableColumn],
     pg_row: &tokio_postgres::Row,
@@ -74,7 +76,7 @@ fn typed_row(
             None => scoresync_event::Value::null(),
             Some(text) => typed_value(col.type_oid, &text).map_err(|source| Error::Map {
                 slot: record.slot.clone(),
-                lsn: record.snapshot.lsn,
+                lsn: at,
                 source: MapError::Value { table, column: col.name.clone(), source },
             })?,
         };

@@ -11,14 +11,14 @@ use scoresync_event::SourceTable;
 use crate::error::Error;
 
 /// A column of a source table as the catalog describes it.
-pub(super) struct TableColumn {
-    pub(super) name: String,
-    pub(super) type_oid: u32,
-    pub(super) is_key: bool,
+pub(crate) struct TableColumn {
+    pub(crate) name: String,
+    pub(crate) type_oid: u32,
+    pub(crate) is_key: bool,
 }
 
 /// The live columns of `table` in attribute order.
-pub(super) async fn table_columns(
+pub(crate) async fn table_columns(
     sql: &tokio_postgres::Client,
     table: SourceTable,
 ) -> Result<Vec<TableColumn>, Error> {
@@ -44,7 +44,7 @@ pub(super) async fn table_columns(
 
 /// The query for one chunk of at most `limit` rows: every column as text, in primary-key order,
 /// after the key bound as parameters `$1..` (one per key column) when `resuming`.
-pub(super) fn chunk_sql(
+pub(crate) fn chunk_sql(
     table: SourceTable,
     columns: &[TableColumn],
     resuming: bool,
@@ -72,7 +72,7 @@ pub(super) fn chunk_sql(
 
 /// The key of a chunk's last row in primary-key order (the catalog order can differ), as the
 /// text the next chunk's query binds; `value(i)` is the text of column `i` of that row.
-pub(super) fn resume_key(
+pub(crate) fn resume_key(
     key_names: &[&str],
     columns: &[TableColumn],
     value: impl Fn(usize) -> Option<String>,
@@ -91,7 +91,7 @@ pub(super) fn resume_key(
 }
 
 /// Quotes an identifier.
-fn ident(name: &str) -> String {
+pub(crate) fn ident(name: &str) -> String {
     postgres_protocol::escape::escape_identifier(name)
 }
 
