@@ -79,10 +79,12 @@ enum Command {
     /// Selects scorecards (`--customer`, `--profile`, `--kind`, `--since`/`--until` on
     /// `--time-column`, `--keys FILE`; none: all) and publishes each one's rows (the card, its
     /// scores, its historic scores; `--table` to choose) to the change topic, in chunks. Each
-    /// chunk is read in a snapshot and versioned below every change it missed, so a concurrent
-    /// change always wins. Resumable: the same command started again goes on after the last
-    /// chunk Kafka acknowledged. Exits 0 when done, 1 if interrupted or on an error. It cannot
-    /// see deletes: rows ClickHouse holds that PostgreSQL lacks stay. Progress on stderr.
+    /// chunk waits (at most 10 minutes) for the transactions running when it starts, is read in
+    /// one snapshot and is versioned below every change it missed, so a concurrent update wins
+    /// (README "The bad day" lists the known limits). Resumable: the same command started again
+    /// goes on after the last chunk Kafka acknowledged. Exits 0 when done, 1 if interrupted or
+    /// on an error. It cannot see deletes: rows ClickHouse holds that PostgreSQL lacks stay.
+    /// Times are RFC 3339 in UTC (a time without a zone is UTC). Progress on stderr.
     Backfill(commands::backfill::BackfillArgs),
     /// Dead-letter topic operations.
     Dlq {

@@ -1,7 +1,8 @@
 //! The source's record of its pipeline, kept on the state topic.
 //!
 //! One JSON record per update, keyed by slot name, on the single-partition state topic; the latest
-//! record for a slot wins. It holds what the start-up checks compare the slot with (system
+//! record for a slot wins. A backfill keeps its progress beside it under a key of its own
+//! ([`StateStore::save_keyed`]). It holds what the start-up checks compare the slot with (system
 //! identifier, confirmed LSN), the progress of the initial snapshot, so a killed snapshot
 //! resumes where it stopped, the pipeline's row [`VersionScheme`] (fixed when the slot is
 //! created; see `scoresync_event::version`), and why the source last halted, if it did (for

@@ -34,17 +34,17 @@ pub struct BackfillArgs {
     /// Only process scorecards (`scorecard_type` 2) or only conversation scorecards.
     #[arg(long, value_enum)]
     kind: Option<KindArg>,
-    /// Only scorecards whose `--time-column` is at or after this time (RFC 3339).
+    /// Only scorecards whose `--time-column` is at or after this time (RFC 3339, UTC).
     #[arg(long, value_name = "RFC3339", value_parser = humantime::parse_rfc3339_weak)]
     since: Option<SystemTime>,
-    /// Only scorecards whose `--time-column` is before this time (RFC 3339).
+    /// Only scorecards whose `--time-column` is before this time (RFC 3339, UTC).
     #[arg(long, value_name = "RFC3339", value_parser = humantime::parse_rfc3339_weak)]
     until: Option<SystemTime>,
     /// The column `--since` and `--until` compare.
     #[arg(long, value_enum, default_value = "created-at")]
     time_column: TimeColumnArg,
     /// Only the scorecards listed in this file: one `customer_id<TAB>profile_id<TAB>scorecard_id`
-    /// per line.
+    /// per line (blank lines and lines starting with `#` are skipped).
     #[arg(long, value_name = "FILE")]
     keys: Option<PathBuf>,
     /// Publish only this table's rows (repeatable; default: the scorecard, its scores and its
@@ -190,7 +190,9 @@ pub async fn run(
             Ok(ExitCode::FAILURE)
         }
         Err(err) => {
-            eprintln!("backfill: {}; run the same command again to go on", Report::new(&err));
+            let again =
+                if err.is_transient() { "; run the same command again to go on" } else { "" };
+            eprintln!("backfill: {}{again}", Report::new(&err));
             Ok(ExitCode::FAILURE)
         }
     }

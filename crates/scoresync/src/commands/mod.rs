@@ -1,4 +1,4 @@
-//! One module per CLI command.
+//! One module per CLI command, and what several share (`progress`).
 
 pub mod backfill;
 pub mod dlq;

@@ -95,19 +95,23 @@ impl Filter {
     /// A stable one-line description: the key of the backfill's progress record, so the same
     /// command run again resumes (a different filter is a different backfill).
     pub fn describe(&self) -> String {
+        // Every field, so that a new one cannot be left out of the key.
+        let Filter { customer, profile, kind, time_column, since, until, keys, tables } = self;
+        let mut tables: Vec<&str> = tables.iter().map(|t| t.name()).collect();
+        tables.sort_unstable();
         let mut out = String::new();
         let mut part = |name: &str, value: &dyn std::fmt::Debug| {
             let _ = write!(out, "{name}={value:?};");
         };
-        part("customer", &self.customer);
-        part("profile", &self.profile);
-        part("kind", &self.kind);
-        part("time_column", &self.time_column);
-        part("since", &self.since);
-        part("until", &self.until);
+        part("customer", customer);
+        part("profile", profile);
+        part("kind", kind);
+        part("time_column", time_column);
+        part("since", since);
+        part("until", until);
         // The keys by their count and a digest of them all, so another list is another backfill.
-        part("keys", &self.keys.as_ref().map(|keys| (keys.len(), digest(keys))));
-        part("tables", &self.tables.iter().map(|t| t.name()).collect::<Vec<_>>());
+        part("keys", &keys.as_ref().map(|keys| (keys.len(), digest(keys))));
+        part("tables", &tables);
         out
     }
 
