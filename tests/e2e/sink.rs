@@ -549,10 +549,10 @@ async fn sinks_joining_and_leaving_the_group_under_load_lose_nothing() -> anyhow
     let summary = load.await??;
     assert!(summary.contains("600 scorecard(s) created"), "{summary}");
     wait_until_consistent(&env, &pg, Duration::from_secs(180)).await?;
-    // A's return rebalances the group: B gives partitions up too (after its next heartbeat,
-    // which may come after the oracle already holds).
-    wait::until("sink B to give partitions up", DEADLINE, || async {
-        Ok(b.output().contains("partitions revoked").then_some(()))
+    // A's return rebalances the group and A takes partitions again. (Whether B logs a revoke
+    // for it depends on the broker's assignment: tansu sometimes moves only what A takes.)
+    wait::until("sink A, back, to be assigned partitions", DEADLINE, || async {
+        Ok(a.output().contains("partition assigned").then_some(()))
     })
     .await?;
     drop((a, b));
