@@ -615,10 +615,10 @@ async fn a_shard_down_under_load_of_100_kb_comments_loses_nothing_commits_nothin
 -> anyhow::Result<()> {
     let (mut env, pg) = running("sink_shard_down").await?;
     if outage() > Duration::from_secs(120) {
-        // Through the long variant's catch-up, tansu's group coordinator (sqlite storage, on two
-        // cores shared with PostgreSQL and both shards) has missed the harness's session
-        // timeout and never assigned the partitions again (a tansu wedge, not the sink's). A
-        // production-like timeout keeps the test about the sink.
+        // Through the long variant's catch-up, tansu (sqlite storage, on two cores shared with
+        // PostgreSQL and both shards) answers heartbeats later than the harness's session
+        // timeout, and each miss rebalances the group. A production-like timeout keeps the test
+        // about the sink.
         env.kafka.session_timeout_ms = 30_000;
     }
     let mut shards =

@@ -636,17 +636,27 @@ async fn snapshot_publishes_existing_rows_and_concurrent_changes_win() -> anyhow
         .await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let events = wait_until_bus_matches_postgres(&env, &pg, Duration::from_secs(180)).await?;
+    wait_until_bus_matches_postgres(&env, &pg, Duration::from_secs(180)).await?;
+    // The bus can match PostgreSQL before the stream has published every change (a chunk read
+    // after a change already carries its result): wait for the 100 changes, then compare again.
+    let is_streamed = |p: &Published| p.event.op() != Operation::Snapshot;
+    wait::until("the 100 concurrent changes to be streamed", DEADLINE, || async {
+        let kafka = env.kafka.clone();
+        let events =
+            tokio::task::spawn_blocking(move || read_events(&kafka, &kafka.change_topic)).await??;
+        Ok((events.iter().filter(|p| is_streamed(p)).count() >= 20 * 5).then_some(()))
+    })
+    .await?;
+    let events = wait_until_bus_matches_postgres(&env, &pg, DEADLINE).await?;
     let snapshot_rows = events.iter().filter(|p| p.event.op() == Operation::Snapshot).count();
     assert!(snapshot_rows >= 6_000 - 20, "snapshot published {snapshot_rows} rows");
-    let streamed = events.iter().filter(|p| p.event.op() != Operation::Snapshot).count();
+    let streamed = events.iter().filter(|p| is_streamed(p)).count();
     assert!(streamed >= 20 * 5, "the concurrent changes were streamed ({streamed})");
     // Snapshot rows rank below every streamed change.
     let version = |p: &Published| scoresync_event::RowVersion::of_event(&p.event);
     let newest_snapshot =
         events.iter().filter(|p| p.event.op() == Operation::Snapshot).map(version).max();
-    let oldest_change =
-        events.iter().filter(|p| p.event.op() != Operation::Snapshot).map(version).min();
+    let oldest_change = events.iter().filter(|p| is_streamed(p)).map(version).min();
     assert!(newest_snapshot < oldest_change, "{newest_snapshot:?} vs {oldest_change:?}");
     Ok(())
 }

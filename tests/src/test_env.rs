@@ -61,9 +61,8 @@ impl TestEnv {
                 kafka.consumer_group = format!("{name}.sink");
                 kafka.partitions = TEST_PARTITIONS;
                 kafka.replication_factor = 1;
-                // Crashed sinks (kill -9 scenarios) are noticed sooner. (10 s, the production
-                // default, wedged tansu's coordinator after a kill -9 in CI; 6 s has held when
-                // nothing else loads the machine: never build beside the suite.)
+                // Crashed sinks (kill -9 scenarios) are noticed sooner than with the production
+                // default (10 s).
                 kafka.session_timeout_ms = 6_000;
                 // tansu compacts every topic every 10 minutes and ignores
                 // min.compaction.lag.ms: a compacted change topic would lose DELETEs behind their

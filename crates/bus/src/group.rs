@@ -1,7 +1,7 @@
 //! A consumer-group member that stores offsets only for messages its owner says are done.
 //!
 //! [`GroupMember`] owns the consumer, the hold book (`holds`), the assignment, pause and resume,
-//! offset storing and the rejoin watchdog. Its owner (one loop) takes a hold for each piece of
+//! offset storing and the idle warning. Its owner (one loop) takes a hold for each piece of
 //! work a message still has, releases it when that work is done, and calls [`GroupMember::tend`]
 //! on a timer. Nothing else changes the holds.
 //!
@@ -99,6 +99,7 @@ pub struct Message {
 pub struct GroupMember {
     consumer: StreamConsumer<GroupContext>,
     mailbox: Arc<Mailbox>,
+    group: String,
     topic: String,
     holds: Holds,
     assigned: BTreeSet<i32>,
@@ -108,7 +109,7 @@ pub struct GroupMember {
     /// Revoked since the owner last asked.
     revoked: Vec<i32>,
     unassigned_since: Option<Instant>,
-    rejoin_after: Duration,
+    warn_idle_after: Duration,
     /// Counts assignments absorbed; each partition remembers the count when it was last
     /// assigned ([`GroupMember::assigned_at`]).
     generation: u64,
@@ -116,15 +117,14 @@ pub struct GroupMember {
 }
 
 impl GroupMember {
-    /// Joins `group` on `topic`. A member assigned nothing for `rejoin_after` leaves and joins
-    /// again (a member that died mid-rebalance can wedge some brokers' coordinators, tansu 0.6
-    /// among them).
+    /// Joins `group` on `topic`. A member assigned nothing for `warn_idle_after` says so in the
+    /// log, again each `warn_idle_after`, and stays in the group (see [`GroupMember::tend`]).
     pub fn join(
         cfg: &KafkaConfig,
         group: &str,
         topic: &str,
         reset: OffsetReset,
-        rejoin_after: Duration,
+        warn_idle_after: Duration,
         in_flight: InFlight,
     ) -> Result<Self, Error> {
         let mailbox = Arc::new(Mailbox::default());
@@ -138,6 +138,7 @@ impl GroupMember {
         Ok(GroupMember {
             consumer,
             mailbox,
+            group: group.to_owned(),
             topic: topic.to_owned(),
             holds: Holds::default(),
             assigned: BTreeSet::new(),
@@ -145,7 +146,7 @@ impl GroupMember {
             held_back: false,
             revoked: Vec::new(),
             unassigned_since: Some(Instant::now()),
-            rejoin_after,
+            warn_idle_after,
             generation: 0,
             assigned_at: Default::default(),
         })
@@ -220,12 +221,18 @@ impl GroupMember {
     }
 
     /// Housekeeping, on the owner's timer: act on rebalances, pause or resume, store the offsets
-    /// that moved, and rejoin when assigned nothing for too long.
+    /// that moved, and warn when assigned nothing for too long.
+    ///
+    /// An idle member never leaves to rejoin: with more members than partitions idleness is
+    /// normal (leaving would churn the whole group), and a LeaveGroup from the leader of a group
+    /// that is still forming wedges tansu 0.6's coordinator for good (the departed leader stays
+    /// its leader and every later member waits for its assignment).
     pub fn tend(&mut self) -> Result<(), Error> {
         self.absorb();
         self.reconcile_pauses()?;
         self.store_offsets();
-        self.rejoin_if_stuck()
+        self.warn_if_idle();
+        Ok(())
     }
 
     /// Stores what is done, commits it and closes the consumer (bounded: librdkafka's close can
@@ -339,23 +346,24 @@ impl GroupMember {
         }
     }
 
-    fn rejoin_if_stuck(&mut self) -> Result<(), Error> {
+    fn warn_if_idle(&mut self) {
         if !self.assigned.is_empty() {
             self.unassigned_since = None;
-            return Ok(());
+            return;
         }
         let since = *self.unassigned_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < self.rejoin_after {
-            return Ok(());
+        if since.elapsed() < self.warn_idle_after {
+            return;
         }
-        tracing::warn!(waited = ?since.elapsed(), topic = %self.topic, "no partitions assigned; leaving and rejoining the consumer group");
-        self.consumer.unsubscribe();
-        self.consumer.subscribe(&[&self.topic]).map_err(|source| Error::Consume {
-            context: format!("re-subscribing to {}", self.topic),
-            source,
-        })?;
+        tracing::warn!(
+            waited = ?since.elapsed(),
+            topic = %self.topic,
+            group = %self.group,
+            "no partitions assigned: this member is idle (more members than partitions?) or \
+             the broker's group coordinator is stuck (the group's lag in `scoresync status` \
+             shows whether its partitions are consumed at all)"
+        );
         self.unassigned_since = Some(Instant::now());
-        Ok(())
     }
 }
 

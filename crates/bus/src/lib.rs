@@ -7,8 +7,8 @@
 //!   message size limit, `kafka.max_message_bytes`.
 //! - [`group`]: a consumer-group member that owns the consumer, the hold book of offsets still
 //!   in use, rebalances (a revoke waits, bounded, for the work other tasks still do on messages
-//!   already taken: [`group::InFlight`]), pause and resume, offset storing and the rejoin
-//!   watchdog.
+//!   already taken: [`group::InFlight`]), pause and resume, offset storing and a warning
+//!   while it is assigned nothing.
 //! - [`offsets`]: a topic's watermarks and a group's committed offsets, read without joining the
 //!   group; offsets for a time; start offsets set for a new group.
 //! - [`topics`]: creating the change (compacted, keyed by row), dead-letter and state topics,

@@ -45,14 +45,14 @@ impl Sink {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let schemas = Arc::new(crate::schema::load(&self.clickhouse).await?);
         let clients = crate::shard::clients(&self.clickhouse);
-        let rejoin_after = Duration::from_millis(self.kafka.session_timeout_ms * 3);
+        let warn_idle_after = Duration::from_millis(self.kafka.session_timeout_ms * 3);
         let with_writers = InFlight::default();
         let group = GroupMember::join(
             &self.kafka,
             &self.kafka.consumer_group,
             &self.kafka.change_topic,
             OffsetReset::Earliest,
-            rejoin_after,
+            warn_idle_after,
             with_writers.clone(),
         )?;
         let database = &self.clickhouse.database;
