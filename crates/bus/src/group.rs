@@ -109,6 +109,8 @@ pub struct GroupMember {
     /// Revoked since the owner last asked.
     revoked: Vec<i32>,
     unassigned_since: Option<Instant>,
+    /// This idle stretch was reported at WARN already (later reports go to INFO).
+    idle_reported: bool,
     warn_idle_after: Duration,
     /// Counts assignments absorbed; each partition remembers the count when it was last
     /// assigned ([`GroupMember::assigned_at`]).
@@ -118,7 +120,8 @@ pub struct GroupMember {
 
 impl GroupMember {
     /// Joins `group` on `topic`. A member assigned nothing for `warn_idle_after` says so in the
-    /// log, again each `warn_idle_after`, and stays in the group (see [`GroupMember::tend`]).
+    /// log (WARN, then INFO each further `warn_idle_after`) and stays in the group (see
+    /// [`GroupMember::tend`]).
     pub fn join(
         cfg: &KafkaConfig,
         group: &str,
@@ -146,6 +149,7 @@ impl GroupMember {
             held_back: false,
             revoked: Vec::new(),
             unassigned_since: Some(Instant::now()),
+            idle_reported: false,
             warn_idle_after,
             generation: 0,
             assigned_at: Default::default(),
@@ -225,8 +229,8 @@ impl GroupMember {
     ///
     /// An idle member never leaves to rejoin: with more members than partitions idleness is
     /// normal (leaving would churn the whole group), and a LeaveGroup from the leader of a group
-    /// that is still forming wedges tansu 0.6's coordinator for good (the departed leader stays
-    /// its leader and every later member waits for its assignment).
+    /// that is still forming wedged stock tansu 0.6.0's coordinator for good (fix 1 in
+    /// deploy/local/tansu-0.6.0-coordinator.patch).
     pub fn tend(&mut self) -> Result<(), Error> {
         self.absorb();
         self.reconcile_pauses()?;
@@ -349,20 +353,24 @@ impl GroupMember {
     fn warn_if_idle(&mut self) {
         if !self.assigned.is_empty() {
             self.unassigned_since = None;
+            self.idle_reported = false;
             return;
         }
         let since = *self.unassigned_since.get_or_insert_with(Instant::now);
         if since.elapsed() < self.warn_idle_after {
             return;
         }
-        tracing::warn!(
-            waited = ?since.elapsed(),
-            topic = %self.topic,
-            group = %self.group,
-            "no partitions assigned: this member is idle (more members than partitions?) or \
-             the broker's group coordinator is stuck (the group's lag in `scoresync status` \
-             shows whether its partitions are consumed at all)"
-        );
+        const IDLE: &str = "no partitions assigned: this member is idle (more members than \
+            partitions?) or the broker's group coordinator is stuck (the group's lag in \
+            `scoresync status` shows whether its partitions are consumed at all; restarting the \
+            sinks makes the group form again)";
+        let (waited, topic, group) = (since.elapsed(), &self.topic, &self.group);
+        if self.idle_reported {
+            tracing::info!(?waited, %topic, %group, "{IDLE}");
+        } else {
+            tracing::warn!(?waited, %topic, %group, "{IDLE}");
+        }
+        self.idle_reported = true;
         self.unassigned_since = Some(Instant::now());
     }
 }
