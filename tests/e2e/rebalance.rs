@@ -74,7 +74,7 @@ async fn buffered_rows(listen: &str) -> anyhow::Result<u64> {
 
 #[tokio::test]
 async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> anyhow::Result<()> {
-    let env = TestEnv::new("sink_revoke_backlog").await?;
+    let (env, _broker) = TestEnv::on_own_broker("sink_revoke_backlog").await?;
     setup(&env).await?;
     let pg = env.pg_admin().await?;
     let _source = Daemon::start(&env, &["source"])?;
@@ -133,7 +133,7 @@ async fn a_revoke_under_a_backlog_of_100k_messages_completes_within_2_s() -> any
 #[tokio::test]
 async fn a_rebalance_in_the_middle_of_a_transaction_changing_each_row_twice_keeps_the_last_change()
 -> anyhow::Result<()> {
-    let env = TestEnv::new("sink_rebalance_mid_tx").await?;
+    let (env, _broker) = TestEnv::on_own_broker("sink_rebalance_mid_tx").await?;
     setup(&env).await?;
     let pg = env.pg_admin().await?;
     let _source = Daemon::start(&env, &["source"])?;

@@ -99,9 +99,7 @@ async fn replay_names_the_history_a_delete_policy_dropped_and_points_to_backfill
 -> anyhow::Result<()> {
     // A private broker: tansu applies retention when it starts. (Its sqlite storage does not
     // implement DeleteRecords: the call kills its storage task.)
-    let mut env = TestEnv::new("replay_gone").await?;
-    let mut broker = scoresync_tests::broker::PrivateBroker::start(env.dir().join("broker"))?;
-    env.kafka.brokers = broker.address();
+    let (mut env, mut broker) = TestEnv::on_own_broker("replay_gone").await?;
     env.kafka.change_cleanup_policy = CleanupPolicy::Delete;
     env.kafka.change_retention_ms = 3_600_000;
     setup(&env).await?;
@@ -170,9 +168,7 @@ async fn conversations(env: &TestEnv, shard: usize) -> anyhow::Result<Vec<String
 
 #[tokio::test]
 async fn a_lost_shard_is_rebuilt_from_a_compacted_topic_alone() -> anyhow::Result<()> {
-    let mut env = TestEnv::new("replay_compacted").await?;
-    let mut broker = scoresync_tests::broker::PrivateBroker::start(env.dir().join("broker"))?;
-    env.kafka.brokers = broker.address();
+    let (mut env, mut broker) = TestEnv::on_own_broker("replay_compacted").await?;
     env.kafka.change_cleanup_policy = CleanupPolicy::Compact;
     let mut shards =
         scoresync_tests::clickhouse::PrivateShards::start(env.dir().join("shards"), 2)?;

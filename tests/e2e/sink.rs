@@ -14,6 +14,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use scoresync_bus::KafkaConfig;
 use scoresync_bus::client::{OffsetReset, consumer_config, producer};
 use scoresync_event::{CONTRACT_VERSION, ChangeEvent, Column, Operation, Row, Value, encode};
+use scoresync_tests::broker::PrivateBroker;
 use scoresync_tests::oracle::{live_counts, wait_until_consistent};
 use scoresync_tests::stack::free_port;
 use scoresync_tests::{Daemon, TestEnv, wait};
@@ -98,6 +99,16 @@ async fn running(label: &str) -> anyhow::Result<(TestEnv, tokio_postgres::Client
     setup(&env).await?;
     let pg = env.pg_admin().await?;
     Ok((env, pg))
+}
+
+/// [`running`] on a broker of the test's own ([`TestEnv::on_own_broker`]).
+async fn running_on_own_broker(
+    label: &str,
+) -> anyhow::Result<(TestEnv, tokio_postgres::Client, PrivateBroker)> {
+    let (env, broker) = TestEnv::on_own_broker(label).await?;
+    setup(&env).await?;
+    let pg = env.pg_admin().await?;
+    Ok((env, pg, broker))
 }
 
 #[tokio::test]
@@ -487,7 +498,7 @@ pub async fn http_get(url: &str) -> anyhow::Result<String> {
 
 #[tokio::test]
 async fn sink_killed_10_times_during_20k_changes_holds_the_oracle() -> anyhow::Result<()> {
-    let (env, pg) = running("sink_kill9").await?;
+    let (env, pg, _broker) = running_on_own_broker("sink_kill9").await?;
     let _source = Daemon::start(&env, &["source"])?;
     let mut sink = Daemon::start(&env, &["sink"])?;
     // About 1700 x 11 inserts, plus updates and deletes: over 20,000 changes.
@@ -523,7 +534,7 @@ async fn sink_killed_10_times_during_20k_changes_holds_the_oracle() -> anyhow::R
 
 #[tokio::test]
 async fn sinks_joining_and_leaving_the_group_under_load_lose_nothing() -> anyhow::Result<()> {
-    let (env, pg) = running("sink_rebalance").await?;
+    let (env, pg, _broker) = running_on_own_broker("sink_rebalance").await?;
     let _source = Daemon::start(&env, &["source"])?;
     let member = |port: String| {
         let env = &env;
@@ -613,7 +624,7 @@ const RSS_LIMIT_MIB: u64 = 512;
 #[tokio::test]
 async fn a_shard_down_under_load_of_100_kb_comments_loses_nothing_commits_nothing_past_it_and_stays_under_512_mib()
 -> anyhow::Result<()> {
-    let (mut env, pg) = running("sink_shard_down").await?;
+    let (mut env, pg, _broker) = running_on_own_broker("sink_shard_down").await?;
     if outage() > Duration::from_secs(120) {
         // Through the long variant's catch-up, tansu (sqlite storage, on two cores shared with
         // PostgreSQL and both shards) answers heartbeats later than the harness's session

@@ -472,7 +472,9 @@ pub async fn wait_until_bus_matches_postgres(
 
 #[tokio::test]
 async fn kill_9_while_a_100k_row_transaction_is_published_loses_nothing() -> anyhow::Result<()> {
-    let env = TestEnv::new("src_kill9").await?;
+    // Its own broker: 100k events read back from the stack's (every test's messages in one
+    // sqlite file) take minutes late in a run.
+    let (env, _broker) = TestEnv::on_own_broker("src_kill9").await?;
     setup(&env).await?;
     let pg = env.pg_admin().await?;
     let mut source = Daemon::start(&env, &["source"])?;
@@ -526,9 +528,7 @@ async fn kill_9_while_a_100k_row_transaction_is_published_loses_nothing() -> any
 #[tokio::test]
 async fn broker_down_longer_than_wal_sender_timeout_holds_the_slot_and_loses_nothing()
 -> anyhow::Result<()> {
-    let mut env = TestEnv::new("src_broker").await?;
-    let mut broker = scoresync_tests::broker::PrivateBroker::start(env.dir().join("broker"))?;
-    env.kafka.brokers = broker.address();
+    let (mut env, mut broker) = TestEnv::on_own_broker("src_broker").await?;
     // A walsender that gives up on a silent client after 3 s.
     env.postgres.url = PostgresUrl::new(format!(
         "{}?options=-c%20wal_sender_timeout%3D3s",

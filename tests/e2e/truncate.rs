@@ -16,14 +16,12 @@ const DEADLINE: Duration = Duration::from_secs(600);
 #[tokio::test]
 async fn a_truncate_of_500k_scores_is_applied_once_and_a_card_reinserted_after_it_brings_no_old_children()
 -> anyhow::Result<()> {
-    let mut env = TestEnv::new("truncate_big").await?;
     // 500k changes on a private broker: the stack's tansu (sqlite storage, one request at a time)
     // holds every earlier test's messages by the time this runs last, and answered this test's
     // requests tens of seconds late (its storage task once panicked under it). For the same
     // reason a production-like session timeout: nothing is killed here, and the test is about
     // TRUNCATE, not about rebalances.
-    let broker = scoresync_tests::broker::PrivateBroker::start(env.dir().join("broker"))?;
-    env.kafka.brokers = broker.address();
+    let (mut env, _broker) = TestEnv::on_own_broker("truncate_big").await?;
     env.kafka.session_timeout_ms = 30_000;
     setup(&env).await?;
     let pg = env.pg_admin().await?;

@@ -11,6 +11,7 @@ use scoresync_sink::ClickHouseConfig;
 use scoresync_source::PostgresConfig;
 use scoresync_source::connect::ConnectParams;
 
+use crate::broker::PrivateBroker;
 use crate::stack::{SCORESYNC_PASSWORD, Stack, free_port, with_database};
 
 /// The schema file that creates the cluster-wide role; `stack up` ran it once, and running it per
@@ -84,6 +85,18 @@ impl TestEnv {
         env.create_postgres().await?;
         env.create_clickhouse().await?;
         Ok(env)
+    }
+
+    /// [`TestEnv::new`] on a broker of the test's own, returned beside it (keep it alive for the
+    /// whole test). For scenarios about consumer groups with the short test session timeout: late
+    /// in a run the stack's tansu (sqlite storage, one request at a time) holds every earlier
+    /// test's messages and can answer a heartbeat more than a session late, and a member then
+    /// loses its partitions for a reason the test is not about.
+    pub async fn on_own_broker(label: &str) -> anyhow::Result<(TestEnv, PrivateBroker)> {
+        let mut env = TestEnv::new(label).await?;
+        let broker = PrivateBroker::start(env.dir().join("broker"))?;
+        env.kafka.brokers = broker.address();
+        Ok((env, broker))
     }
 
     /// Superuser URL of this test's database.
