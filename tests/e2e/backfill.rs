@@ -154,14 +154,27 @@ async fn backfill_of_process_scorecards_killed_half_way_finishes_when_started_ag
     let since = topic_end(&env)?;
     ensure!(!check(&env, &pg).await?.is_empty(), "losing the process rows broke the oracle");
 
-    // kill -9 once some chunks are out, well before the end.
+    // kill -9 once some chunks are out, well before the end. The whole backfill takes a few
+    // seconds, so it is held half-way first: a chunk waits for every transaction that has an
+    // id when it starts (see scoresync_source::backfill), and this one stays open until the
+    // kill. The topic's end offsets are cheap to poll; decoding it is not.
+    let published = |env: &TestEnv| -> anyhow::Result<i64> {
+        Ok(topic_end(env)?.iter().map(|(p, end)| end - since.get(p).copied().unwrap_or(0)).sum())
+    };
     let mut first = Daemon::start(&env, &["backfill", "--kind", "process", "--chunk-cards", "1"])?;
+    wait::until("some backfilled rows on the topic", DEADLINE, || async {
+        Ok((published(&env)? >= 30).then_some(()))
+    })
+    .await?;
+    let holder = env.pg_admin().await?;
+    holder.batch_execute("BEGIN; SELECT pg_current_xact_id();").await?;
     wait::until("some backfilled scorecards on the topic", DEADLINE, || async {
         let cards = backfilled(&env, &since)?.iter().filter(|e| e.table == "scorecards").count();
         Ok((cards >= 3).then_some(()))
     })
     .await?;
     first.kill9().await?;
+    holder.batch_execute("ROLLBACK").await?;
     let before =
         backfilled(&env, &since)?.iter().filter(|e| e.table == "scorecards").count() as i64;
     ensure!(before < process_cards, "killed half-way ({before} of {process_cards})");

@@ -13,5 +13,6 @@ mod smoke;
 mod source;
 mod stack;
 mod truncate;
+mod verify;
 mod versions;
 mod waits;

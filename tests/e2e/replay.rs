@@ -42,6 +42,21 @@ async fn final_rows(env: &TestEnv) -> anyhow::Result<BTreeMap<(usize, String), V
     Ok(out)
 }
 
+/// The primary keys (text) of the live rows of `table` on `shard`.
+async fn live_keys(env: &TestEnv, shard: usize, table: &str) -> anyhow::Result<Vec<Vec<String>>> {
+    let key = match table {
+        "historic_scorecard_scores" => {
+            "[customer_id, profile_id, scorecard_id, toString(revision), criterion_id]"
+        }
+        "scores" => "[customer_id, profile_id, score_id]",
+        _ => "[customer_id, profile_id, scorecard_id]",
+    };
+    let sql =
+        format!("SELECT arrayStringConcat({key}, '\\t') FROM {table} FINAL WHERE _deleted = 0");
+    let keys: Vec<String> = env.shard(shard).query(&sql).fetch_all().await?;
+    Ok(keys.iter().map(|k| k.split('\t').map(String::from).collect()).collect())
+}
+
 /// The sink group's committed offsets.
 fn daemon_offsets(env: &TestEnv) -> anyhow::Result<BTreeMap<i32, Option<i64>>> {
     let reader =
@@ -60,29 +75,34 @@ async fn a_shard_emptied_behind_the_daemons_back_is_restored_by_replay_while_loa
     wait_until_consistent(&env, &pg, DEADLINE).await?;
 
     // Shard 1 loses its three tables' rows behind the daemon's back.
+    let mut lost = std::collections::BTreeSet::new();
     for table in TABLES {
+        let keys = live_keys(&env, 1, table).await?;
+        lost.extend(keys.into_iter().map(|k| (table.to_owned(), k, "missing".to_owned(), Some(1))));
         env.shard(1).query(&format!("TRUNCATE TABLE {table}")).execute().await?;
     }
     let broken = check(&env, &pg).await?;
     ensure!(!broken.is_empty(), "emptying shard 1 broke the oracle");
+    // verify finds exactly the rows shard 1 lost.
+    let (code, drift, stderr) = crate::verify::verify(&env, &[]).await?;
+    ensure!(code == 1, "verify exits 1 on drift, not {code}: {stderr}");
+    assert_eq!(drift, lost, "verify reports the rows shard 1 lost, no more, no less");
 
     // Replay shard 1 from the start while more load arrives.
-    let load = {
-        let (url, config) = (env.pg_admin_url(), env.config_path()?);
-        tokio::spawn(async move {
-            crate::sink::loadgen_output(
-                &url,
-                &config,
-                &["--scorecards", "150", "--conversations-per-shard", "0", "--prefix", "during"],
-            )
-            .await
-        })
-    };
+    let load = crate::sink::spawn_loadgen(
+        &env,
+        &["--scorecards", "150", "--conversations-per-shard", "0", "--prefix", "during"],
+    )?;
     let (ok, output) = replay(&env, &["--shard", "1", "--from", "earliest"]).await?;
     ensure!(ok, "replay failed: {output}");
     ensure!(output.contains("replay: done"), "{output}");
     load.await??;
     wait_until_consistent(&env, &pg, DEADLINE).await?;
+    let (code, drift, stderr) = crate::verify::verify(&env, &[]).await?;
+    ensure!(
+        code == 0 && drift.is_empty(),
+        "verify after the replay: exit {code}, {drift:?}: {stderr}"
+    );
 
     // A second replay changes nothing a reader sees, and never touches the daemon's offsets.
     let before = final_rows(&env).await?;

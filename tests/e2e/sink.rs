@@ -53,7 +53,7 @@ pub async fn loadgen_output(
 }
 
 /// Starts `scoresync loadgen` in the background; the task returns its standard output.
-fn spawn_loadgen(
+pub fn spawn_loadgen(
     env: &TestEnv,
     args: &[&str],
 ) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<String>>> {

@@ -63,6 +63,29 @@ impl Daemon {
         Ok(Daemon { child, label, log })
     }
 
+    /// Runs `scoresync <args>` to its end (at most `deadline`), stdout and stderr kept apart: for
+    /// commands whose stdout is a result (`verify --json`).
+    pub async fn run_to_end(
+        env: &TestEnv,
+        args: &[&str],
+        deadline: Duration,
+    ) -> anyhow::Result<std::process::Output> {
+        let run = Command::new(binary())
+            .args(args)
+            .env("SCORESYNC_CONFIG", env.config_path()?)
+            .env("SCORESYNC_LOG", "info,scoresync=debug")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let label = args.iter().take_while(|a| !a.starts_with('-')).copied().collect::<Vec<_>>();
+        tokio::time::timeout(deadline, run)
+            .await
+            .with_context(|| {
+                format!("scoresync {} did not exit within {deadline:?}", label.join(" "))
+            })?
+            .context("running scoresync")
+    }
+
     /// The process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()

@@ -86,6 +86,18 @@ enum Command {
     /// on an error. It cannot see deletes: rows ClickHouse holds that PostgreSQL lacks stay.
     /// Times are RFC 3339 in UTC (a time without a zone is UTC). Progress on stderr.
     Backfill(commands::backfill::BackfillArgs),
+    /// Compare PostgreSQL with every ClickHouse shard, beside the running daemon.
+    ///
+    /// For the same filters as `backfill` (none: everything), finds rows that are missing on
+    /// their shard, extra (PostgreSQL lacks them), stale (values differ) or misplaced (on a
+    /// wrong shard, or on two), and rows the sink cannot place (unroutable: reported, not
+    /// drift). Differences are judged again once the pipeline has applied past them, so
+    /// replication lag is not reported as drift; a row that keeps changing is reported as
+    /// unstable. `--repair` writes delete markers over extra and misplaced copies and
+    /// re-publishes the drifted rows' scorecards from PostgreSQL (the backfill path), then
+    /// checks again; replication never pauses. Exit 0: no drift; 1: drift; 2: could not verify
+    /// (the pipeline did not catch up within `--settle-timeout`). Progress on stderr.
+    Verify(commands::verify::VerifyArgs),
     /// Dead-letter topic operations.
     Dlq {
         #[command(subcommand)]
@@ -149,6 +161,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Loadgen(args) => commands::loadgen::run(&config, &args).await,
         Command::Backfill(args) => {
             commands::backfill::run(&config, &args, shutdown_on_signals()?).await
+        }
+        Command::Verify(args) => {
+            commands::verify::run(&config, &args, shutdown_on_signals()?).await
         }
         Command::Replay(args) => {
             commands::replay::run(&config, &args, shutdown_on_signals()?).await

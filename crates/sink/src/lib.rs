@@ -73,6 +73,8 @@
 //! - `batch`, `writer`: batching and shard writers; `handoff`: a move's old-shard markers wait
 //!   until the new shard acknowledged the copies (one hold per waiting row).
 //! - `park`, [`dlq`]: waiting events and dead letters.
+//! - [`verify`]: ClickHouse's side of `scoresync verify` (what each shard should hold for
+//!   PostgreSQL's rows, and the verdict).
 //! - [`scope`]: what one run applies and writes (the daemon: everything; a replay: the messages
 //!   before its end offsets, optionally one shard and some tables).
 //! - [`config`], [`shard`], [`schema`], [`error`], [`stats`]: settings, shard clients, per-shard
@@ -103,6 +105,7 @@ mod stage;
 pub mod stats;
 pub mod table;
 mod toast;
+pub mod verify;
 mod writer;
 
 pub use config::{ClickHouseConfig, SinkConfig};

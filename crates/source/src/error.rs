@@ -140,6 +140,12 @@ pub enum Error {
         /// What.
         problem: String,
     },
+    /// Verify read something it cannot compare.
+    #[error("verify: {problem}")]
+    Verify {
+        /// What.
+        problem: String,
+    },
     /// The publication is missing or incomplete.
     #[error("publication {publication}: {problem}")]
     Publication {
@@ -207,7 +213,8 @@ impl Error {
             | Error::EventTooLarge(_)
             | Error::BadRecord { .. }
             | Error::Publication { .. }
-            | Error::Backfill { .. } => false,
+            | Error::Backfill { .. }
+            | Error::Verify { .. } => false,
         }
     }
 

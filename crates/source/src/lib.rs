@@ -36,6 +36,8 @@
 //! - [`backfill`]: re-publishing some scorecards' current rows beside the running source,
 //!   resumable, each chunk versioned below every change it missed.
 //! - [`heartbeat`]: keeps an idle slot moving.
+//! - [`verify`]: PostgreSQL's side of `scoresync verify` (rows with their scorecards, by chunk or
+//!   by key).
 
 pub mod backfill;
 pub mod change;
@@ -54,6 +56,7 @@ pub mod snapshot;
 pub mod state;
 pub mod stream;
 pub mod text;
+pub mod verify;
 
 use std::time::{Duration, Instant};
 

@@ -3,129 +3,30 @@
 //! row never overwrites a newer change). Resumable: the same command started again after a kill
 //! goes on after the last chunk Kafka acknowledged.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use anyhow::Context;
 use error_reporter::Report;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use scoresync_event::{ScorecardKey, SourceTable};
-use scoresync_source::backfill::{Backfill, CardKind, Filter, TimeColumn};
+use scoresync_source::backfill::{Backfill, Filter};
 use scoresync_source::connect::ConnectParams;
 use scoresync_source::publish::Publisher;
 use scoresync_source::state::StateStore;
 
+use crate::commands::filter::FilterArgs;
 use crate::commands::progress::Progress;
-use crate::commands::replay::TableArg;
 use crate::config::Config;
 
 /// `scoresync backfill` arguments.
 #[derive(clap::Args, Debug)]
 pub struct BackfillArgs {
-    /// Only this customer's scorecards.
-    #[arg(long)]
-    customer: Option<String>,
-    /// Only this profile's scorecards.
-    #[arg(long)]
-    profile: Option<String>,
-    /// Only process scorecards (`scorecard_type` 2) or only conversation scorecards.
-    #[arg(long, value_enum)]
-    kind: Option<KindArg>,
-    /// Only scorecards whose `--time-column` is at or after this time (RFC 3339, UTC).
-    #[arg(long, value_name = "RFC3339", value_parser = humantime::parse_rfc3339_weak)]
-    since: Option<SystemTime>,
-    /// Only scorecards whose `--time-column` is before this time (RFC 3339, UTC).
-    #[arg(long, value_name = "RFC3339", value_parser = humantime::parse_rfc3339_weak)]
-    until: Option<SystemTime>,
-    /// The column `--since` and `--until` compare.
-    #[arg(long, value_enum, default_value = "created-at")]
-    time_column: TimeColumnArg,
-    /// Only the scorecards listed in this file: one `customer_id<TAB>profile_id<TAB>scorecard_id`
-    /// per line (blank lines and lines starting with `#` are skipped).
-    #[arg(long, value_name = "FILE")]
-    keys: Option<PathBuf>,
-    /// Publish only this table's rows (repeatable; default: the scorecard, its scores and its
-    /// historic scores).
-    #[arg(long, value_name = "TABLE", value_enum)]
-    table: Vec<TableArg>,
+    #[command(flatten)]
+    filter: FilterArgs,
     /// Scorecards per chunk (each chunk is one snapshot, published and recorded as one step).
     #[arg(long, default_value_t = scoresync_source::backfill::DEFAULT_CHUNK_CARDS)]
     chunk_cards: usize,
-}
-
-/// `--kind`.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum KindArg {
-    /// `scorecard_type` 2.
-    Process,
-    /// Any other `scorecard_type`, NULL included.
-    Conversation,
-}
-
-/// `--time-column`.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum TimeColumnArg {
-    /// `process_interaction_at`.
-    ProcessInteractionAt,
-    /// `created_at`.
-    CreatedAt,
-}
-
-impl BackfillArgs {
-    /// The filter these arguments describe.
-    fn filter(&self) -> anyhow::Result<Filter> {
-        let time =
-            |t: &Option<SystemTime>| t.map(|t| humantime::format_rfc3339_micros(t).to_string());
-        let keys = self.keys.as_ref().map(read_keys).transpose()?;
-        Ok(Filter {
-            customer: self.customer.clone(),
-            profile: self.profile.clone(),
-            kind: self.kind.map(|k| match k {
-                KindArg::Process => CardKind::Process,
-                KindArg::Conversation => CardKind::Conversation,
-            }),
-            time_column: match self.time_column {
-                TimeColumnArg::ProcessInteractionAt => TimeColumn::ProcessInteractionAt,
-                TimeColumnArg::CreatedAt => TimeColumn::CreatedAt,
-            },
-            since: time(&self.since),
-            until: time(&self.until),
-            keys,
-            tables: if self.table.is_empty() {
-                SourceTable::ALL.to_vec()
-            } else {
-                self.table.iter().map(|t| t.table()).collect()
-            },
-        })
-    }
-}
-
-/// Reads a `--keys` file.
-fn read_keys(file: &PathBuf) -> anyhow::Result<Vec<ScorecardKey>> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading --keys {}", file.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty() && !line.starts_with('#'))
-        .map(|(n, line)| {
-            let parts: Vec<&str> = line.split('\t').collect();
-            let [customer_id, profile_id, scorecard_id] = parts[..] else {
-                anyhow::bail!(
-                    "{} line {}: expected customer_id<TAB>profile_id<TAB>scorecard_id",
-                    file.display(),
-                    n + 1
-                );
-            };
-            Ok(ScorecardKey {
-                customer_id: customer_id.into(),
-                profile_id: profile_id.into(),
-                scorecard_id: scorecard_id.into(),
-            })
-        })
-        .collect()
 }
 
 /// Runs the backfill to its end (exit 0), or until SIGTERM/SIGINT (exit 1, progress saved:
@@ -136,7 +37,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.chunk_cards > 0, "--chunk-cards must be at least 1");
-    let filter = args.filter()?;
+    let filter = args.filter.filter()?;
+    publish(config, &filter, args.chunk_cards, shutdown).await
+}
+
+/// Publishes the rows of `filter`'s scorecards, with progress on stderr (also how `verify
+/// --repair` restores rows): exit 0 when done, 1 if interrupted (progress saved) or failed.
+pub async fn publish(
+    config: &Config,
+    filter: &Filter,
+    chunk_cards: usize,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
     let slot = &config.postgres.slot;
     let state = StateStore::new(&config.kafka)?;
     let record = state.load(slot).await?.with_context(|| {
@@ -154,8 +66,8 @@ pub async fn run(
         publisher: &publisher,
         state: &state,
         record: &record,
-        filter: &filter,
-        chunk_cards: args.chunk_cards,
+        filter,
+        chunk_cards,
     };
     let mut progress = backfill.resume().await?;
     let total = backfill.total_cards().await?;

@@ -1,7 +1,8 @@
-//! One module per CLI command, and what several share (`progress`).
+//! One module per CLI command, and what several share (`progress`, `filter`).
 
 pub mod backfill;
 pub mod dlq;
+pub mod filter;
 pub mod loadgen;
 pub mod progress;
 pub mod replay;
@@ -11,6 +12,7 @@ pub mod sink;
 pub mod source;
 pub mod status;
 pub mod validate;
+pub mod verify;
 
 use std::sync::Arc;
 

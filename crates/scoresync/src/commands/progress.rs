@@ -19,13 +19,16 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Progress of `what` (the command) over `total` `unit`s.
+    /// Progress of `what` (the command) over `total` `unit`s (0: a total not known in
+    /// advance: counts and rates, no bar and no ETA).
     pub fn new(what: &'static str, unit: &'static str, total: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = indicatif::ProgressBar::new(total);
-            let template = format!(
-                "{what} {{bar:40}} {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}{{msg}}"
-            );
+            let template = if total == 0 {
+                format!("{what} {{spinner}} {{pos}} {unit}, {{per_sec}}{{msg}}")
+            } else {
+                format!("{what} {{bar:40}} {{pos}}/{{len}} {unit}, {{per_sec}}, ETA {{eta}}{{msg}}")
+            };
             if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
                 bar.set_style(style);
             }
@@ -55,6 +58,10 @@ impl Progress {
         let eta = self.total.saturating_sub(done) as f64 / rate.max(0.001);
         let percent = done as f64 * 100.0 / self.total.max(1) as f64;
         let (what, unit, total) = (self.what, self.unit, self.total);
+        if total == 0 {
+            eprintln!("{what}: {done} {unit}, {rate:.0} {unit}/s{note}");
+            return;
+        }
         eprintln!(
             "{what}: {done}/{total} {unit} ({percent:.0}%), {rate:.0} {unit}/s, ETA {eta:.0} s{note}"
         );

@@ -51,6 +51,116 @@ impl Lookups {
     }
 }
 
+impl Lookups {
+    /// The live rows on `shard` of `schema`'s table whose primary keys (text, in key order) are
+    /// among `keys`: one bound tuple per key, [`super::CHUNK`] keys per request. A key whose
+    /// numeric part is no number cannot be stored and is not asked for.
+    pub(crate) async fn live_rows_with_keys(
+        &self,
+        shard: ShardIndex,
+        schema: &TableSchema,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<Vec<Cell>>, Error> {
+        let key_columns: Vec<&ChColumn> = schema.key.iter().map(|i| &schema.columns[*i]).collect();
+        let typed: Vec<Vec<KeyValue>> = keys
+            .iter()
+            .map(|key| key_columns.iter().zip(key).map(|(c, t)| KeyValue::typed(c, t)).collect())
+            .filter(|key: &Vec<KeyValue>| {
+                !key.iter().any(|v| matches!(v, KeyValue::TextOfNumber(_)))
+            })
+            .collect();
+        let mut rows = Vec::new();
+        for chunk in typed.chunks(super::CHUNK) {
+            let tuple = format!("({})", placeholders(key_columns.len()));
+            let sql = format!(
+                "SELECT {} FROM ?.? FINAL WHERE _deleted = 0 AND ({}) IN ({})",
+                placeholders(schema.columns.len()),
+                placeholders(key_columns.len()),
+                vec![tuple.as_str(); chunk.len()].join(", ")
+            );
+            let mut query = self.shards[shard].query(&sql);
+            for column in &schema.columns {
+                query = query.bind(Identifier(&column.name));
+            }
+            query = query.bind(Identifier(&self.database)).bind(Identifier(schema.table.name()));
+            for column in &key_columns {
+                query = query.bind(Identifier(&column.name));
+            }
+            for key in chunk {
+                for value in key {
+                    query = bind_value(query, *value);
+                }
+            }
+            rows.extend(self.select_cells(shard, query, &schema.columns).await?);
+        }
+        Ok(rows)
+    }
+
+    /// The primary keys (text, in key order) of at most `limit` live rows on `shard` of
+    /// `schema`'s table after `after`, in ClickHouse's key order, where `condition` holds
+    /// (`?` placeholders, filled by `bind` after the key bound).
+    pub(crate) async fn live_keys_after(
+        &self,
+        shard: ShardIndex,
+        schema: &TableSchema,
+        after: Option<&[String]>,
+        limit: usize,
+        condition: &str,
+        bind: impl Fn(Query) -> Query,
+    ) -> Result<Vec<Vec<String>>, Error> {
+        let key_columns: Vec<ChColumn> =
+            schema.key.iter().map(|i| schema.columns[*i].clone()).collect();
+        let names = placeholders(key_columns.len());
+        let mut sql = format!("SELECT {names} FROM ?.? FINAL WHERE _deleted = 0");
+        // `(a, b, c) > (x, y, z)` spelled out, so the primary index can prune on every prefix.
+        let after_sql = after.map(|_| after_condition(key_columns.len()));
+        if let Some(after_sql) = &after_sql {
+            sql.push_str(&format!(" AND {after_sql}"));
+        }
+        sql.push_str(&format!(" AND ({condition}) ORDER BY {names} LIMIT {limit}"));
+        let mut query = self.shards[shard].query(&sql);
+        for column in &key_columns {
+            query = query.bind(Identifier(&column.name));
+        }
+        query = query.bind(Identifier(&self.database)).bind(Identifier(schema.table.name()));
+        if let Some(after) = after {
+            for i in 0..key_columns.len() {
+                for (column, text) in key_columns.iter().zip(after).take(i + 1) {
+                    query = query.bind(Identifier(&column.name));
+                    query = bind_value(query, KeyValue::typed(column, text));
+                }
+            }
+        }
+        query = bind(query);
+        for column in &key_columns {
+            query = query.bind(Identifier(&column.name));
+        }
+        let rows = self.select_cells(shard, query, &key_columns).await?;
+        Ok(rows.iter().map(|cells| cells.iter().map(crate::rows::cell_text).collect()).collect())
+    }
+}
+
+/// `(k1 > ?) OR (k1 = ? AND k2 > ?) OR ...` over `n` key columns, each `?` pair a column
+/// (identifier) and a value.
+fn after_condition(n: usize) -> String {
+    let terms: Vec<String> = (0..n)
+        .map(|i| {
+            let mut parts: Vec<&str> = vec!["? = ?"; i];
+            parts.push("? > ?");
+            format!("({})", parts.join(" AND "))
+        })
+        .collect();
+    format!("({})", terms.join(" OR "))
+}
+
+fn bind_value(query: Query, value: KeyValue) -> Query {
+    match value {
+        KeyValue::Int(i) => query.bind(i),
+        KeyValue::UInt(u) => query.bind(u),
+        KeyValue::Text(s) | KeyValue::TextOfNumber(s) => query.bind(s),
+    }
+}
+
 /// Every live row (`FINAL`, `_deleted = 0`) of `schema`'s table in `database` on one shard, as
 /// cells in the schema's column order. Without the lookups' timeout and cool-down: for checks
 /// and tools (the end-to-end oracle reads whole tables with it); the sink reads through

@@ -66,12 +66,17 @@ pub(crate) struct Query {
 }
 
 impl Query {
+    /// An empty query.
+    pub(crate) fn new() -> Query {
+        Query { sql: String::new(), params: Vec::new() }
+    }
+
     pub(crate) fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
         self.params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect()
     }
 
     /// Binds `value` and returns its placeholder, cast to `cast`.
-    fn bind(&mut self, value: impl ToSql + Sync + Send + 'static, cast: &str) -> String {
+    pub(crate) fn bind(&mut self, value: impl ToSql + Sync + Send + 'static, cast: &str) -> String {
         self.params.push(Box::new(value));
         format!("${}::{cast}", self.params.len())
     }
@@ -116,7 +121,7 @@ impl Filter {
     }
 
     /// The conditions on `c` (a `director.scorecards` row), appended to `query` as `AND ...`.
-    fn conditions(&self, query: &mut Query) -> String {
+    pub(crate) fn conditions(&self, query: &mut Query) -> String {
         let mut sql = String::new();
         if let Some(customer) = &self.customer {
             let p = query.bind(customer.clone(), "text");

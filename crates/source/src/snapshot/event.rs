@@ -15,7 +15,7 @@ use super::query::TableColumn;
 use crate::change::{Destination, MapError, Outgoing, primary_key};
 use crate::error::Error;
 use crate::state::PipelineRecord;
-use crate::text::typed_value;
+use crate::text::{ValueError, typed_value};
 
 /// The event for the `seq`-th row of a chunk read at `at`, `pg_row` holding `columns` as text.
 pub(crate) fn outgoing(
@@ -69,16 +69,28 @@ fn typed_row(
     columns: &[TableColumn],
     pg_row: &tokio_postgres::Row,
 ) -> Result<Row, Error> {
+    typed_columns(columns, pg_row, 0).map_err(|(column, source)| Error::Map {
+        slot: record.slot.clone(),
+        lsn: at,
+        source: MapError::Value { table, column, source },
+    })
+}
+
+/// `columns` as read (as text) into `pg_row` from position `first` on, typed; a value that does
+/// not parse is an error naming its column.
+pub(crate) fn typed_columns(
+    columns: &[TableColumn],
+    pg_row: &tokio_postgres::Row,
+    first: usize,
+) -> Result<Row, (String, ValueError)> {
     let mut row = Row { columns: Vec::with_capacity(columns.len()) };
     for (index, col) in columns.iter().enumerate() {
-        let text: Option<String> = pg_row.get(index);
+        let text: Option<String> = pg_row.get(first + index);
         let value = match text {
             None => scoresync_event::Value::null(),
-            Some(text) => typed_value(col.type_oid, &text).map_err(|source| Error::Map {
-                slot: record.slot.clone(),
-                lsn: at,
-                source: MapError::Value { table, column: col.name.clone(), source },
-            })?,
+            Some(text) => {
+                typed_value(col.type_oid, &text).map_err(|source| (col.name.clone(), source))?
+            }
         };
         row.columns.push(Column {
             name: col.name.clone(),

@@ -1,0 +1,386 @@
+//! `scoresync verify [--repair]`: compares PostgreSQL with every ClickHouse shard for a filter,
+//! while replication runs, and reports rows missing, extra, stale or misplaced.
+//!
+//! How, per table:
+//! 1. **PostgreSQL's rows** in primary-key order, in chunks ([`TableReader::chunk`]); each chunk's
+//!    keys are looked up on every shard and judged ([`Checker::judge`]): missing, stale,
+//!    misplaced.
+//! 2. **ClickHouse's live keys**, shard by shard in ClickHouse's key order, within the filter
+//!    ([`Checker::live_keys`]); those PostgreSQL lacks are judged: extra. The two walks never
+//!    compare key ranges across the systems (their string orders differ), only keys.
+//! 3. **Re-checks.** A difference can be a change the pipeline has not applied yet. Verify writes a
+//!    heartbeat message to the WAL, waits until the slot has confirmed past it (the source has
+//!    published everything before it) and the sink group has committed up to the change
+//!    topic's end as it was then ([`wait_applied`]), and judges the differing keys again. A key
+//!    that differs again with PostgreSQL's row unchanged is drift; one whose row changed in
+//!    between is checked once more, and after [`ROUNDS`] rounds reported as unstable, not as
+//!    drift. When the pipeline does not catch up within `--settle-timeout`, verify cannot tell
+//!    lag from drift and exits 2.
+//!
+//! Memory holds one chunk of rows and the differing keys, never a table.
+//!
+//! `--repair`: delete markers over extra and misplaced copies ([`Checker::retire`], only over
+//! the copy judged), the drifted rows' scorecards re-published from PostgreSQL through the change
+//! topic (the backfill path, so a concurrent change still wins), then the same re-check.
+//!
+//! Exit status: 0 no drift, 1 drift, 2 could not verify.
+
+mod report;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use scoresync_bus::offsets::OffsetReader;
+use scoresync_event::{ScorecardKey, SourceTable};
+use scoresync_sink::verify::{Checker, DriftKind, Expected, Finding, LiveScope};
+use scoresync_source::backfill::Filter;
+use scoresync_source::connect::ConnectParams;
+use scoresync_source::verify::{PgRow, TableReader};
+
+use crate::commands::filter::FilterArgs;
+use crate::commands::progress::Progress;
+use crate::config::Config;
+
+pub use report::Report;
+
+/// Most rounds of re-checks before a row that keeps changing is called unstable.
+pub const ROUNDS: usize = 3;
+
+/// `scoresync verify` arguments.
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// Repair what drifted: delete markers over extra and misplaced copies, the drifted rows'
+    /// scorecards re-published from PostgreSQL; then check them again. Replication keeps
+    /// running.
+    #[arg(long)]
+    repair: bool,
+    /// Print the result as JSON on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+    /// Rows per chunk (one PostgreSQL read and one lookup per shard).
+    #[arg(long, default_value_t = 1000)]
+    chunk_rows: usize,
+    /// How long to wait for the pipeline to apply past a check before judging again what
+    /// differed (e.g. `2m`).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    settle_timeout: Duration,
+    /// Sample keys shown per table, shard and kind.
+    #[arg(long, default_value_t = 5)]
+    samples: usize,
+}
+
+/// Runs verify (and repair); see the module doc for the exit status.
+pub async fn run(
+    config: &Config,
+    args: &VerifyArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.chunk_rows > 0, "--chunk-rows must be at least 1");
+    let filter = args.filter.filter()?;
+    let scope = args.filter.live_scope(&filter);
+    let params = ConnectParams::parse(config.postgres.url.expose_secret())?;
+    let sql = params.connect_sql().await.context("connecting to PostgreSQL")?;
+    let checker = Checker::new(&config.clickhouse).await.context("reading the shards' tables")?;
+    let started = Instant::now();
+    let verify = Verify { config, args, sql: &sql, checker: &checker, shutdown: &shutdown };
+
+    let mut found = Vec::new();
+    let mut checked = BTreeMap::new();
+    for table in &filter.tables {
+        let reader = TableReader::new(&sql, *table).await?;
+        let (rows, findings) = verify.walk(&reader, &filter, &scope).await?;
+        checked.insert(*table, rows);
+        found.extend(findings);
+        if shutdown.is_cancelled() {
+            eprintln!("verify: interrupted");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    let mut outcome = verify.settle(found).await?;
+    let mut repaired = None;
+    if args.repair && outcome.drift.iter().any(|f| f.kind.is_drift()) {
+        repaired = Some(verify.repair(&outcome.drift).await?);
+        outcome = verify.settle(outcome.drift).await?;
+    }
+    let report = Report::new(checked, outcome.drift, outcome.unstable, outcome.unconfirmed);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report.json(repaired))?);
+    } else {
+        print!("{}", report.text(args.samples, repaired, started.elapsed()));
+    }
+    Ok(ExitCode::from(report.exit_status()))
+}
+
+/// What the re-checks left.
+struct Settled {
+    /// Confirmed drift.
+    drift: Vec<Finding>,
+    /// Rows still changing after [`ROUNDS`] checks.
+    unstable: Vec<Finding>,
+    /// Rows that could not be judged again: why (the pipeline did not catch up).
+    unconfirmed: Option<(String, Vec<Finding>)>,
+}
+
+/// One verify run's context.
+struct Verify<'a> {
+    config: &'a Config,
+    args: &'a VerifyArgs,
+    sql: &'a tokio_postgres::Client,
+    checker: &'a Checker,
+    shutdown: &'a CancellationToken,
+}
+
+impl Verify<'_> {
+    /// Both walks of one table (module doc, steps 1 and 2): PostgreSQL's rows checked, and
+    /// the findings.
+    async fn walk(
+        &self,
+        reader: &TableReader,
+        filter: &Filter,
+        scope: &LiveScope,
+    ) -> anyhow::Result<(u64, Vec<Finding>)> {
+        let table = reader.table();
+        let limit = self.args.chunk_rows;
+        let mut findings = Vec::new();
+        let mut progress = Progress::new("verify", "rows", 0);
+        let mut rows_checked = 0u64;
+        let mut after: Option<Vec<String>> = None;
+        loop {
+            let (rows, _) = reader.chunk(self.sql, filter, after.as_deref(), limit).await?;
+            let keys: Vec<Vec<String>> = rows.iter().map(|r| r.key.clone()).collect();
+            findings.extend(self.checker.judge(table, &keys, &expected(rows.clone())).await?);
+            rows_checked += rows.len() as u64;
+            progress.set(rows_checked, &format!("; {table} in PostgreSQL"));
+            if rows.len() < limit || self.shutdown.is_cancelled() {
+                break;
+            }
+            after = rows.last().map(|r| r.key.clone());
+        }
+        let mut live = 0u64;
+        for shard in 0..self.checker.shard_count() {
+            let mut after: Option<Vec<String>> = None;
+            loop {
+                let keys =
+                    self.checker.live_keys(shard, table, scope, after.as_deref(), limit).await?;
+                if keys.is_empty() {
+                    break;
+                }
+                let (pg, _) = reader.by_keys(self.sql, &keys).await?;
+                let known: BTreeSet<&Vec<String>> = pg.iter().map(|r| &r.key).collect();
+                let lacking: Vec<Vec<String>> =
+                    keys.iter().filter(|k| !known.contains(k)).cloned().collect();
+                if !lacking.is_empty() {
+                    findings.extend(self.checker.judge(table, &lacking, &[]).await?);
+                }
+                live += keys.len() as u64;
+                progress.set(rows_checked, &format!("; {table}: {live} live rows on the shards"));
+                if keys.len() < limit || self.shutdown.is_cancelled() {
+                    break;
+                }
+                after = keys.last().cloned();
+            }
+        }
+        progress.finish();
+        dedup(&mut findings);
+        Ok((rows_checked, findings))
+    }
+
+    /// Re-checks `found` until what is left is drift, unstable, or cannot be judged (module
+    /// doc, step 3).
+    async fn settle(&self, found: Vec<Finding>) -> anyhow::Result<Settled> {
+        let mut pending = found;
+        let mut drift = Vec::new();
+        for round in 0..ROUNDS {
+            if pending.is_empty() {
+                break;
+            }
+            eprintln!(
+                "verify: {} rows differ; waiting for the pipeline to apply past them (round {} of {ROUNDS})",
+                keys_of(&pending).values().map(Vec::len).sum::<usize>(),
+                round + 1
+            );
+            if let Err(why) = self.wait_applied().await {
+                return Ok(Settled {
+                    drift,
+                    unstable: Vec::new(),
+                    unconfirmed: Some((why, pending)),
+                });
+            }
+            let again = self.rejudge(&pending).await?;
+            let before: HashMap<(SourceTable, &Vec<String>), u64> =
+                pending.iter().map(|f| ((f.table, &f.key), f.pg_state)).collect();
+            let mut next = Vec::new();
+            for finding in again {
+                let was = before.get(&(finding.table, &finding.key)).copied();
+                if was == Some(finding.pg_state) {
+                    drift.push(finding);
+                } else {
+                    next.push(finding);
+                }
+            }
+            pending = next;
+        }
+        dedup(&mut drift);
+        Ok(Settled { drift, unstable: pending, unconfirmed: None })
+    }
+
+    /// Judges again the keys of `findings`, table by table, as they are now.
+    async fn rejudge(&self, findings: &[Finding]) -> anyhow::Result<Vec<Finding>> {
+        let mut again = Vec::new();
+        for (table, keys) in keys_of(findings) {
+            let reader = TableReader::new(self.sql, table).await?;
+            for chunk in keys.chunks(self.args.chunk_rows) {
+                let (pg, _) = reader.by_keys(self.sql, chunk).await?;
+                again.extend(self.checker.judge(table, chunk, &expected(pg)).await?);
+            }
+        }
+        dedup(&mut again);
+        Ok(again)
+    }
+
+    /// Waits until the pipeline has applied every change committed before now: the slot
+    /// confirmed past a heartbeat written now, then the sink group committed up to the change
+    /// topic's end as it was then. `Err`: why not, within `--settle-timeout`.
+    async fn wait_applied(&self) -> Result<(), String> {
+        let deadline = Instant::now() + self.args.settle_timeout;
+        let slot = &self.config.postgres.slot;
+        let marker: String = self
+            .sql
+            .query_one(
+                "SELECT pg_logical_emit_message(false, $1::text, 'verify'::text)::text",
+                &[&scoresync_source::heartbeat::HEARTBEAT_PREFIX],
+            )
+            .await
+            .map_err(|e| format!("writing a heartbeat to the WAL: {e}"))?
+            .get(0);
+        loop {
+            let row = self
+                .sql
+                .query_opt(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn, confirmed_flush_lsn::text, active \
+                     FROM pg_replication_slots WHERE slot_name = $2",
+                    &[&marker, slot],
+                )
+                .await
+                .map_err(|e| format!("reading slot {slot}: {e}"))?
+                .ok_or_else(|| format!("slot {slot} does not exist (run `scoresync setup`)"))?;
+            if row.get::<_, Option<bool>>(0) == Some(true) {
+                break;
+            }
+            if Instant::now() > deadline || self.shutdown.is_cancelled() {
+                let (confirmed, active): (Option<String>, bool) = (row.get(1), row.get(2));
+                return Err(format!(
+                    "slot {slot} has not confirmed past {marker} within {:?} (confirmed {}, \
+                     active: {active}): is the source running? `scoresync status` shows the lag",
+                    self.args.settle_timeout,
+                    confirmed.unwrap_or_default()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let kafka = self.config.kafka.clone();
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let shutdown = self.shutdown.clone();
+        tokio::task::spawn_blocking(move || group_caught_up(&kafka, timeout, &shutdown))
+            .await
+            .map_err(|e| format!("waiting for the sink group: {e}"))?
+    }
+
+    /// `--repair`: markers over extra and misplaced copies, the drifted rows' scorecards
+    /// re-published. Returns what it did, for the report.
+    async fn repair(&self, drift: &[Finding]) -> anyhow::Result<report::Repaired> {
+        let markers = drift
+            .iter()
+            .filter(|f| matches!(f.kind, DriftKind::Extra | DriftKind::Misplaced))
+            .count();
+        self.checker.retire(drift).await.context("writing delete markers")?;
+        // A missing, stale or misplaced row's scorecard: its current rows, from PostgreSQL.
+        let cards: BTreeSet<ScorecardKey> = drift
+            .iter()
+            .filter(|f| {
+                matches!(f.kind, DriftKind::Missing | DriftKind::Stale | DriftKind::Misplaced)
+            })
+            .filter_map(|f| f.card.clone())
+            .collect();
+        let cards: Vec<ScorecardKey> = cards.into_iter().collect();
+        if !cards.is_empty() {
+            let filter = Filter { keys: Some(cards.clone()), ..Filter::everything() };
+            eprintln!("verify: re-publishing {} scorecards from PostgreSQL", cards.len());
+            let code = crate::commands::backfill::publish(
+                self.config,
+                &filter,
+                scoresync_source::backfill::DEFAULT_CHUNK_CARDS,
+                self.shutdown.clone(),
+            )
+            .await?;
+            anyhow::ensure!(
+                code == ExitCode::SUCCESS,
+                "re-publishing the drifted scorecards did not finish (see above); run `scoresync verify --repair` again"
+            );
+        }
+        Ok(report::Repaired { markers, cards: cards.len() })
+    }
+}
+
+/// Polls the sink group's committed offsets until every partition has reached the change
+/// topic's end as it was on the first read.
+fn group_caught_up(
+    kafka: &scoresync_bus::KafkaConfig,
+    timeout: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let (group, topic) = (&kafka.consumer_group, &kafka.change_topic);
+    let reader = OffsetReader::open(kafka, group, topic).map_err(|e| e.to_string())?;
+    let ends = reader.watermarks().map_err(|e| e.to_string())?;
+    loop {
+        let committed = reader.committed().map_err(|e| e.to_string())?;
+        let behind: Vec<String> = ends
+            .iter()
+            .filter_map(|(partition, (low, high))| {
+                let at = committed.get(partition).copied().flatten().unwrap_or(*low);
+                (at < *high).then(|| format!("partition {partition} at {at} of {high}"))
+            })
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline || shutdown.is_cancelled() {
+            return Err(format!(
+                "sink group {group} has not committed up to the end of {topic} within {timeout:?} \
+                 ({}): is the sink running, or is something parked? `scoresync status` shows it",
+                behind.join(", ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn expected(rows: Vec<PgRow>) -> Vec<Expected> {
+    rows.into_iter().map(|r| Expected { key: r.key, row: r.row, card: r.card }).collect()
+}
+
+/// The keys of `findings` by table, each once.
+fn keys_of(findings: &[Finding]) -> BTreeMap<SourceTable, Vec<Vec<String>>> {
+    let mut keys: BTreeMap<SourceTable, BTreeSet<Vec<String>>> = BTreeMap::new();
+    for f in findings {
+        keys.entry(f.table).or_default().insert(f.key.clone());
+    }
+    keys.into_iter().map(|(t, k)| (t, k.into_iter().collect())).collect()
+}
+
+/// Sorts findings and drops repeats (a key live on two shards is met on both walks).
+fn dedup(findings: &mut Vec<Finding>) {
+    findings.sort_by(|a, b| {
+        (a.table, &a.key, a.kind, a.shard).cmp(&(b.table, &b.key, b.kind, b.shard))
+    });
+    findings
+        .dedup_by(|a, b| (a.table, &a.key, a.kind, a.shard) == (b.table, &b.key, b.kind, b.shard));
+}
