@@ -18,12 +18,20 @@ const DEADLINE: Duration = Duration::from_secs(300);
 /// One finding as `verify --json` reports it: (table, key, kind, shard).
 pub type Found = (String, Vec<String>, String, Option<u64>);
 
-/// Runs `scoresync verify --json ARGS`; returns its exit code, its drift findings, and its
-/// stderr.
-pub async fn verify(
-    env: &TestEnv,
-    args: &[&str],
-) -> anyhow::Result<(i32, BTreeSet<Found>, String)> {
+/// What `scoresync verify --json` said.
+pub struct Verified {
+    /// Exit code.
+    pub code: i32,
+    /// Its drift findings.
+    pub drift: BTreeSet<Found>,
+    /// The whole JSON report.
+    pub json: serde_json::Value,
+    /// Its stderr (progress and re-check lines).
+    pub stderr: String,
+}
+
+/// Runs `scoresync verify --json ARGS`.
+pub async fn verify(env: &TestEnv, args: &[&str]) -> anyhow::Result<Verified> {
     let mut all = vec!["verify", "--json"];
     all.extend_from_slice(args);
     let out = Daemon::run_to_end(env, &all, DEADLINE).await?;
@@ -45,7 +53,20 @@ pub async fn verify(
             )
         })
         .collect();
-    Ok((code, drift, stderr))
+    Ok(Verified { code, drift, json, stderr })
+}
+
+/// Runs `scoresync verify --json ARGS` and requires exit 0 and no drift.
+pub async fn verify_clean(env: &TestEnv, args: &[&str], when: &str) -> anyhow::Result<()> {
+    let v = verify(env, args).await?;
+    ensure!(
+        v.code == 0 && v.drift.is_empty(),
+        "{when}: exit {}, {:?}: {}",
+        v.code,
+        v.drift,
+        v.stderr
+    );
+    Ok(())
 }
 
 /// The live rows of `table` on `shard`, as cells of its schema.
@@ -152,11 +173,10 @@ async fn verify_reports_exactly_the_rows_broken_behind_the_daemons_back_and_repa
     wait_until_consistent(&env, &pg, DEADLINE).await?;
 
     // A healthy pipeline verifies clean.
-    let (code, drift, stderr) = verify(&env, &[]).await?;
-    ensure!(code == 0 && drift.is_empty(), "a healthy pipeline: exit {code}, {drift:?}: {stderr}");
+    verify_clean(&env, &[], "a healthy pipeline").await?;
 
     // Behind the daemon's back: 3 scores altered, 3 historic scores deleted (a newer delete
-    // marker), 2 scorecards of shard 0 copied to shard 1.
+    // marker), 2 scorecards of shard 0 copied to shard 1, and a score PostgreSQL never had.
     let mut broken = BTreeSet::new();
     let altered = tamper(&env, "scores", 1, 1, 3, |schema, row| {
         bump_version(schema, row);
@@ -183,6 +203,13 @@ async fn verify_reports_exactly_the_rows_broken_behind_the_daemons_back_and_repa
     broken.extend(
         copied.into_iter().map(|k| ("scorecards".to_owned(), k, "misplaced".to_owned(), Some(1))),
     );
+    let ghost = tamper(&env, "scores", 0, 0, 1, |schema, row| {
+        if let Some(i) = schema.position("score_id") {
+            row[i] = Cell::Str("ghost-score".into());
+        }
+    })
+    .await?;
+    broken.extend(ghost.into_iter().map(|k| ("scores".to_owned(), k, "extra".to_owned(), Some(0))));
     ensure!(!check(&env, &pg).await?.is_empty(), "the tampering broke the oracle");
 
     // While more load arrives, verify reports exactly what was broken: the load's changes are
@@ -191,17 +218,25 @@ async fn verify_reports_exactly_the_rows_broken_behind_the_daemons_back_and_repa
         &env,
         &["--scorecards", "100", "--conversations-per-shard", "0", "--prefix", "during"],
     )?;
-    let (code, drift, stderr) = verify(&env, &[]).await?;
-    ensure!(code == 1, "drift exits 1, not {code}: {stderr}");
-    assert_eq!(drift, broken, "verify reports what was broken, no more, no less");
+    // Chunks of 7 rows: both walks page many times.
+    let v = verify(&env, &["--chunk-rows", "7"]).await?;
+    ensure!(v.code == 1, "drift exits 1, not {}: {}", v.code, v.stderr);
+    assert_eq!(v.drift, broken, "verify reports what was broken, no more, no less");
 
-    // --repair brings the drift to 0, replication running.
-    let (code, drift, stderr) = verify(&env, &["--repair"]).await?;
-    ensure!(code == 0 && drift.is_empty(), "after repair: exit {code}, {drift:?}: {stderr}");
+    // --repair brings the drift to 0, replication running: a marker over each misplaced and
+    // extra copy, the other rows' scorecards re-published.
+    let v = verify(&env, &["--repair"]).await?;
+    ensure!(
+        v.code == 0 && v.drift.is_empty(),
+        "after repair: exit {}, {:?}: {}",
+        v.code,
+        v.drift,
+        v.stderr
+    );
+    assert_eq!(v.json["repaired"]["markers"], 3, "{}", v.json);
     load.await??;
     wait_until_consistent(&env, &pg, DEADLINE).await?;
-    let (code, drift, stderr) = verify(&env, &[]).await?;
-    ensure!(code == 0 && drift.is_empty(), "verified again: exit {code}, {drift:?}: {stderr}");
+    verify_clean(&env, &[], "verified again").await?;
 
     // With the daemon stopped, a difference cannot be told from lag: exit 2, naming the slot.
     daemon.terminate(DEADLINE).await?;

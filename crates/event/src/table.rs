@@ -63,6 +63,12 @@ impl SourceTable {
         }
     }
 
+    /// True for the tables whose rows belong to a scorecard by `scorecard_id` and live on its
+    /// shard (scores, historic scores); false for the scorecards themselves.
+    pub fn is_child(self) -> bool {
+        self != SourceTable::Scorecards
+    }
+
     /// The table named `schema.table`, if it is one of ours.
     pub fn from_name(schema: &str, table: &str) -> Option<SourceTable> {
         if schema != SOURCE_SCHEMA {
@@ -77,6 +83,17 @@ impl std::fmt::Display for SourceTable {
         write!(f, "{SOURCE_SCHEMA}.{}", self.name())
     }
 }
+
+/// The scorecard columns that route a scorecard and that its children carry in ClickHouse (the
+/// sink's `CardFields`): a child's expected row needs exactly these of its scorecard.
+pub const CARD_FIELDS: [&str; 6] = [
+    "scorecard_type",
+    "template_id",
+    "template_revision",
+    "agent_user_id",
+    "conversation_id",
+    "process_interaction_at",
+];
 
 /// The identity of a scorecard: the partition key of every change that belongs to it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -93,10 +93,11 @@ enum Command {
     /// wrong shard, or on two), and rows the sink cannot place (unroutable: reported, not
     /// drift). Differences are judged again once the pipeline has applied past them, so
     /// replication lag is not reported as drift; a row that keeps changing is reported as
-    /// unstable. `--repair` writes delete markers over extra and misplaced copies and
-    /// re-publishes the drifted rows' scorecards from PostgreSQL (the backfill path), then
-    /// checks again; replication never pauses. Exit 0: no drift; 1: drift; 2: could not verify
-    /// (the pipeline did not catch up within `--settle-timeout`). Progress on stderr.
+    /// unstable. `--repair` re-publishes the scorecards of missing, stale and misplaced rows
+    /// from PostgreSQL (the backfill path), then writes delete markers over the extra and
+    /// misplaced copies still found, then checks again; replication never pauses. Exit 0: no drift; 1: drift;
+    /// 2: could not verify (the pipeline did not catch up within `--settle-timeout`, or a
+    /// server failed). Progress on stderr.
     Verify(commands::verify::VerifyArgs),
     /// Dead-letter topic operations.
     Dlq {
@@ -163,7 +164,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::backfill::run(&config, &args, shutdown_on_signals()?).await
         }
         Command::Verify(args) => {
-            commands::verify::run(&config, &args, shutdown_on_signals()?).await
+            // Exit 1 means drift: a verify that failed could not verify (2).
+            match commands::verify::run(&config, &args, shutdown_on_signals()?).await {
+                Ok(code) => Ok(code),
+                Err(err) => {
+                    eprintln!("scoresync: verify: could not verify: {err:#}");
+                    Ok(ExitCode::from(2))
+                }
+            }
         }
         Command::Replay(args) => {
             commands::replay::run(&config, &args, shutdown_on_signals()?).await

@@ -37,7 +37,7 @@ mod routing;
 mod stored;
 
 pub(crate) use postgres::postgres_error_is_transient;
-use routing::CHUNK;
+pub(crate) use routing::CHUNK;
 pub(crate) use routing::FoundConversations;
 pub use stored::live_rows;
 

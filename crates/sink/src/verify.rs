@@ -7,11 +7,12 @@
 //! - The expectation is the sink's own: the row mapping ([`crate::rows::upsert_row`]), the
 //!   routing ([`crate::route`]) and the conversation lookup (the lowest shard holding it, as
 //!   the sink routes). A check never disagrees with the sink about what correct is.
-//! - Every key is judged on every shard: a row is `missing` when its shard lacks it, `stale` when
-//!   that shard's copy differs, `misplaced` for each copy on another shard, `extra` for each
+//! - Every key is looked up on every shard: a row is `missing` when its shard lacks it, `stale`
+//!   when that shard's copy differs, `misplaced` for each copy on another shard, `extra` for each
 //!   live copy of a key PostgreSQL lacks, and `unroutable` when PostgreSQL's row cannot be
-//!   placed (its conversation is on no shard, or its scorecard is gone): the sink parks such
-//!   rows, so they are reported apart from drift.
+//!   placed (its conversation is on no shard, its scorecard is gone, or its routing field is
+//!   NULL): the sink parks or dead-letters such rows, so they are reported apart from drift, and
+//!   their live copies are not judged (there is no right shard to judge them by).
 //! - Repair never deletes a row it did not judge: a delete marker is written over a copy only
 //!   while that copy, with the version the check saw, is still the live one ([`Checker::retire`]),
 //!   at that version + 1, below any later change of the key.
@@ -32,7 +33,9 @@ use crate::rows::{Denormalized, cell_text, upsert_row};
 use crate::shard::ShardIndex;
 use crate::table::{Cell, ChType, TableSchema};
 
-/// A row PostgreSQL has, with its scorecard's row (`None`: PostgreSQL lacks the scorecard).
+/// A row PostgreSQL has, with its scorecard's row (`None`: PostgreSQL lacks the scorecard). The
+/// same as `scoresync_source::verify::PgRow`: the sink does not depend on the source crate, so
+/// the command maps one to the other.
 #[derive(Clone, Debug)]
 pub struct Expected {
     /// Primary-key values as text, in key order.
@@ -84,6 +87,17 @@ impl DriftKind {
     /// True for drift (what `--repair` fixes and exit status 1 reports).
     pub fn is_drift(self) -> bool {
         self != DriftKind::Unroutable
+    }
+
+    /// True when repair writes a delete marker over the copy (a copy that must not be live).
+    pub fn is_retired(self) -> bool {
+        matches!(self, DriftKind::Extra | DriftKind::Misplaced)
+    }
+
+    /// True when repair re-publishes the row's scorecard from PostgreSQL (its right shard lacks
+    /// the right row).
+    pub fn is_republished(self) -> bool {
+        matches!(self, DriftKind::Missing | DriftKind::Stale | DriftKind::Misplaced)
     }
 }
 
@@ -255,21 +269,25 @@ impl Checker {
 
     /// Where each of `pg`'s rows belongs, and what a child carries from its card.
     async fn place(&self, pg: &[Expected]) -> Result<Vec<Placement>, Error> {
-        let fields: Vec<Option<CardFields>> =
-            pg.iter().map(|e| e.card.as_ref().map(CardFields::from_row)).collect();
+        // Each row's card fields and route, and the conversations the routes need.
+        let routes: Vec<Option<(CardFields, Result<Route, String>)>> = pg
+            .iter()
+            .map(|e| {
+                let fields = CardFields::from_row(e.card.as_ref()?);
+                let route = fields.route(self.shard_count).map_err(|err| err.to_string());
+                Some((fields, route))
+            })
+            .collect();
+        let conversation_of = |e: &Expected, id: &str| {
+            let card = ScorecardKey::of_row(&e.row)?;
+            Some((card.customer_id, card.profile_id, id.to_owned()))
+        };
         let wanted: Vec<(String, String, String)> = pg
             .iter()
-            .zip(&fields)
-            .filter_map(|(e, f)| match f.as_ref()?.route(self.shard_count).ok()? {
-                Route::Conversation(id) => {
-                    let text = |name: &str| {
-                        e.row
-                            .column(name)
-                            .and_then(|c| c.value.as_ref()?.as_text().map(String::from))
-                    };
-                    Some((text("customer_id")?, text("profile_id")?, id))
-                }
-                Route::Process(_) => None,
+            .zip(&routes)
+            .filter_map(|(e, r)| match r {
+                Some((_, Ok(Route::Conversation(id)))) => conversation_of(e, id),
+                _ => None,
             })
             .collect::<HashSet<_>>()
             .into_iter()
@@ -277,33 +295,15 @@ impl Checker {
         let found = self.lookups.conversations(&wanted).await?;
         Ok(pg
             .iter()
-            .zip(fields)
-            .map(|(e, fields)| {
-                let Some(fields) = fields else {
-                    return Placement::Nowhere("its scorecard is not in PostgreSQL".into());
-                };
-                match fields.route(self.shard_count) {
-                    Err(err) => Placement::Nowhere(err.to_string()),
-                    Ok(Route::Process(shard)) => Placement::On(shard, fields, None),
-                    Ok(Route::Conversation(id)) => {
-                        let text = |name: &str| {
-                            e.row
-                                .column(name)
-                                .and_then(|c| c.value.as_ref()?.as_text().map(String::from))
-                                .unwrap_or_default()
-                        };
-                        let key = (text("customer_id"), text("profile_id"), id);
-                        match found.routed.get(&key) {
-                            Some(conversation) => Placement::On(
-                                conversation.shard,
-                                fields,
-                                Some(conversation.clone()),
-                            ),
-                            None => Placement::Nowhere(format!(
-                                "its conversation {} is on no shard",
-                                key.2
-                            )),
-                        }
+            .zip(routes)
+            .map(|(e, route)| match route {
+                None => Placement::Nowhere("its scorecard is not in PostgreSQL".into()),
+                Some((_, Err(why))) => Placement::Nowhere(why),
+                Some((fields, Ok(Route::Process(shard)))) => Placement::On(shard, fields, None),
+                Some((fields, Ok(Route::Conversation(id)))) => {
+                    match conversation_of(e, &id).and_then(|key| found.routed.get(&key)) {
+                        Some(c) => Placement::On(c.shard, fields, Some(c.clone())),
+                        None => Placement::Nowhere(format!("its conversation {id} is on no shard")),
                     }
                 }
             })
@@ -317,7 +317,7 @@ impl Checker {
         row: &Expected,
         placement: &Placement,
     ) -> Result<ExpectedCopy, Error> {
-        let card = card_key(&row.row);
+        let card = ScorecardKey::of_row(&row.row);
         let pg_state = digest(&row.row, row.card.as_ref(), placement);
         Ok(match placement {
             Placement::Nowhere(why) => {
@@ -356,31 +356,37 @@ impl Checker {
     }
 
     /// Writes a delete marker over each extra or misplaced copy in `findings` that is still
-    /// live with the version judged, at that version + 1; returns how many statements ran.
+    /// live with the version judged, at that version + 1; returns how many copies it asked for.
     pub async fn retire(&self, findings: &[Finding]) -> Result<usize, Error> {
         let mut groups: BTreeMap<(SourceTable, ShardIndex), Vec<JudgedCopy>> = BTreeMap::new();
         for f in findings {
-            if let (DriftKind::Extra | DriftKind::Misplaced, Some(shard), Some(version)) =
-                (f.kind, f.shard, f.version)
-            {
+            if let (true, Some(shard), Some(version)) = (f.kind.is_retired(), f.shard, f.version) {
                 groups.entry((f.table, shard)).or_default().push((f.key.as_slice(), version));
             }
         }
         let clients = self.lookups.clients();
         let database = self.lookups.database();
-        let mut statements = 0;
-        for ((table, shard), copies) in groups {
+        let mut asked = 0;
+        for ((table, shard), mut copies) in groups {
             let schema = self.schema(table)?;
-            for chunk in copies.chunks(500) {
+            // A numeric key part that is no number names no stored row (keys come from cells).
+            copies.retain(|(key, _)| {
+                schema.key.iter().zip(key.iter()).all(|(i, text)| match schema.columns[*i].ty {
+                    ChType::Int => text.parse::<i64>().is_ok(),
+                    ChType::UInt => text.parse::<u64>().is_ok(),
+                    _ => true,
+                })
+            });
+            for chunk in copies.chunks(crate::lookup::CHUNK) {
                 let query = retire_query(&clients[shard], database, schema, chunk);
                 query.execute().await.map_err(Error::shard(
                     shard,
                     format!("writing delete markers over {} copies in {table}", chunk.len()),
                 ))?;
-                statements += 1;
+                asked += chunk.len();
             }
         }
-        Ok(statements)
+        Ok(asked)
     }
 }
 
@@ -405,16 +411,6 @@ struct ExpectedCopy {
     card: Option<ScorecardKey>,
     /// Digest of what PostgreSQL had.
     pg_state: u64,
-}
-
-fn card_key(row: &Row) -> Option<ScorecardKey> {
-    let text =
-        |name: &str| row.column(name).and_then(|c| c.value.as_ref()?.as_text().map(String::from));
-    Some(ScorecardKey {
-        customer_id: text("customer_id")?,
-        profile_id: text("profile_id")?,
-        scorecard_id: text("scorecard_id")?,
-    })
 }
 
 fn card_of_cells(schema: &TableSchema, cells: &[Cell]) -> Option<ScorecardKey> {
@@ -601,8 +597,9 @@ fn retire_query(
     for (key, version) in copies {
         for (i, text) in schema.key.iter().zip(key.iter()) {
             query = match schema.columns[*i].ty {
-                ChType::Int => query.bind(text.parse::<i64>().unwrap_or_default()),
-                ChType::UInt => query.bind(text.parse::<u64>().unwrap_or_default()),
+                // Checked by `retire`.
+                ChType::Int => query.bind(text.parse::<i64>().unwrap_or(i64::MIN)),
+                ChType::UInt => query.bind(text.parse::<u64>().unwrap_or(u64::MAX)),
                 _ => query.bind(text.as_str()),
             };
         }
@@ -644,9 +641,7 @@ mod tests {
     }
 
     fn expected(shard: Result<ShardIndex, String>, comment: Option<&str>) -> ExpectedCopy {
-        let mut want = cells(comment, 0);
-        want[4] = Cell::Null; // a NULL in a UInt8 column is stored as 0
-        ExpectedCopy { shard, cells: want, card: None, pg_state: 7 }
+        ExpectedCopy { shard, cells: cells(comment, 0), card: None, pg_state: 7 }
     }
 
     fn kinds(findings: &[Finding]) -> Vec<(DriftKind, Option<ShardIndex>, Option<u64>)> {
@@ -663,6 +658,18 @@ mod tests {
         let found =
             judge_key(&s, &key(), Some(expected(Ok(1), Some("x"))), &[(1, cells(Some("x"), 9))]);
         assert!(found.is_empty(), "{found:?}");
+    }
+
+    #[test]
+    fn a_null_in_a_column_that_cannot_hold_one_matches_the_default_stored() {
+        let s = schema();
+        let mut want = expected(Ok(0), None);
+        want.cells[4] = Cell::Null; // not_applicable: UInt8, stored as 0
+        assert!(judge_key(&s, &key(), Some(want), &[(0, cells(None, 3))]).is_empty());
+        let mut want = expected(Ok(0), None);
+        want.cells[4] = Cell::UInt(1);
+        let found = judge_key(&s, &key(), Some(want), &[(0, cells(None, 3))]);
+        assert_eq!(kinds(&found), [(DriftKind::Stale, Some(0), Some(3))]);
     }
 
     #[test]

@@ -11,18 +11,16 @@
 //!   starts strictly after the last key of the one before, so a walk neither repeats nor skips a
 //!   row that existed throughout. ClickHouse's side never compares key ranges across the two
 //!   systems (their string orders differ); it looks keys up.
-//! - Each read returns a WAL position at or after every change it saw (read after the
-//!   statement's snapshot): once the pipeline has applied past it, ClickHouse should show at
-//!   least what the read showed.
 //! - Filters bind every value ([`Filter`]); keys are bound as text and cast to their column type.
 
-use scoresync_event::{Lsn, Row, SourceTable};
+use scoresync_event::table::CARD_FIELDS;
+use scoresync_event::{Row, SourceTable};
 
 use crate::backfill::Filter;
 use crate::backfill::filter::Query;
 use crate::error::Error;
 use crate::snapshot::event::typed_columns;
-use crate::snapshot::query::{TableColumn, ident, table_columns};
+use crate::snapshot::query::{TableColumn, cast_name, ident, table_columns};
 
 /// A PostgreSQL row with its scorecard.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,31 +41,22 @@ pub struct TableReader {
     card_columns: Vec<TableColumn>,
 }
 
-/// The scorecard columns a child's check needs: its routing and what children carry.
-const CARD_FIELDS: [&str; 9] = [
-    "customer_id",
-    "profile_id",
-    "scorecard_id",
-    "scorecard_type",
-    "template_id",
-    "template_revision",
-    "agent_user_id",
-    "conversation_id",
-    "process_interaction_at",
-];
-
 impl TableReader {
     /// A reader for `table`, its columns read from the catalog.
     pub async fn new(sql: &tokio_postgres::Client, table: SourceTable) -> Result<Self, Error> {
         let columns = table_columns(sql, table).await?;
-        let card_columns = if table == SourceTable::Scorecards {
-            Vec::new()
-        } else {
+        // A child's scorecard: its key and the fields it routes by and children carry.
+        let card_columns = if table.is_child() {
+            let key = SourceTable::Scorecards.primary_key();
             table_columns(sql, SourceTable::Scorecards)
                 .await?
                 .into_iter()
-                .filter(|c| CARD_FIELDS.contains(&c.name.as_str()))
+                .filter(|c| {
+                    key.contains(&c.name.as_str()) || CARD_FIELDS.contains(&c.name.as_str())
+                })
                 .collect()
+        } else {
+            Vec::new()
         };
         Ok(TableReader { table, columns, card_columns })
     }
@@ -81,58 +70,57 @@ impl TableReader {
     /// row as `t`, its scorecard as `c` (the same row for scorecards, so [`Filter`] conditions,
     /// written on `c`, apply to both).
     fn select(&self) -> String {
-        let row_alias = if self.table == SourceTable::Scorecards { "c" } else { "t" };
+        let row_alias = self.alias();
         let mut select: Vec<String> =
             self.columns.iter().map(|c| format!("{row_alias}.{}::text", ident(&c.name))).collect();
         select.extend(self.card_columns.iter().map(|c| format!("c.{}::text", ident(&c.name))));
         select.push("c.scorecard_id IS NOT NULL".into());
-        let from = if self.table == SourceTable::Scorecards {
-            "director.scorecards c".to_owned()
-        } else {
+        let from = if self.table.is_child() {
             format!(
                 "{} t LEFT JOIN director.scorecards c ON c.customer_id = t.customer_id \
                  AND c.profile_id = t.profile_id AND c.scorecard_id = t.scorecard_id",
                 self.table
             )
+        } else {
+            "director.scorecards c".to_owned()
         };
         format!("SELECT {} FROM {from}", select.join(", "))
     }
 
+    /// The alias of the table's own row: `c` for a scorecard (its own card), `t` for a child.
+    fn alias(&self) -> &'static str {
+        if self.table.is_child() { "t" } else { "c" }
+    }
+
     /// The primary key as `alias.column` list, in key order.
     fn key_list(&self) -> String {
-        let alias = if self.table == SourceTable::Scorecards { "c" } else { "t" };
+        let alias = self.alias();
         let key: Vec<String> =
             self.table.primary_key().iter().map(|k| format!("{alias}.{}", ident(k))).collect();
         key.join(", ")
     }
 
-    /// `(key) > (params)` or `(key) IN (unnest of params)`, keys bound as text and cast.
+    /// The SQL type of each primary-key column, in key order: keys travel as text and are cast
+    /// to it.
     fn key_casts(&self) -> Vec<&'static str> {
         self.table
             .primary_key()
             .iter()
             .map(|k| {
-                let oid = self.columns.iter().find(|c| c.name == *k).map_or(25, |c| c.type_oid);
-                match oid {
-                    crate::text::oid::INT2 => "smallint",
-                    crate::text::oid::INT4 => "integer",
-                    crate::text::oid::INT8 => "bigint",
-                    _ => "text",
-                }
+                cast_name(self.columns.iter().find(|c| c.name == *k).map_or(25, |c| c.type_oid))
             })
             .collect()
     }
 
     /// The next at most `limit` rows the filter selects after `after` (from the first when
-    /// `None`), in primary-key order, and a WAL position at or after every change they show.
-    /// Fewer than `limit`: the walk is done.
+    /// `None`), in primary-key order. Fewer than `limit`: the walk is done.
     pub async fn chunk(
         &self,
         sql: &tokio_postgres::Client,
         filter: &Filter,
         after: Option<&[String]>,
         limit: usize,
-    ) -> Result<(Vec<PgRow>, Lsn), Error> {
+    ) -> Result<Vec<PgRow>, Error> {
         let mut query = Query::new();
         let mut conditions = filter.conditions(&mut query);
         if let Some(after) = after {
@@ -152,12 +140,12 @@ impl TableReader {
     }
 
     /// The rows with these primary keys (text, in key order) that PostgreSQL has, whatever the
-    /// filter, and a WAL position at or after every change they show.
+    /// filter.
     pub async fn by_keys(
         &self,
         sql: &tokio_postgres::Client,
         keys: &[Vec<String>],
-    ) -> Result<(Vec<PgRow>, Lsn), Error> {
+    ) -> Result<Vec<PgRow>, Error> {
         let mut query = Query::new();
         let casts = self.key_casts();
         let arrays: Vec<String> = casts
@@ -178,30 +166,12 @@ impl TableReader {
         self.read(sql, query).await
     }
 
-    async fn read(
-        &self,
-        sql: &tokio_postgres::Client,
-        query: Query,
-    ) -> Result<(Vec<PgRow>, Lsn), Error> {
-        let action = format!("reading {} for verify", self.table);
+    async fn read(&self, sql: &tokio_postgres::Client, query: Query) -> Result<Vec<PgRow>, Error> {
         let found = sql
             .query(query.sql.as_str(), &query.params())
             .await
-            .map_err(Error::sql(action.clone()))?;
-        // After the statement: every change it saw committed before this position.
-        let at: String = sql
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(Error::sql(action))?
-            .get(0);
-        let at: Lsn = at.parse().map_err(|_| Error::Verify {
-            problem: format!("pg_current_wal_lsn() gave {at:?}, not an LSN"),
-        })?;
-        let mut rows = Vec::with_capacity(found.len());
-        for pg_row in &found {
-            rows.push(self.pg_row(pg_row)?);
-        }
-        Ok((rows, at))
+            .map_err(Error::sql(format!("reading {} for verify", self.table)))?;
+        found.iter().map(|row| self.pg_row(row)).collect()
     }
 
     fn pg_row(&self, pg_row: &tokio_postgres::Row) -> Result<PgRow, Error> {
@@ -213,7 +183,7 @@ impl TableReader {
         };
         let row = typed_columns(&self.columns, pg_row, 0).map_err(fail(table))?;
         let found_card: bool = pg_row.get(self.columns.len() + self.card_columns.len());
-        let card = if table == SourceTable::Scorecards {
+        let card = if !table.is_child() {
             Some(row.clone())
         } else if found_card {
             let card = typed_columns(&self.card_columns, pg_row, self.columns.len());
@@ -266,10 +236,10 @@ mod tests {
                 column("criterion_id", 25),
             ],
         };
-        let card_columns = if table == SourceTable::Scorecards {
-            Vec::new()
-        } else {
+        let card_columns = if table.is_child() {
             vec![column("scorecard_type", crate::text::oid::INT2)]
+        } else {
+            Vec::new()
         };
         TableReader { table, columns, card_columns }
     }

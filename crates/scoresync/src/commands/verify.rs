@@ -11,7 +11,9 @@
 //! 3. **Re-checks.** A difference can be a change the pipeline has not applied yet. Verify writes a
 //!    heartbeat message to the WAL, waits until the slot has confirmed past it (the source has
 //!    published everything before it) and the sink group has committed up to the change
-//!    topic's end as it was then ([`wait_applied`]), and judges the differing keys again. A key
+//!    topic's end as it was then, on the partitions of the differing rows
+//!    (`Verify::wait_applied`), and judges the differing keys again (unroutable rows need no
+//!    wait: they depend on PostgreSQL and the conversations only). A key
 //!    that differs again with PostgreSQL's row unchanged is drift; one whose row changed in
 //!    between is checked once more, and after [`ROUNDS`] rounds reported as unstable, not as
 //!    drift. When the pipeline does not catch up within `--settle-timeout`, verify cannot tell
@@ -19,11 +21,14 @@
 //!
 //! Memory holds one chunk of rows and the differing keys, never a table.
 //!
-//! `--repair`: delete markers over extra and misplaced copies ([`Checker::retire`], only over
-//! the copy judged), the drifted rows' scorecards re-published from PostgreSQL through the change
-//! topic (the backfill path, so a concurrent change still wins), then the same re-check.
+//! `--repair`: the scorecards of missing, stale and misplaced rows re-published from PostgreSQL
+//! through the change topic (the backfill path, so a concurrent change still wins) and applied;
+//! then delete markers over the extra and misplaced copies a re-check still finds
+//! ([`Checker::retire`], only over the copy judged); then the same re-check. Nothing is
+//! repaired unless the first check was confirmed.
 //!
-//! Exit status: 0 no drift, 1 drift, 2 could not verify.
+//! Exit status: 0 no drift, 1 drift, 2 could not verify (the pipeline did not catch up, or a
+//! server failed: `main` maps every error of verify to 2).
 
 mod report;
 
@@ -37,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::offsets::OffsetReader;
 use scoresync_event::{ScorecardKey, SourceTable};
-use scoresync_sink::verify::{Checker, DriftKind, Expected, Finding, LiveScope};
+use scoresync_sink::verify::{Checker, Expected, Finding, LiveScope};
 use scoresync_source::backfill::Filter;
 use scoresync_source::connect::ConnectParams;
 use scoresync_source::verify::{PgRow, TableReader};
@@ -50,15 +55,18 @@ pub use report::Report;
 
 /// Most rounds of re-checks before a row that keeps changing is called unstable.
 pub const ROUNDS: usize = 3;
+/// Scorecards re-published per backfill by `--repair`.
+const REPUBLISH_BATCH: usize = 1000;
 
 /// `scoresync verify` arguments.
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
     #[command(flatten)]
     filter: FilterArgs,
-    /// Repair what drifted: delete markers over extra and misplaced copies, the drifted rows'
-    /// scorecards re-published from PostgreSQL; then check them again. Replication keeps
-    /// running.
+    /// Repair what drifted: the scorecards of missing, stale and misplaced rows re-published
+    /// from PostgreSQL, then delete markers over the extra and misplaced copies still found;
+    /// then check them again. Replication keeps running. Nothing is repaired when the pipeline
+    /// did not catch up.
     #[arg(long)]
     repair: bool,
     /// Print the result as JSON on stdout (progress stays on stderr).
@@ -105,9 +113,16 @@ pub async fn run(
     }
     let mut outcome = verify.settle(found).await?;
     let mut repaired = None;
-    if args.repair && outcome.drift.iter().any(|f| f.kind.is_drift()) {
-        repaired = Some(verify.repair(&outcome.drift).await?);
-        outcome = verify.settle(outcome.drift).await?;
+    // Repair only what was confirmed: with the pipeline behind, lag is not told from drift.
+    if args.repair
+        && outcome.unconfirmed.is_none()
+        && outcome.drift.iter().any(|f| f.kind.is_drift())
+    {
+        let (done, after) = verify.repair(outcome.drift).await?;
+        repaired = Some(done);
+        // Rows still changing before the repair stay reported.
+        let unstable = [outcome.unstable, after.unstable].concat();
+        outcome = Settled { unstable, ..after };
     }
     let report = Report::new(checked, outcome.drift, outcome.unstable, outcome.unconfirmed);
     if args.json {
@@ -120,7 +135,7 @@ pub async fn run(
 
 /// What the re-checks left.
 struct Settled {
-    /// Confirmed drift.
+    /// Confirmed drift (and unroutable rows, which the report lists apart).
     drift: Vec<Finding>,
     /// Rows still changing after [`ROUNDS`] checks.
     unstable: Vec<Finding>,
@@ -153,7 +168,7 @@ impl Verify<'_> {
         let mut rows_checked = 0u64;
         let mut after: Option<Vec<String>> = None;
         loop {
-            let (rows, _) = reader.chunk(self.sql, filter, after.as_deref(), limit).await?;
+            let rows = reader.chunk(self.sql, filter, after.as_deref(), limit).await?;
             let keys: Vec<Vec<String>> = rows.iter().map(|r| r.key.clone()).collect();
             findings.extend(self.checker.judge(table, &keys, &expected(rows.clone())).await?);
             rows_checked += rows.len() as u64;
@@ -172,7 +187,7 @@ impl Verify<'_> {
                 if keys.is_empty() {
                     break;
                 }
-                let (pg, _) = reader.by_keys(self.sql, &keys).await?;
+                let pg = reader.by_keys(self.sql, &keys).await?;
                 let known: BTreeSet<&Vec<String>> = pg.iter().map(|r| &r.key).collect();
                 let lacking: Vec<Vec<String>> =
                     keys.iter().filter(|k| !known.contains(k)).cloned().collect();
@@ -195,8 +210,9 @@ impl Verify<'_> {
     /// Re-checks `found` until what is left is drift, unstable, or cannot be judged (module
     /// doc, step 3).
     async fn settle(&self, found: Vec<Finding>) -> anyhow::Result<Settled> {
-        let mut pending = found;
-        let mut drift = Vec::new();
+        // An unroutable row is judged on PostgreSQL and the conversations alone: no wait.
+        let (mut pending, mut drift): (Vec<Finding>, Vec<Finding>) =
+            found.into_iter().partition(|f| f.kind.is_drift());
         for round in 0..ROUNDS {
             if pending.is_empty() {
                 break;
@@ -206,7 +222,7 @@ impl Verify<'_> {
                 keys_of(&pending).values().map(Vec::len).sum::<usize>(),
                 round + 1
             );
-            if let Err(why) = self.wait_applied().await {
+            if let Err(why) = self.wait_applied(&pending).await {
                 return Ok(Settled {
                     drift,
                     unstable: Vec::new(),
@@ -214,18 +230,9 @@ impl Verify<'_> {
                 });
             }
             let again = self.rejudge(&pending).await?;
-            let before: HashMap<(SourceTable, &Vec<String>), u64> =
-                pending.iter().map(|f| ((f.table, &f.key), f.pg_state)).collect();
-            let mut next = Vec::new();
-            for finding in again {
-                let was = before.get(&(finding.table, &finding.key)).copied();
-                if was == Some(finding.pg_state) {
-                    drift.push(finding);
-                } else {
-                    next.push(finding);
-                }
-            }
-            pending = next;
+            let (confirmed, changing) = sort_rechecked(&pending, again);
+            drift.extend(confirmed);
+            pending = changing;
         }
         dedup(&mut drift);
         Ok(Settled { drift, unstable: pending, unconfirmed: None })
@@ -237,7 +244,7 @@ impl Verify<'_> {
         for (table, keys) in keys_of(findings) {
             let reader = TableReader::new(self.sql, table).await?;
             for chunk in keys.chunks(self.args.chunk_rows) {
-                let (pg, _) = reader.by_keys(self.sql, chunk).await?;
+                let pg = reader.by_keys(self.sql, chunk).await?;
                 again.extend(self.checker.judge(table, chunk, &expected(pg)).await?);
             }
         }
@@ -245,10 +252,14 @@ impl Verify<'_> {
         Ok(again)
     }
 
-    /// Waits until the pipeline has applied every change committed before now: the slot
-    /// confirmed past a heartbeat written now, then the sink group committed up to the change
-    /// topic's end as it was then. `Err`: why not, within `--settle-timeout`.
-    async fn wait_applied(&self) -> Result<(), String> {
+    /// Waits until the pipeline has applied every change of `findings`' rows committed before
+    /// now: the slot confirmed past a heartbeat written now, then the sink group committed up to
+    /// the change topic's end as it was then, on the partitions of those rows' scorecards (all
+    /// of them when one is not known). `Err`: why not, within `--settle-timeout`. A partition
+    /// whose committed offset is held by a parked event cannot be waited past: that is an `Err`
+    /// naming it.
+    async fn wait_applied(&self, findings: &[Finding]) -> Result<(), String> {
+        let cards: Option<Vec<ScorecardKey>> = findings.iter().map(|f| f.card.clone()).collect();
         let deadline = Instant::now() + self.args.settle_timeout;
         let slot = &self.config.postgres.slot;
         let marker: String = self
@@ -288,31 +299,29 @@ impl Verify<'_> {
         let kafka = self.config.kafka.clone();
         let timeout = deadline.saturating_duration_since(Instant::now());
         let shutdown = self.shutdown.clone();
-        tokio::task::spawn_blocking(move || group_caught_up(&kafka, timeout, &shutdown))
+        tokio::task::spawn_blocking(move || group_caught_up(&kafka, cards, timeout, &shutdown))
             .await
             .map_err(|e| format!("waiting for the sink group: {e}"))?
     }
 
-    /// `--repair`: markers over extra and misplaced copies, the drifted rows' scorecards
-    /// re-published. Returns what it did, for the report.
-    async fn repair(&self, drift: &[Finding]) -> anyhow::Result<report::Repaired> {
-        let markers = drift
-            .iter()
-            .filter(|f| matches!(f.kind, DriftKind::Extra | DriftKind::Misplaced))
-            .count();
-        self.checker.retire(drift).await.context("writing delete markers")?;
-        // A missing, stale or misplaced row's scorecard: its current rows, from PostgreSQL.
+    /// `--repair` (module doc): first the scorecards of missing, stale and misplaced rows
+    /// re-published and applied, then a re-check, then delete markers over the extra and
+    /// misplaced copies that re-check still finds, then the last re-check. Markers come last,
+    /// so a row whose only copy is misplaced is never without a live copy, even when the
+    /// re-publishing fails half-way.
+    async fn repair(&self, drift: Vec<Finding>) -> anyhow::Result<(report::Repaired, Settled)> {
         let cards: BTreeSet<ScorecardKey> = drift
             .iter()
-            .filter(|f| {
-                matches!(f.kind, DriftKind::Missing | DriftKind::Stale | DriftKind::Misplaced)
-            })
+            .filter(|f| f.kind.is_republished())
             .filter_map(|f| f.card.clone())
             .collect();
         let cards: Vec<ScorecardKey> = cards.into_iter().collect();
         if !cards.is_empty() {
-            let filter = Filter { keys: Some(cards.clone()), ..Filter::everything() };
             eprintln!("verify: re-publishing {} scorecards from PostgreSQL", cards.len());
+        }
+        // In batches: a backfill binds its key list in every chunk's query.
+        for batch in cards.chunks(REPUBLISH_BATCH) {
+            let filter = Filter { keys: Some(batch.to_vec()), ..Filter::everything() };
             let code = crate::commands::backfill::publish(
                 self.config,
                 &filter,
@@ -322,30 +331,56 @@ impl Verify<'_> {
             .await?;
             anyhow::ensure!(
                 code == ExitCode::SUCCESS,
-                "re-publishing the drifted scorecards did not finish (see above); run `scoresync verify --repair` again"
+                "re-publishing the drifted scorecards did not finish (see above); nothing was \
+                 deleted; run `scoresync verify --repair` again"
             );
         }
-        Ok(report::Repaired { markers, cards: cards.len() })
+        let settled = self.settle(drift).await?;
+        if let Some((why, _)) = &settled.unconfirmed {
+            anyhow::bail!("after re-publishing, the pipeline did not catch up: {why}");
+        }
+        let markers =
+            self.checker.retire(&settled.drift).await.context("writing delete markers")?;
+        let after = self.settle(settled.drift).await?;
+        let unstable = [settled.unstable, after.unstable].concat();
+        Ok((report::Repaired { markers, cards: cards.len() }, Settled { unstable, ..after }))
     }
 }
 
-/// Polls the sink group's committed offsets until every partition has reached the change
-/// topic's end as it was on the first read.
+/// Sorts what a re-check found (`again`) by what the check before it found (`before`): a
+/// finding about a row whose PostgreSQL state is the same as before is confirmed drift; one
+/// whose row changed in between is still changing (checked again). A row found before and not
+/// again was lag, and is gone from both.
+fn sort_rechecked(before: &[Finding], again: Vec<Finding>) -> (Vec<Finding>, Vec<Finding>) {
+    let states: HashMap<(SourceTable, &Vec<String>), u64> =
+        before.iter().map(|f| ((f.table, &f.key), f.pg_state)).collect();
+    again.into_iter().partition(|f| states.get(&(f.table, &f.key)).copied() == Some(f.pg_state))
+}
+
+/// Polls the sink group's committed offsets until every partition of `cards` (all, when
+/// `None`) has reached the change topic's end as it was on the first read.
 fn group_caught_up(
     kafka: &scoresync_bus::KafkaConfig,
+    cards: Option<Vec<ScorecardKey>>,
     timeout: Duration,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let (group, topic) = (&kafka.consumer_group, &kafka.change_topic);
     let reader = OffsetReader::open(kafka, group, topic).map_err(|e| e.to_string())?;
-    let ends = reader.watermarks().map_err(|e| e.to_string())?;
+    let mut ends = reader.watermarks().map_err(|e| e.to_string())?;
+    if let Some(cards) = cards {
+        let partitions: BTreeSet<i32> =
+            cards.iter().map(|c| c.partition(reader.partitions())).collect();
+        ends.retain(|p, _| partitions.contains(p));
+    }
     loop {
         let committed = reader.committed().map_err(|e| e.to_string())?;
         let behind: Vec<String> = ends
             .iter()
             .filter_map(|(partition, (low, high))| {
-                let at = committed.get(partition).copied().flatten().unwrap_or(*low);
+                // Never committed, or committed before what retention kept: from the start.
+                let at = committed.get(partition).copied().flatten().unwrap_or(*low).max(*low);
                 (at < *high).then(|| format!("partition {partition} at {at} of {high}"))
             })
             .collect();
@@ -355,7 +390,8 @@ fn group_caught_up(
         if Instant::now() > deadline || shutdown.is_cancelled() {
             return Err(format!(
                 "sink group {group} has not committed up to the end of {topic} within {timeout:?} \
-                 ({}): is the sink running, or is something parked? `scoresync status` shows it",
+                 ({}): is the sink running, or does a parked event hold the partition? `scoresync \
+                 status` shows it",
                 behind.join(", ")
             ));
         }
@@ -383,4 +419,57 @@ fn dedup(findings: &mut Vec<Finding>) {
     });
     findings
         .dedup_by(|a, b| (a.table, &a.key, a.kind, a.shard) == (b.table, &b.key, b.kind, b.shard));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use scoresync_sink::verify::DriftKind;
+
+    fn finding(key: &str, kind: DriftKind, pg_state: u64) -> Finding {
+        Finding {
+            table: SourceTable::Scores,
+            key: vec!["c".into(), "p".into(), key.into()],
+            kind,
+            shard: Some(0),
+            version: None,
+            card: None,
+            detail: String::new(),
+            pg_state,
+        }
+    }
+
+    #[test]
+    fn a_recheck_confirms_rows_unchanged_and_checks_changed_rows_again() {
+        let before = [
+            finding("same", DriftKind::Missing, 7),
+            finding("changed", DriftKind::Stale, 7),
+            finding("lag", DriftKind::Missing, 7),
+            finding("now-stale", DriftKind::Missing, 7),
+        ];
+        let again = vec![
+            finding("same", DriftKind::Missing, 7),
+            finding("changed", DriftKind::Stale, 8),
+            // "lag" is not found again: the pipeline applied it.
+            finding("now-stale", DriftKind::Stale, 7),
+            // Not found before (a row PostgreSQL lacked then): checked again.
+            finding("new", DriftKind::Extra, 0),
+        ];
+        let (drift, changing) = sort_rechecked(&before, again);
+        let keys = |f: &[Finding]| f.iter().map(|f| f.key[2].clone()).collect::<Vec<_>>();
+        assert_eq!(keys(&drift), ["same", "now-stale"]);
+        assert_eq!(keys(&changing), ["changed", "new"]);
+    }
+
+    #[test]
+    fn repeats_of_a_finding_are_dropped() {
+        let mut found = vec![
+            finding("b", DriftKind::Extra, 0),
+            finding("a", DriftKind::Extra, 0),
+            finding("b", DriftKind::Extra, 0),
+        ];
+        dedup(&mut found);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].key[2], "a");
+    }
 }

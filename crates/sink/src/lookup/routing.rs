@@ -30,7 +30,7 @@ use crate::route::{CardFields, Conversation};
 use crate::shard::ShardIndex;
 
 /// Most keys in one `IN (...)` list.
-pub(super) const CHUNK: usize = 500;
+pub(crate) const CHUNK: usize = 500;
 
 /// A conversation as [`Lookups::conversations`] selects it. RowBinary is positional: the fields
 /// follow the SELECT list, with its wire types.

@@ -1,7 +1,8 @@
 //! Whole stored rows: every column of a target table as `system.columns` lists it, so the
 //! column set is known only at run time. The SELECT lists the schema's columns in order (names
 //! bound as identifiers, key values bound typed by their column) and the answer is RowBinary,
-//! decoded for those columns by [`crate::rowbinary`].
+//! decoded for those columns by [`crate::rowbinary`]. Also what `verify` reads: the live rows
+//! with given keys, and a shard's live keys in key order (keyset-paginated).
 
 use clickhouse::query::Query;
 use clickhouse::sql::Identifier;
@@ -51,6 +52,7 @@ impl Lookups {
     }
 }
 
+/// What `verify` reads (see [`crate::verify`]).
 impl Lookups {
     /// The live rows on `shard` of `schema`'s table whose primary keys (text, in key order) are
     /// among `keys`: one bound tuple per key, [`super::CHUNK`] keys per request. A key whose
@@ -286,6 +288,15 @@ mod tests {
         );
         let everything = sql(&live_query(&client(), "db", &s, &[]));
         assert!(everything.ends_with("FINAL WHERE _deleted = 0"), "{everything}");
+    }
+
+    #[test]
+    fn a_key_walk_resumes_strictly_after_the_last_key_on_every_prefix() {
+        assert_eq!(after_condition(1), "((? > ?))");
+        assert_eq!(
+            after_condition(3),
+            "((? > ?) OR (? = ? AND ? > ?) OR (? = ? AND ? = ? AND ? > ?))"
+        );
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub(crate) fn ident(name: &str) -> String {
 }
 
 /// The SQL type name to cast a key parameter to.
-fn cast_name(type_oid: u32) -> &'static str {
+pub(crate) fn cast_name(type_oid: u32) -> &'static str {
     match type_oid {
         crate::text::oid::INT2 => "smallint",
         crate::text::oid::INT4 => "integer",
