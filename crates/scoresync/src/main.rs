@@ -143,11 +143,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // For verify, exit 1 means drift: a verify that failed (any error, the configuration's
+    // included) could not verify, which is 2.
+    let failure = if matches!(cli.command, Command::Verify(_)) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("scoresync: error: {err:#}");
-            ExitCode::FAILURE
+            failure
         }
     }
 }
@@ -164,14 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             commands::backfill::run(&config, &args, shutdown_on_signals()?).await
         }
         Command::Verify(args) => {
-            // Exit 1 means drift: a verify that failed could not verify (2).
-            match commands::verify::run(&config, &args, shutdown_on_signals()?).await {
-                Ok(code) => Ok(code),
-                Err(err) => {
-                    eprintln!("scoresync: verify: could not verify: {err:#}");
-                    Ok(ExitCode::from(2))
-                }
-            }
+            commands::verify::run(&config, &args, shutdown_on_signals()?).await
         }
         Command::Replay(args) => {
             commands::replay::run(&config, &args, shutdown_on_signals()?).await

@@ -167,6 +167,38 @@ mod tests {
     }
 
     #[test]
+    fn the_card_fields_children_carry_are_the_events_list() {
+        // Verify reads exactly scoresync_event::table::CARD_FIELDS of a child's scorecard.
+        let row = Row {
+            columns: scoresync_event::table::CARD_FIELDS
+                .iter()
+                .map(|name| Column {
+                    name: (*name).into(),
+                    type_oid: 25,
+                    value: Some(if name.ends_with("_type") || name.ends_with("_at") {
+                        Value::int(2)
+                    } else {
+                        Value::text("x")
+                    }),
+                })
+                .collect(),
+        };
+        let fields = CardFields::from_row(&row);
+        assert_eq!(
+            fields,
+            CardFields {
+                scorecard_type: Some(2),
+                template_id: Some("x".into()),
+                template_revision: Some("x".into()),
+                agent_user_id: Some("x".into()),
+                conversation_id: Some("x".into()),
+                process_interaction_at: Some(2),
+            },
+            "every field is read from one of CARD_FIELDS"
+        );
+    }
+
+    #[test]
     fn fields_come_from_typed_row_values() {
         let row = Row {
             columns: vec![

@@ -12,8 +12,8 @@
 //!    heartbeat message to the WAL, waits until the slot has confirmed past it (the source has
 //!    published everything before it) and the sink group has committed up to the change
 //!    topic's end as it was then, on the partitions of the differing rows
-//!    (`Verify::wait_applied`), and judges the differing keys again (unroutable rows need no
-//!    wait: they depend on PostgreSQL and the conversations only). A key
+//!    (`Verify::wait_applied`), and judges the differing keys again (unroutable rows are
+//!    reported as first found: they depend on PostgreSQL and the conversations only). A key
 //!    that differs again with PostgreSQL's row unchanged is drift; one whose row changed in
 //!    between is checked once more, and after [`ROUNDS`] rounds reported as unstable, not as
 //!    drift. When the pipeline does not catch up within `--settle-timeout`, verify cannot tell
@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::offsets::OffsetReader;
 use scoresync_event::{ScorecardKey, SourceTable};
-use scoresync_sink::verify::{Checker, Expected, Finding, LiveScope};
+use scoresync_sink::verify::{Checker, DriftKind, Expected, Finding, LiveScope};
 use scoresync_source::backfill::Filter;
 use scoresync_source::connect::ConnectParams;
 use scoresync_source::verify::{PgRow, TableReader};
@@ -210,7 +210,8 @@ impl Verify<'_> {
     /// Re-checks `found` until what is left is drift, unstable, or cannot be judged (module
     /// doc, step 3).
     async fn settle(&self, found: Vec<Finding>) -> anyhow::Result<Settled> {
-        // An unroutable row is judged on PostgreSQL and the conversations alone: no wait.
+        // An unroutable row depends on PostgreSQL and the conversations alone, not on the
+        // pipeline's progress: reported as first found, not checked again.
         let (mut pending, mut drift): (Vec<Finding>, Vec<Finding>) =
             found.into_iter().partition(|f| f.kind.is_drift());
         for round in 0..ROUNDS {
@@ -336,15 +337,34 @@ impl Verify<'_> {
             );
         }
         let settled = self.settle(drift).await?;
-        if let Some((why, _)) = &settled.unconfirmed {
-            anyhow::bail!("after re-publishing, the pipeline did not catch up: {why}");
+        let republished = cards.len();
+        if settled.unconfirmed.is_some() {
+            // Nothing deleted: the report says why the pipeline was not seen to catch up.
+            return Ok((report::Repaired { markers: 0, cards: republished }, settled));
         }
-        let markers =
-            self.checker.retire(&settled.drift).await.context("writing delete markers")?;
+        let markers = self
+            .checker
+            .retire(&retirable(&settled.drift))
+            .await
+            .context("writing delete markers")?;
         let after = self.settle(settled.drift).await?;
         let unstable = [settled.unstable, after.unstable].concat();
-        Ok((report::Repaired { markers, cards: cards.len() }, Settled { unstable, ..after }))
+        Ok((report::Repaired { markers, cards: republished }, Settled { unstable, ..after }))
     }
+}
+
+/// The copies repair may delete: every extra copy, and a misplaced copy only while its row's
+/// right shard is not missing it (a misplaced copy may be the row's only one: the re-published
+/// row did not land, for example it was dead-lettered; it stays, reported, until it has).
+fn retirable(drift: &[Finding]) -> Vec<Finding> {
+    let missing: BTreeSet<(SourceTable, &Vec<String>)> =
+        drift.iter().filter(|f| f.kind == DriftKind::Missing).map(|f| (f.table, &f.key)).collect();
+    drift
+        .iter()
+        .filter(|f| f.kind.is_retired())
+        .filter(|f| f.kind == DriftKind::Extra || !missing.contains(&(f.table, &f.key)))
+        .cloned()
+        .collect()
 }
 
 /// Sorts what a re-check found (`again`) by what the check before it found (`before`): a
@@ -424,7 +444,6 @@ fn dedup(findings: &mut Vec<Finding>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use scoresync_sink::verify::DriftKind;
 
     fn finding(key: &str, kind: DriftKind, pg_state: u64) -> Finding {
         Finding {
@@ -452,13 +471,31 @@ mod tests {
             finding("changed", DriftKind::Stale, 8),
             // "lag" is not found again: the pipeline applied it.
             finding("now-stale", DriftKind::Stale, 7),
-            // Not found before (a row PostgreSQL lacked then): checked again.
+            // Not found before (a re-check judges only keys found before, so this is defensive):
+            // checked again, never confirmed on a first sighting.
             finding("new", DriftKind::Extra, 0),
         ];
         let (drift, changing) = sort_rechecked(&before, again);
         let keys = |f: &[Finding]| f.iter().map(|f| f.key[2].clone()).collect::<Vec<_>>();
         assert_eq!(keys(&drift), ["same", "now-stale"]);
         assert_eq!(keys(&changing), ["changed", "new"]);
+    }
+
+    #[test]
+    fn a_misplaced_copy_is_deleted_only_once_its_row_is_not_missing() {
+        let mut only_copy = finding("only", DriftKind::Misplaced, 7);
+        only_copy.shard = Some(1);
+        let mut second_copy = finding("second", DriftKind::Misplaced, 7);
+        second_copy.shard = Some(1);
+        let drift = [
+            only_copy,
+            finding("only", DriftKind::Missing, 7),
+            second_copy,
+            finding("ghost", DriftKind::Extra, 0),
+            finding("old", DriftKind::Stale, 7),
+        ];
+        let keys: Vec<String> = retirable(&drift).iter().map(|f| f.key[2].clone()).collect();
+        assert_eq!(keys, ["second", "ghost"]);
     }
 
     #[test]

@@ -117,8 +117,8 @@ impl Report {
         if let Some(r) = repaired {
             let _ = writeln!(
                 out,
-                "\nrepair: {} delete markers, {} scorecards re-published; the drift above is what is left",
-                r.markers, r.cards
+                "\nrepair: {} scorecards re-published, delete markers asked over {} copies (each written only while the copy is live as judged); the drift above is what is left",
+                r.cards, r.markers
             );
         }
         let verdict = match self.exit_status() {
