@@ -22,10 +22,20 @@ impl PrivateBroker {
     /// Starts a broker on a free port with storage in `dir`, and waits until it answers.
     pub fn start(dir: PathBuf) -> anyhow::Result<PrivateBroker> {
         std::fs::create_dir_all(&dir)?;
-        let port = free_port()?;
-        let mut broker = PrivateBroker { dir, port, child: None };
-        broker.resume()?;
-        Ok(broker)
+        // A free port can be taken by another test's server before tansu binds it: tansu then
+        // exits at once, and is started again on another port.
+        let mut attempt = 0;
+        loop {
+            let mut broker = PrivateBroker { dir: dir.clone(), port: free_port()?, child: None };
+            match broker.resume() {
+                Ok(()) => return Ok(broker),
+                Err(err) if attempt < 3 && broker.child.is_none() => {
+                    eprintln!("harness: {err:#}; starting it on another port");
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     /// `127.0.0.1:PORT`.

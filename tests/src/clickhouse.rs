@@ -49,14 +49,28 @@ impl PrivateShards {
         for i in 0..count {
             let dir = dir.join(format!("clickhouse{i}"));
             std::fs::create_dir_all(dir.join("data"))?;
-            let (http, tcp, interserver) = (free_port()?, free_port()?, free_port()?);
-            let config = server_config(&dir, http, tcp, interserver);
-            std::fs::write(dir.join("config.xml"), config)?;
             std::fs::copy("/etc/clickhouse-server/users.xml", dir.join("users.xml")).context(
                 "copying /etc/clickhouse-server/users.xml (is clickhouse-server installed?)",
             )?;
-            let mut server = Server { dir, http_port: http, child: None };
-            server.start()?;
+            // A free port can be taken by another test's server before this one binds it: the
+            // server then exits at once, and is started again on other ports.
+            let mut attempt = 0;
+            let server = loop {
+                let (http, tcp, interserver) = (free_port()?, free_port()?, free_port()?);
+                std::fs::write(
+                    dir.join("config.xml"),
+                    server_config(&dir, http, tcp, interserver),
+                )?;
+                let mut server = Server { dir: dir.clone(), http_port: http, child: None };
+                match server.start() {
+                    Ok(()) => break server,
+                    Err(err) if attempt < 3 && server.lost_its_port() => {
+                        eprintln!("harness: {err:#}; starting it on other ports");
+                        attempt += 1;
+                    }
+                    Err(err) => return Err(err),
+                }
+            };
             servers.push(server);
         }
         Ok(PrivateShards { servers })
@@ -125,11 +139,27 @@ impl Server {
             if answered {
                 return Ok(());
             }
+            if let Some(child) = &mut self.child
+                && let Some(status) = child.try_wait()?
+            {
+                self.child = None;
+                let log = self.dir.join("server.err.log");
+                bail!(
+                    "private clickhouse exited ({status}) before answering; see {}",
+                    log.display()
+                );
+            }
             if std::time::Instant::now() > deadline {
                 bail!("private clickhouse on port {} did not answer within 60s", self.http_port);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// True when the server's error log says a port it was given was taken.
+    fn lost_its_port(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("server.err.log"))
+            .is_ok_and(|log| log.contains("Address already in use"))
     }
 
     fn signal(&self, signal: &str) -> anyhow::Result<()> {
