@@ -40,6 +40,7 @@ pub(crate) use postgres::postgres_error_is_transient;
 pub(crate) use routing::CHUNK;
 pub(crate) use routing::FoundConversations;
 pub use stored::live_rows;
+pub(crate) use stored::{KeyValue, bind_value, typed_key};
 
 /// Longest a lookup or statement may take before the shard counts as unavailable.
 pub(crate) const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);

@@ -27,7 +27,7 @@ use scoresync_event::{Row, ScorecardKey, SourceTable};
 
 use crate::config::ClickHouseConfig;
 use crate::error::Error;
-use crate::lookup::Lookups;
+use crate::lookup::{KeyValue, Lookups, bind_value, typed_key};
 use crate::route::{CardFields, Conversation, Route};
 use crate::rows::{Denormalized, cell_text, upsert_row};
 use crate::shard::ShardIndex;
@@ -358,25 +358,21 @@ impl Checker {
     /// Writes a delete marker over each extra or misplaced copy in `findings` that is still
     /// live with the version judged, at that version + 1; returns how many copies it asked for.
     pub async fn retire(&self, findings: &[Finding]) -> Result<usize, Error> {
-        let mut groups: BTreeMap<(SourceTable, ShardIndex), Vec<JudgedCopy>> = BTreeMap::new();
+        let mut groups: BTreeMap<(SourceTable, ShardIndex), Vec<(&Finding, u64)>> = BTreeMap::new();
         for f in findings {
             if let (true, Some(shard), Some(version)) = (f.kind.is_retired(), f.shard, f.version) {
-                groups.entry((f.table, shard)).or_default().push((f.key.as_slice(), version));
+                groups.entry((f.table, shard)).or_default().push((f, version));
             }
         }
         let clients = self.lookups.clients();
         let database = self.lookups.database();
         let mut asked = 0;
-        for ((table, shard), mut copies) in groups {
+        for ((table, shard), judged) in groups {
             let schema = self.schema(table)?;
-            // A numeric key part that is no number names no stored row (keys come from cells).
-            copies.retain(|(key, _)| {
-                schema.key.iter().zip(key.iter()).all(|(i, text)| match schema.columns[*i].ty {
-                    ChType::Int => text.parse::<i64>().is_ok(),
-                    ChType::UInt => text.parse::<u64>().is_ok(),
-                    _ => true,
-                })
-            });
+            let copies: Vec<JudgedCopy> = judged
+                .into_iter()
+                .filter_map(|(f, version)| Some((typed_key(schema, &f.key)?, version)))
+                .collect();
             for chunk in copies.chunks(crate::lookup::CHUNK) {
                 let query = retire_query(&clients[shard], database, schema, chunk);
                 query.execute().await.map_err(Error::shard(
@@ -390,8 +386,8 @@ impl Checker {
     }
 }
 
-/// A copy judged extra or misplaced: its key and the version seen.
-type JudgedCopy<'a> = (&'a [String], u64);
+/// A copy judged extra or misplaced: its key, typed by its columns, and the version seen.
+type JudgedCopy<'a> = (Vec<KeyValue<'a>>, u64);
 
 /// Where a PostgreSQL row belongs.
 enum Placement {
@@ -595,13 +591,8 @@ fn retire_query(
         query = query.bind(Identifier(&schema.columns[*i].name));
     }
     for (key, version) in copies {
-        for (i, text) in schema.key.iter().zip(key.iter()) {
-            query = match schema.columns[*i].ty {
-                // Checked by `retire`.
-                ChType::Int => query.bind(text.parse::<i64>().unwrap_or(i64::MIN)),
-                ChType::UInt => query.bind(text.parse::<u64>().unwrap_or(u64::MAX)),
-                _ => query.bind(text.as_str()),
-            };
+        for value in key {
+            query = bind_value(query, *value);
         }
         query = query.bind(*version);
     }
@@ -713,7 +704,8 @@ mod tests {
     fn a_marker_goes_only_over_the_copy_judged() {
         let s = schema();
         let key = key();
-        let sql = retire_query(&clickhouse::Client::default(), "db", &s, &[(&key, 41)])
+        let typed = typed_key(&s, &key).expect("a key of text columns");
+        let sql = retire_query(&clickhouse::Client::default(), "db", &s, &[(typed, 41)])
             .sql_display()
             .to_string();
         assert_eq!(

@@ -64,13 +64,8 @@ impl Lookups {
         keys: &[Vec<String>],
     ) -> Result<Vec<Vec<Cell>>, Error> {
         let key_columns: Vec<&ChColumn> = schema.key.iter().map(|i| &schema.columns[*i]).collect();
-        let typed: Vec<Vec<KeyValue>> = keys
-            .iter()
-            .map(|key| key_columns.iter().zip(key).map(|(c, t)| KeyValue::typed(c, t)).collect())
-            .filter(|key: &Vec<KeyValue>| {
-                !key.iter().any(|v| matches!(v, KeyValue::TextOfNumber(_)))
-            })
-            .collect();
+        let typed: Vec<Vec<KeyValue>> =
+            keys.iter().filter_map(|key| typed_key(schema, key)).collect();
         let mut rows = Vec::new();
         for chunk in typed.chunks(super::CHUNK) {
             let tuple = format!("({})", placeholders(key_columns.len()));
@@ -155,7 +150,20 @@ fn after_condition(n: usize) -> String {
     format!("({})", terms.join(" OR "))
 }
 
-fn bind_value(query: Query, value: KeyValue) -> Query {
+/// A row key (text, in key order) typed by `schema`'s key columns; `None` when a numeric part
+/// is no number (no stored row has such a key, so there is nothing to ask for).
+pub(crate) fn typed_key<'a>(schema: &TableSchema, key: &'a [String]) -> Option<Vec<KeyValue<'a>>> {
+    let typed: Vec<KeyValue> = schema
+        .key
+        .iter()
+        .zip(key)
+        .map(|(i, text)| KeyValue::typed(&schema.columns[*i], text))
+        .collect();
+    (!typed.iter().any(|v| matches!(v, KeyValue::TextOfNumber(_)))).then_some(typed)
+}
+
+/// Binds a typed key value.
+pub(crate) fn bind_value(query: Query, value: KeyValue) -> Query {
     match value {
         KeyValue::Int(i) => query.bind(i),
         KeyValue::UInt(u) => query.bind(u),
@@ -185,7 +193,7 @@ pub async fn live_rows(
 
 /// A key value bound in a condition, typed by its column.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum KeyValue<'a> {
+pub(crate) enum KeyValue<'a> {
     Int(i64),
     UInt(u64),
     Text(&'a str),
