@@ -42,22 +42,6 @@ async fn final_rows(env: &TestEnv) -> anyhow::Result<BTreeMap<(usize, String), V
     Ok(out)
 }
 
-/// The primary keys (text) of the live rows of `table` on `shard`.
-async fn live_keys(env: &TestEnv, shard: usize, table: &str) -> anyhow::Result<Vec<Vec<String>>> {
-    let columns = scoresync_event::SourceTable::ALL
-        .into_iter()
-        .find(|t| t.name() == table)
-        .map(|t| t.primary_key())
-        .unwrap_or_default();
-    let key: Vec<String> = columns.iter().map(|c| format!("toString({c})")).collect();
-    let sql = format!(
-        "SELECT arrayStringConcat([{}], '\\t') FROM {table} FINAL WHERE _deleted = 0",
-        key.join(", ")
-    );
-    let keys: Vec<String> = env.shard(shard).query(&sql).fetch_all().await?;
-    Ok(keys.iter().map(|k| k.split('\t').map(String::from).collect()).collect())
-}
-
 /// The sink group's committed offsets.
 fn daemon_offsets(env: &TestEnv) -> anyhow::Result<BTreeMap<i32, Option<i64>>> {
     let reader =
@@ -78,7 +62,7 @@ async fn a_shard_emptied_behind_the_daemons_back_is_restored_by_replay_while_loa
     // Shard 1 loses its three tables' rows behind the daemon's back.
     let mut lost = std::collections::BTreeSet::new();
     for table in TABLES {
-        let keys = live_keys(&env, 1, table).await?;
+        let keys = crate::verify::live_keys(&env, 1, table).await?;
         lost.extend(keys.into_iter().map(|k| (table.to_owned(), k, "missing".to_owned(), Some(1))));
         env.shard(1).query(&format!("TRUNCATE TABLE {table}")).execute().await?;
     }

@@ -118,6 +118,16 @@ async fn insert(
     Ok(())
 }
 
+/// The primary keys (text, in key order) of the live rows of `table` on `shard`.
+pub async fn live_keys(
+    env: &TestEnv,
+    shard: usize,
+    table: &str,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let (schema, rows) = live(env, shard, table).await?;
+    Ok(rows.iter().map(|r| key_of(&schema, r)).collect())
+}
+
 fn key_of(schema: &TableSchema, cells: &[Cell]) -> Vec<String> {
     schema
         .key

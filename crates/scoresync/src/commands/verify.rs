@@ -169,14 +169,15 @@ impl Verify<'_> {
         let mut after: Option<Vec<String>> = None;
         loop {
             let rows = reader.chunk(self.sql, filter, after.as_deref(), limit).await?;
+            let (read, last) = (rows.len(), rows.last().map(|r| r.key.clone()));
             let keys: Vec<Vec<String>> = rows.iter().map(|r| r.key.clone()).collect();
-            findings.extend(self.checker.judge(table, &keys, &expected(rows.clone())).await?);
-            rows_checked += rows.len() as u64;
+            findings.extend(self.checker.judge(table, &keys, &expected(rows)).await?);
+            rows_checked += read as u64;
             progress.set(rows_checked, &format!("; {table} in PostgreSQL"));
-            if rows.len() < limit || self.shutdown.is_cancelled() {
+            if read < limit || self.shutdown.is_cancelled() {
                 break;
             }
-            after = rows.last().map(|r| r.key.clone());
+            after = last;
         }
         let mut live = 0u64;
         for shard in 0..self.checker.shard_count() {
