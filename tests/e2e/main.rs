@@ -6,6 +6,7 @@ mod conversations;
 mod large;
 mod layout;
 mod moves;
+mod observability;
 mod rebalance;
 mod replay;
 mod sink;

@@ -223,7 +223,8 @@ async fn an_insert_clickhouse_refuses_is_retried_and_shown_until_the_table_takes
     let env = TestEnv::new("sink_refused").await?;
     setup(&env).await?;
     let pg = env.pg_admin().await?;
-    let daemon = Daemon::start(&env, &["run"])?;
+    // /healthz fails after 3 s of failing inserts (120 s by default).
+    let daemon = Daemon::start_with(&env, &["run"], &[("SCORESYNC__METRICS__STALL_SECONDS", "3")])?;
     pg.batch_execute(
         "INSERT INTO director.scorecards (customer_id, profile_id, scorecard_id, template_id,
              scorecard_type, process_interaction_at)
@@ -260,6 +261,13 @@ async fn an_insert_clickhouse_refuses_is_retried_and_shown_until_the_table_takes
             && daemon.output().contains("table=\"scores\""),
         "one clear error line naming shard and table"
     );
+    let healthz = format!("http://{}/healthz", env.metrics_listen);
+    wait::until("/healthz to name the failing shard", DEADLINE, || async {
+        let answer = reqwest::get(&healthz).await?;
+        let (code, body) = (answer.status(), answer.text().await?);
+        Ok((code == 503 && body.contains("shard 0")).then_some(()))
+    })
+    .await?;
     // The table takes the rows again: the retried insert lands, the state clears.
     shard0
         .query("ALTER TABLE scores MODIFY COLUMN numeric_value Nullable(Float64)")
@@ -267,6 +275,10 @@ async fn an_insert_clickhouse_refuses_is_retried_and_shown_until_the_table_takes
         .await?;
     wait::until("the refusal to clear", DEADLINE, || async {
         Ok(refused(&env).await?.is_empty().then_some(()))
+    })
+    .await?;
+    wait::until("/healthz to answer ok again", DEADLINE, || async {
+        Ok(reqwest::get(&healthz).await?.status().is_success().then_some(()))
     })
     .await?;
     wait_until_consistent(&env, &pg, DEADLINE).await?;

@@ -9,8 +9,9 @@
 //! is a tansu of the test's own, for stopping Kafka without disturbing other tests; [`oracle`]
 //! checks ClickHouse against PostgreSQL, row by row, shard by shard; [`clickhouse::PrivateShards`]
 //! are ClickHouse servers of the test's own, for stopping a shard; [`postgres::PrivatePostgres`] is
-//! a newly `initdb`-ed cluster of the test's own (a rebuilt primary). Tests wait with
-//! [`wait::until`], a polling helper with a deadline, never a bare sleep.
+//! a newly `initdb`-ed cluster of the test's own (a rebuilt primary); [`prometheus::PrivatePrometheus`]
+//! is a Prometheus server scraping a test's daemon. Tests wait with [`wait::until`], a polling
+//! helper with a deadline, never a bare sleep.
 
 pub mod broker;
 pub mod clickhouse;
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod kafka;
 pub mod oracle;
 pub mod postgres;
+pub mod prometheus;
 pub mod stack;
 pub mod test_env;
 pub mod wait;

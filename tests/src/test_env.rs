@@ -148,7 +148,11 @@ impl TestEnv {
             clickhouse: self.clickhouse.clone(),
             source: Default::default(),
             sink: Default::default(),
-            metrics: MetricsConfig { listen: self.metrics_listen.clone() },
+            metrics: MetricsConfig {
+                listen: self.metrics_listen.clone(),
+                sample_interval_ms: 2_000,
+                ..MetricsConfig::default()
+            },
         };
         let mut doc = toml::Table::try_from(&config).context("serializing the config")?;
         let extra: toml::Table = self.extra_toml.parse().context("extra_toml is not TOML")?;

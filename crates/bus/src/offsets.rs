@@ -17,6 +17,22 @@ use crate::error::Error;
 /// How long one broker request may take.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How far a group is behind on one partition.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PartitionLag {
+    /// The partition.
+    pub partition: i32,
+    /// The group's committed offset (`None`: nothing committed).
+    pub committed: Option<i64>,
+    /// The next offset to be written.
+    pub high_watermark: i64,
+    /// Messages between the committed offset (or the first retained one) and the end.
+    pub lag: i64,
+    /// Age of the oldest message not yet committed (from its timestamp, the change's commit
+    /// time); 0 when nothing is behind.
+    pub lag_seconds: f64,
+}
+
 /// Reads `topic`'s offsets and `group`'s committed offsets on it.
 pub struct OffsetReader {
     consumer: BaseConsumer,
@@ -103,6 +119,28 @@ impl OffsetReader {
                 (p, at)
             })
             .collect())
+    }
+
+    /// The group's lag on every partition, at `now_ms` (Unix milliseconds). Reads the first
+    /// uncommitted message of each partition that is behind, for its timestamp.
+    pub fn lag(&self, now_ms: i64) -> Result<Vec<PartitionLag>, Error> {
+        let committed = self.committed()?;
+        let mut lags = Vec::new();
+        for (partition, (low, high)) in self.watermarks()? {
+            let at = committed.get(&partition).copied().flatten();
+            let next = at.unwrap_or(low).max(low);
+            let lag = (high - next).max(0);
+            let oldest = if lag > 0 { self.timestamp_at(partition, next, high)? } else { None };
+            let lag_seconds = oldest.map_or(0.0, |ms| (now_ms - ms).max(0) as f64 / 1e3);
+            lags.push(PartitionLag {
+                partition,
+                committed: at,
+                high_watermark: high,
+                lag,
+                lag_seconds,
+            });
+        }
+        Ok(lags)
     }
 
     /// Commits `offsets` (partition to next offset to read) for the group. For a group with no

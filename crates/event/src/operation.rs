@@ -18,6 +18,15 @@ impl Operation {
             Operation::Unspecified => "change",
         }
     }
+
+    /// A metric label: one lowercase word.
+    pub fn label(self) -> &'static str {
+        match self {
+            Operation::Snapshot => "snapshot",
+            Operation::Unspecified => "unspecified",
+            other => other.describe(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -55,11 +55,19 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 pub struct MetricsConfig {
     /// `host:port` serving `/metrics` (Prometheus) and `/status` (JSON); empty turns it off.
     pub listen: String,
+    /// How often the slot's and the consumer group's lag are sampled, out of band.
+    pub sample_interval_ms: u64,
+    /// `/healthz` fails when a role has had work waiting and made no progress for this long.
+    pub stall_seconds: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: DEFAULT_METRICS_LISTEN.into() }
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN.into(),
+            sample_interval_ms: 10_000,
+            stall_seconds: 120,
+        }
     }
 }
 
@@ -70,6 +78,11 @@ impl MetricsConfig {
                 "metrics.listen must be host:port with an IP host (got {:?})",
                 self.listen
             ));
+        }
+        if self.sample_interval_ms == 0 || self.stall_seconds == 0 {
+            return Err(
+                "metrics.sample_interval_ms and metrics.stall_seconds must be above 0".into()
+            );
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! through Kafka. See the README for the crate map and `scoresync --help` for the commands.
 
 mod commands;
+mod lag;
 mod metrics;
 
 // The configuration is the package's library (see lib.rs); `crate::config` names it here.
@@ -50,12 +51,21 @@ enum Command {
     /// Run source and sink in one process (the default way to run scoresync). SIGTERM drains
     /// both; a permanent error in either stops both and exits 1.
     Run,
-    /// Show where the pipeline stands: the replication slot and its lag, the sink group's lag
-    /// per partition, dead letters, and what the running daemon has parked (from its /status).
+    /// Serve only the lag metrics (the replication slot's WAL, the sink group's lag per
+    /// partition), sampled out of band, on [metrics] listen. Run it beside the daemon so that
+    /// lag stays visible, and its alerts fire, while the daemon is down.
+    Monitor,
+    /// Show where the pipeline stands, hop by hop with a verdict each (in sync, behind, stalled,
+    /// halted, and why): the replication slot and its WAL, the source's record, the sink group's
+    /// lag per partition (messages and seconds), dead letters, and from the running daemon's
+    /// /status the end-to-end lag p50/p99 per table and what it has parked.
     Status {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Print it again every SECONDS (2 when no value is given) until Ctrl-C.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
     },
     /// Write a director-like workload into PostgreSQL (and seed conversations on the shards):
     /// scorecards created with their scores and historic scores in one transaction, some
@@ -166,6 +176,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Source => commands::source::run(&config, shutdown_on_signals()?).await,
         Command::Sink => commands::sink::run(&config, shutdown_on_signals()?).await,
         Command::Run => commands::run::run(&config, shutdown_on_signals()?).await,
+        Command::Monitor => commands::monitor::run(&config, shutdown_on_signals()?).await,
         Command::Loadgen(args) => commands::loadgen::run(&config, &args).await,
         Command::Backfill(args) => {
             commands::backfill::run(&config, &args, shutdown_on_signals()?).await
@@ -176,7 +187,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => {
             commands::replay::run(&config, &args, shutdown_on_signals()?).await
         }
-        Command::Status { json } => commands::status::run(&config, json).await,
+        Command::Status { json, watch } => {
+            let every = watch.map(|s| std::time::Duration::from_secs(s.max(1)));
+            commands::status::run(&config, json, every).await
+        }
         Command::Dlq { command: DlqCommand::Redrive } => commands::dlq::redrive(&config).await,
         Command::Dlq { command: DlqCommand::List { json } } => {
             commands::dlq::list(&config, json).await

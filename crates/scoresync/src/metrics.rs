@@ -1,155 +1,183 @@
-//! Every metric scoresync exports, defined in this one place, and the HTTP endpoint serving them.
+//! Every metric scoresync exports, described in one place, and the HTTP endpoint serving them.
 //!
-//! `GET /metrics`: Prometheus text format. `GET /status`: the sink's parked events and buffers as
-//! JSON (what `scoresync status` shows). `GET /healthz`: `ok`. Names follow
-//! `scoresync_<area>_<name>_<unit>`; labels are bounded (shard, table, reason). METRICS.md
-//! documents each metric and how to read it; a test checks the two agree.
+//! The crates record through the `metrics` facade under the names their own lists declare
+//! ([`scoresync_sink::stats::METRICS`], [`scoresync_source::metrics::METRICS`],
+//! [`crate::lag::METRICS`]); [`install`] puts `metrics-exporter-prometheus` behind the facade
+//! and describes them all, and [`serve`] answers on `[metrics] listen` (axum):
+//!
+//! - `GET /metrics`: Prometheus text format. Histograms (`*_seconds`, `scoresync_sink_batch_rows`)
+//!   have fixed buckets, so PromQL's `histogram_quantile` works across processes.
+//! - `GET /status`: the sink's parked events, refused inserts, split conversations, buffers and
+//!   end-to-end lag quantiles per table, with the health verdict (what `scoresync status` shows).
+//! - `GET /healthz`: 200 `ok` while every role this process runs has made progress within
+//!   `[metrics] stall_seconds` or has nothing waiting; 503 naming the stalled role otherwise.
+//!
+//! Names follow `scoresync_<area>_<name>_<unit>`; labels are bounded (shard, table, op, reason,
+//! partition, slot, status). METRICS.md documents each metric; a test checks the two agree.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
 use scoresync_sink::SinkStats;
 
-/// Name, type and help of every metric, in exposition order.
-pub const METRICS: &[(&str, &str, &str)] = &[
-    ("scoresync_sink_messages_consumed_total", "counter", "Kafka messages the sink consumed."),
-    (
-        "scoresync_sink_events_applied_total",
-        "counter",
-        "Change events applied (rows batched, or superseded).",
-    ),
-    (
-        "scoresync_sink_dead_lettered_total",
-        "counter",
-        "Poison events written to the dead-letter topic.",
-    ),
-    ("scoresync_sink_parked_events", "gauge", "Events waiting to be applied, by reason."),
-    (
-        "scoresync_sink_buffered_rows",
-        "gauge",
-        "Rows not yet in ClickHouse: buffered, with the writers, move markers waiting, dead letters unacknowledged.",
-    ),
-    (
-        "scoresync_sink_buffered_bytes",
-        "gauge",
-        "Estimated bytes of the rows buffered or with the writers, not yet in ClickHouse.",
-    ),
-    ("scoresync_sink_parked_bytes", "gauge", "Encoded bytes of the parked events."),
-    (
-        "scoresync_sink_paused",
-        "gauge",
-        "1 while consumption is paused because buffers or the park are full.",
-    ),
-    ("scoresync_sink_rows_written_total", "counter", "Rows inserted, by shard and table."),
-    ("scoresync_sink_inserts_total", "counter", "Successful inserts, by shard and table."),
-    (
-        "scoresync_sink_insert_failures_total",
-        "counter",
-        "Failed insert attempts (retried), by shard and table.",
-    ),
-    (
-        "scoresync_sink_insert_seconds_total",
-        "counter",
-        "Seconds spent in successful inserts, by shard and table.",
-    ),
-    (
-        "scoresync_sink_insert_rejected",
-        "gauge",
-        "1 while the shard refuses inserts into the table (the server answers with an error), by shard and table.",
-    ),
-    (
-        "scoresync_sink_conversations_on_several_shards_total",
-        "counter",
-        "Distinct conversations found in more than one shard's conversations table (their scorecards route to the lowest shard).",
-    ),
-    (
-        "scoresync_sink_commit_to_ack_seconds",
-        "gauge",
-        "Seconds from PostgreSQL commit to ClickHouse acknowledgement of the newest row written, by table.",
-    ),
+/// Bucket bounds of every `*_seconds` histogram: 5 ms to an hour, for lags that are milliseconds
+/// when in sync and minutes through an outage.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    1800.0, 3600.0,
 ];
+/// Bucket bounds of `scoresync_sink_batch_rows`.
+const ROWS_BUCKETS: &[f64] =
+    &[1.0, 10.0, 100.0, 500.0, 1_000.0, 5_000.0, 10_000.0, 50_000.0, 100_000.0];
+/// How often histogram samples are folded into their buckets.
+const UPKEEP: Duration = Duration::from_secs(5);
 
-/// Renders the Prometheus text exposition of the sink's stats.
-pub fn render(stats: &SinkStats) -> String {
-    let mut out = String::new();
-    let header = |out: &mut String, name: &str| {
-        if let Some((_, kind, help)) = METRICS.iter().find(|(n, _, _)| *n == name) {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        }
-    };
-    for (name, value) in [
-        ("scoresync_sink_messages_consumed_total", stats.messages_consumed.load(Ordering::Relaxed)),
-        ("scoresync_sink_events_applied_total", stats.events_applied.load(Ordering::Relaxed)),
-        ("scoresync_sink_dead_lettered_total", stats.dead_lettered.load(Ordering::Relaxed)),
-    ] {
-        header(&mut out, name);
-        let _ = writeln!(out, "{name} {value}");
-    }
-    header(&mut out, "scoresync_sink_parked_events");
-    let by_reason = stats.parked.lock().map(|p| p.by_reason.clone()).unwrap_or_default();
-    for reason in scoresync_sink::stats::PARK_REASONS {
-        let n = by_reason.get(reason).copied().unwrap_or(0);
-        let _ = writeln!(out, "scoresync_sink_parked_events{{reason=\"{reason}\"}} {n}");
-    }
-    header(&mut out, "scoresync_sink_buffered_rows");
-    let _ = writeln!(
-        out,
-        "scoresync_sink_buffered_rows {}",
-        stats.buffered_rows.load(Ordering::Relaxed)
-    );
-    header(&mut out, "scoresync_sink_buffered_bytes");
-    let _ = writeln!(
-        out,
-        "scoresync_sink_buffered_bytes {}",
-        stats.buffered_bytes.load(Ordering::Relaxed)
-    );
-    header(&mut out, "scoresync_sink_parked_bytes");
-    let _ =
-        writeln!(out, "scoresync_sink_parked_bytes {}", stats.parked_bytes.load(Ordering::Relaxed));
-    header(&mut out, "scoresync_sink_paused");
-    let _ = writeln!(out, "scoresync_sink_paused {}", stats.paused.load(Ordering::Relaxed));
-    let inserts = stats.inserts.lock().map(|m| m.clone()).unwrap_or_default();
-    type Field = fn(&scoresync_sink::stats::InsertStats) -> String;
-    let per_shard: [(&str, Field); 4] = [
-        ("scoresync_sink_rows_written_total", |s| s.rows.to_string()),
-        ("scoresync_sink_inserts_total", |s| s.inserts.to_string()),
-        ("scoresync_sink_insert_failures_total", |s| s.failures.to_string()),
-        ("scoresync_sink_insert_seconds_total", |s| format!("{:.6}", s.seconds)),
-    ];
-    for (name, value) in per_shard {
-        header(&mut out, name);
-        for ((shard, table), s) in &inserts {
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\",table=\"{table}\"}} {}", value(s));
-        }
-    }
-    header(&mut out, "scoresync_sink_insert_rejected");
-    let rejected = stats.rejected.lock().map(|m| m.clone()).unwrap_or_default();
-    for (shard, table) in inserts.keys() {
-        let refused = u8::from(rejected.contains_key(&(*shard, table.clone())));
-        let _ = writeln!(
-            out,
-            "scoresync_sink_insert_rejected{{shard=\"{shard}\",table=\"{table}\"}} {refused}"
-        );
-    }
-    header(&mut out, "scoresync_sink_conversations_on_several_shards_total");
-    let split = stats.split_conversations.lock().map(|s| s.total).unwrap_or_default();
-    let _ = writeln!(out, "scoresync_sink_conversations_on_several_shards_total {split}");
-    header(&mut out, "scoresync_sink_commit_to_ack_seconds");
-    let lag = stats.commit_to_ack_seconds.lock().map(|m| m.clone()).unwrap_or_default();
-    for (table, seconds) in lag {
-        let _ =
-            writeln!(out, "scoresync_sink_commit_to_ack_seconds{{table=\"{table}\"}} {seconds:.3}");
-    }
-    out
+/// Name, type and help of every metric, in the order of METRICS.md.
+pub fn all() -> impl Iterator<Item = &'static (&'static str, &'static str, &'static str)> {
+    scoresync_source::metrics::METRICS
+        .iter()
+        .chain(crate::lag::METRICS)
+        .chain(scoresync_sink::stats::METRICS)
 }
 
-/// The `/status` document.
-pub fn status_json(stats: &SinkStats) -> String {
+fn builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(scoresync_sink::stats::BATCH_ROWS.into()),
+                ROWS_BUCKETS,
+            )
+        })
+        .expect("bucket lists are not empty")
+}
+
+/// Installs the Prometheus recorder behind the `metrics` facade (once per process), describes
+/// every metric and registers the unlabelled ones at zero.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = builder().install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    for (name, kind, help) in all() {
+        match *kind {
+            "counter" => metrics::describe_counter!(*name, *help),
+            "gauge" => metrics::describe_gauge!(*name, *help),
+            _ => metrics::describe_histogram!(*name, *help),
+        }
+    }
+    SinkStats::register();
+    scoresync_source::metrics::register();
+}
+
+/// What one process runs, for `/status` and `/healthz`.
+#[derive(Clone)]
+pub struct Roles {
+    /// The sink's state, when this process runs the sink.
+    pub sink: Option<Arc<SinkStats>>,
+    /// Whether this process runs the source.
+    pub source: bool,
+    /// How long a role may go without progress while work waits.
+    pub stall: Duration,
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    handle: PrometheusHandle,
+    roles: Roles,
+    started: u64,
+}
+
+/// Serves `/metrics`, `/status` and `/healthz` on `listen` until `shutdown`, and folds histogram
+/// samples every few seconds whether or not anyone scrapes.
+pub async fn serve(
+    listen: &str,
+    handle: PrometheusHandle,
+    roles: Roles,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
+    tracing::info!(%listen, "serving /metrics, /status and /healthz");
+    let upkeep = handle.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP);
+        while tokio::select! { _ = stop.cancelled() => false, _ = tick.tick() => true } {
+            upkeep.run_upkeep();
+        }
+    });
+    let endpoint = Endpoint { handle, roles, started: unix_seconds() };
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/status", get(status))
+        .route("/healthz", get(healthz))
+        .with_state(endpoint);
+    tokio::spawn(async move {
+        let served =
+            axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        if let Err(error) = served {
+            tracing::warn!(%error, "metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn metrics_text(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], endpoint.handle.render())
+}
+
+async fn status(State(endpoint): State<Endpoint>) -> axum::Json<serde_json::Value> {
+    let mut doc = match &endpoint.roles.sink {
+        Some(stats) => sink_status(stats),
+        None => serde_json::json!({}),
+    };
+    doc["health"] = serde_json::json!(endpoint.stalled());
+    axum::Json(doc)
+}
+
+async fn healthz(State(endpoint): State<Endpoint>) -> impl IntoResponse {
+    let stalled = endpoint.stalled();
+    if stalled.is_empty() {
+        (StatusCode::OK, "ok\n".to_owned())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{}\n", stalled.join("\n")))
+    }
+}
+
+impl Endpoint {
+    /// One line per role that has had work waiting without progress for longer than allowed.
+    fn stalled(&self) -> Vec<String> {
+        let limit = self.roles.stall;
+        let mut stalled = Vec::new();
+        if self.roles.source {
+            let last = scoresync_source::metrics::last_progress().max(self.started);
+            let idle = unix_seconds().saturating_sub(last);
+            if idle > limit.as_secs() {
+                stalled.push(format!("source: nothing confirmed for {idle} s while events wait"));
+            }
+        }
+        if let Some(sink) = &self.roles.sink {
+            stalled.extend(sink.stalled(limit, self.started));
+        }
+        stalled
+    }
+}
+
+/// The sink's part of `/status`.
+pub fn sink_status(stats: &SinkStats) -> serde_json::Value {
+    use std::sync::atomic::Ordering;
     let parked = stats.parked.lock().map(|p| p.clone()).unwrap_or_default();
     let rejected: Vec<serde_json::Value> = stats
         .rejected
@@ -168,7 +196,7 @@ pub fn status_json(stats: &SinkStats) -> String {
         })
         .collect();
     let split = stats.split_conversations.lock().map(|s| s.clone()).unwrap_or_default();
-    let doc = serde_json::json!({
+    serde_json::json!({
         "rejected_inserts": rejected,
         "conversations_on_several_shards": split,
         "parked": parked,
@@ -177,109 +205,104 @@ pub fn status_json(stats: &SinkStats) -> String {
         "parked_bytes": stats.parked_bytes.load(Ordering::Relaxed),
         "paused": stats.paused.load(Ordering::Relaxed) == 1,
         "dead_lettered_total": stats.dead_lettered.load(Ordering::Relaxed),
-    });
-    doc.to_string()
+        "commit_to_ack_seconds": stats.lag_quantiles(),
+    })
 }
 
-/// Serves `/metrics`, `/status` and `/healthz` on `listen` until `shutdown`.
-pub async fn serve(
-    listen: String,
-    stats: Arc<SinkStats>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(&listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
-    tracing::info!(%listen, "serving /metrics and /status");
-    tokio::spawn(async move {
-        loop {
-            let (mut socket, _) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(pair) => pair,
-                    Err(error) => {
-                        tracing::warn!(%error, "metrics endpoint accept failed");
-                        continue;
-                    }
-                },
-            };
-            let stats = Arc::clone(&stats);
-            tokio::spawn(async move {
-                let mut request = vec![0_u8; 4096];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    socket.read(&mut request),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let line = String::from_utf8_lossy(&request[..n]);
-                let path = line.split_whitespace().nth(1).unwrap_or("/");
-                let (status, content_type, body) = match path {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&stats)),
-                    "/status" => ("200 OK", "application/json", status_json(&stats)),
-                    "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                    _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    Ok(())
+fn unix_seconds() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Renders with a recorder of the test's own (the global one belongs to the binary).
+    fn rendered(record: impl FnOnce()) -> String {
+        let recorder = builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            record();
+        });
+        handle.run_upkeep();
+        handle.render()
+    }
+
     #[test]
-    fn every_rendered_metric_is_declared_and_documented() {
+    fn every_exported_metric_is_declared_and_documented() {
         let stats = SinkStats::default();
-        stats.insert(1, "scores", 10, Some(0.5));
-        let text = render(&stats);
+        let text = rendered(|| {
+            stats.inserted(1, "scores", 0.5, [1_i64, 2].into_iter());
+            stats.insert_failed(0, "scores", Some("refused"));
+            stats.levels(3, 300, 0, false);
+            scoresync_source::metrics::acknowledged("scores", 1);
+            crate::lag::record_slot("slot", None);
+        });
         let documented = include_str!("../../../METRICS.md");
-        for (name, _, _) in METRICS {
-            assert!(text.contains(&format!("# TYPE {name} ")), "{name} not rendered");
-            assert!(documented.contains(name), "{name} missing from METRICS.md");
+        for (name, _, _) in all() {
+            assert!(documented.contains(&format!("`{name}`")), "{name} missing from METRICS.md");
         }
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
-            assert!(METRICS.iter().any(|(n, _, _)| *n == name), "{name} rendered but not declared");
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| all().any(|(n, k, _)| n == b && *k == "histogram"))
+                .unwrap_or(name);
+            assert!(all().any(|(n, _, _)| *n == base), "{name} exported but not declared");
+        }
+        for row in documented.lines().filter(|l| l.starts_with("| `scoresync_")) {
+            let name = row.trim_start_matches("| `").split('`').next().unwrap_or_default();
+            assert!(all().any(|(n, _, _)| *n == name), "METRICS.md documents {name}, not declared");
         }
         assert!(
-            text.contains("scoresync_sink_rows_written_total{shard=\"1\",table=\"scores\"} 10"),
+            text.contains("scoresync_sink_rows_written_total{shard=\"1\",table=\"scores\"} 2"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "scoresync_sink_commit_to_ack_seconds_bucket{table=\"scores\",le=\"+Inf\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("scoresync_sink_insert_rejected{shard=\"0\",table=\"scores\"} 1"));
     }
 
     #[test]
     fn split_conversations_are_counted_and_listed() {
         let stats = SinkStats::default();
-        assert!(
-            render(&stats).contains("\nscoresync_sink_conversations_on_several_shards_total 0\n")
-        );
-        stats.conversation_split(scoresync_sink::stats::SplitConversation {
-            customer_id: "c".into(),
-            profile_id: "p".into(),
-            conversation_id: "conv".into(),
-            shards: vec![0, 1],
+        let text = rendered(|| {
+            stats.conversation_split(scoresync_sink::stats::SplitConversation {
+                customer_id: "c".into(),
+                profile_id: "p".into(),
+                conversation_id: "conv".into(),
+                shards: vec![0, 1],
+            })
         });
-        let text = render(&stats);
         assert!(
             text.contains("\nscoresync_sink_conversations_on_several_shards_total 1\n"),
             "{text}"
         );
-        let doc: serde_json::Value = serde_json::from_str(&status_json(&stats)).expect("json");
+        let doc = sink_status(&stats);
         let split = &doc["conversations_on_several_shards"];
         assert_eq!(split["total"], 1);
         assert_eq!(split["latest"][0]["conversation_id"], "conv");
         assert_eq!(split["latest"][0]["shards"], serde_json::json!([0, 1]));
+    }
+
+    #[test]
+    fn lag_quantiles_reach_status() {
+        let stats = SinkStats::default();
+        let now_us = (unix_seconds() * 1_000_000) as i64;
+        rendered(|| {
+            let commits = (0..100).map(|i| now_us - if i < 99 { 1_000_000 } else { 30_000_000 });
+            stats.inserted(0, "scorecards", 0.1, commits);
+        });
+        let lag = &sink_status(&stats)["commit_to_ack_seconds"]["scorecards"];
+        assert_eq!(lag["rows"], 100);
+        let (p50, p99) = (lag["p50"].as_f64().unwrap_or(0.0), lag["p99"].as_f64().unwrap_or(0.0));
+        assert!((0.9..3.0).contains(&p50), "{lag}");
+        assert!(p99 >= 0.9, "{lag}");
     }
 }

@@ -34,7 +34,6 @@ use crate::error::Error;
 use crate::park::{ParkReason, Parked};
 use crate::rows::RowKey;
 use crate::stage::Loop;
-use crate::stats::SinkStats;
 
 /// How long an event that reads back stored rows (a move, a TRUNCATE) waits for earlier rows to
 /// be acknowledged before it is parked instead (a shard may be down). After a wait ran out, the
@@ -260,7 +259,7 @@ impl Loop {
             self.group.release(older);
         }
         self.park.wake_scorecard(event);
-        SinkStats::add(&self.stats.events_applied, 1);
+        self.stats.applied();
         self.group.release(msg);
     }
 
@@ -337,7 +336,7 @@ impl Loop {
         error: &str,
     ) -> Result<(), Error> {
         self.outbox.send(msg, key, payload, error)?;
-        SinkStats::add(&self.stats.dead_lettered, 1);
+        self.stats.dead_lettered();
         Ok(())
     }
 

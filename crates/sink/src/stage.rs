@@ -12,7 +12,6 @@
 //! turn ([`Loop::forget_revoked`]).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -175,7 +174,7 @@ impl Loop {
         batch: Vec<Message>,
         shutdown: &CancellationToken,
     ) -> Result<bool, Error> {
-        SinkStats::add(&self.stats.messages_consumed, batch.len() as u64);
+        self.stats.consumed(batch.len());
         let mut events = Vec::with_capacity(batch.len());
         for message in batch {
             let Some(payload) = &message.payload else {
@@ -256,15 +255,11 @@ impl Loop {
     }
 
     fn publish_stats(&self) {
-        self.stats.buffered_rows.store(self.backlog() as u64, Ordering::Relaxed);
-        self.stats.buffered_bytes.store(self.backlog_bytes() as u64, Ordering::Relaxed);
-        self.stats.parked_bytes.store(self.park.bytes() as u64, Ordering::Relaxed);
-        self.stats.paused.store(u64::from(self.group.is_held_back()), Ordering::Relaxed);
-        if let Ok(mut parked) = self.stats.parked.lock() {
-            let by_reason = self.park.by_reason().into_iter().map(|(k, v)| (k.to_owned(), v));
-            *parked =
-                ParkedSnapshot { by_reason: by_reason.collect(), events: self.park.summary() };
-        }
+        let paused = self.group.is_held_back();
+        self.stats.levels(self.backlog(), self.backlog_bytes(), self.park.bytes(), paused);
+        let by_reason = self.park.by_reason().into_iter().map(|(k, v)| (k.to_owned(), v));
+        self.stats
+            .parked(ParkedSnapshot { by_reason: by_reason.collect(), events: self.park.summary() });
     }
 
     /// Shutdown: send what is buffered (move markers included, once their copies are in), wait

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
@@ -300,20 +300,27 @@ impl ShardWriter {
             };
             let (rows, table) = (batch.rows.len(), batch.table.name());
             let Some(failure) = failure else {
-                self.stats.insert(self.shard, table, rows, Some(started.elapsed().as_secs_f64()));
+                let commit_times = batch.rows.iter().map(|r| r.commit_time_us);
+                self.stats.inserted(
+                    self.shard,
+                    table,
+                    started.elapsed().as_secs_f64(),
+                    commit_times,
+                );
                 if said_at.is_some() {
                     tracing::info!(shard = self.shard, table, "inserts accepted again");
                 }
-                self.stats.insert_accepted(self.shard, table);
-                self.record_lag(batch);
                 return true;
             };
-            self.stats.insert(self.shard, table, rows, None);
+            let refused = match &failure {
+                Refusal::Rejected(error) => Some(error.as_str()),
+                Refusal::Unavailable(_) => None,
+            };
+            self.stats.insert_failed(self.shard, table, refused);
             failures = failures.saturating_add(1);
             let delay = backoff.next().unwrap_or(Duration::from_secs(15));
             match failure {
                 Refusal::Rejected(error) => {
-                    self.stats.insert_rejected(self.shard, table, &error);
                     // One clear line a minute: the server refuses the rows, retrying cannot help
                     // until an operator changes the table (or the sink) back.
                     if said_at.is_none_or(|at| at.elapsed() >= LOUD_EVERY) {
@@ -329,18 +336,6 @@ impl ShardWriter {
                 _ = shutdown.cancelled() => return false,
                 _ = tokio::time::sleep(delay) => {}
             }
-        }
-    }
-
-    fn record_lag(&self, batch: &Batch) {
-        let newest = batch.rows.iter().map(|r| r.commit_time_us).max().unwrap_or(0);
-        if newest <= 0 {
-            return;
-        }
-        let now_us =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
-        if let Ok(mut lag) = self.stats.commit_to_ack_seconds.lock() {
-            lag.insert(batch.table.name().to_owned(), (now_us - newest).max(0) as f64 / 1e6);
         }
     }
 }

@@ -218,6 +218,30 @@ impl Error {
         }
     }
 
+    /// The [`Error::label`]s of the transient errors: the reasons the source restarts for.
+    pub const RESTART_REASONS: [&str; 5] =
+        ["postgres", "replication", "stream_ended", "kafka_delivery", "kafka"];
+
+    /// The error's kind, as a metric label (`scoresync_source_restarts_total{reason}`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Sql { .. } => "postgres",
+            Error::Replication { .. } => "replication",
+            Error::StreamEnded { .. } => "stream_ended",
+            Error::Delivery { .. } => "kafka_delivery",
+            Error::Bus(_) => "kafka",
+            Error::SlotMissing { .. } | Error::SlotUnusable { .. } => "slot",
+            Error::NoRecord { .. } | Error::RecordMismatch { .. } | Error::BadRecord { .. } => {
+                "pipeline_record"
+            }
+            Error::Decode { .. } | Error::Map { .. } | Error::NoVersionScheme { .. } => "decode",
+            Error::EventTooLarge(_) => "event_too_large",
+            Error::Publication { .. } => "publication",
+            Error::Backfill { .. } => "backfill",
+            Error::Verify { .. } => "verify",
+        }
+    }
+
     /// Wraps a SQL error with what was being done.
     pub fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
         let context = context.into();

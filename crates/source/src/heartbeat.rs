@@ -53,9 +53,12 @@ impl Heartbeat {
                     &[&HEARTBEAT_PREFIX],
                 )
                 .await;
-            if let Err(error) = written {
-                tracing::warn!(%error, "heartbeat: pg_logical_emit_message failed");
-                client = None;
+            match written {
+                Ok(_) => crate::metrics::heartbeat(),
+                Err(error) => {
+                    tracing::warn!(%error, "heartbeat: pg_logical_emit_message failed");
+                    client = None;
+                }
             }
         }
     }

@@ -36,6 +36,7 @@
 //! - [`backfill`]: re-publishing some scorecards' current rows beside the running source,
 //!   resumable, each chunk versioned below every change it missed.
 //! - [`heartbeat`]: keeps an idle slot moving.
+//! - [`metrics`]: what the source counts.
 //! - [`verify`]: PostgreSQL's side of `scoresync verify` (rows with their scorecards, by chunk or
 //!   by key).
 
@@ -48,6 +49,7 @@ pub mod error;
 #[cfg(test)]
 mod fixtures;
 pub mod heartbeat;
+pub mod metrics;
 pub mod progress;
 pub mod publish;
 pub mod setup;
@@ -134,6 +136,7 @@ impl Source {
                         backoff = RESTART_BACKOFF.build();
                     }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    metrics::restarted(err.label());
                     tracing::warn!(error = %Report::new(&err), ?delay, slot = %self.postgres.slot, "source failed; restarting from the slot");
                     tokio::select! {
                         _ = shutdown.cancelled() => break Ok(()),
@@ -195,6 +198,7 @@ impl Source {
     ) -> Result<(), Error> {
         let slot_name = &self.postgres.slot;
         let publisher = Publisher::new(&self.kafka, slot_name)?;
+        metrics::snapshot_done(record.snapshot.done);
         if !record.snapshot.done {
             let snapshot = Snapshot {
                 sql,
@@ -203,6 +207,7 @@ impl Source {
                 chunk_rows: self.snapshot_chunk_rows,
             };
             snapshot.run(record, shutdown).await?;
+            metrics::snapshot_done(record.snapshot.done);
             if shutdown.is_cancelled() {
                 return Ok(());
             }

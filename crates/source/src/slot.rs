@@ -63,6 +63,56 @@ pub async fn inspect(sql: &tokio_postgres::Client, slot: &str) -> Result<Option<
     }))
 }
 
+/// How far a slot is behind, sampled from `pg_replication_slots` on an ordinary SQL connection
+/// (so it answers while the replication stream is stuck or the source is down).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SlotLag {
+    /// Whether a walsender streams from the slot now.
+    pub active: bool,
+    /// The server's current WAL position (byte position).
+    pub current_lsn: u64,
+    /// The last position the source confirmed.
+    pub confirmed_flush_lsn: Option<u64>,
+    /// The oldest WAL the slot holds back.
+    pub restart_lsn: Option<u64>,
+    /// WAL the slot holds back: current minus `restart_lsn`.
+    pub retained_bytes: Option<i64>,
+    /// WAL not yet confirmed: current minus `confirmed_flush_lsn`.
+    pub unconfirmed_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is in danger of being lost (NULL
+    /// when `max_slot_wal_keep_size` is unlimited).
+    pub safe_wal_size: Option<i64>,
+}
+
+/// The lag of `slot`, or `None` when it does not exist.
+pub async fn lag(sql: &tokio_postgres::Client, slot: &str) -> Result<Option<SlotLag>, Error> {
+    let lsn = |v: Option<String>| v.and_then(|t| t.parse::<Lsn>().ok()).map(|l| l.0);
+    let row = sql
+        .query_opt(
+            "SELECT active, pg_current_wal_lsn()::text, confirmed_flush_lsn::text, \
+                    restart_lsn::text, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint, \
+                    wal_status, safe_wal_size \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(Error::sql(format!("reading the lag of replication slot {slot}")))?;
+    Ok(row.map(|r| SlotLag {
+        active: r.get(0),
+        current_lsn: lsn(r.get(1)).unwrap_or(0),
+        confirmed_flush_lsn: lsn(r.get(2)),
+        restart_lsn: lsn(r.get(3)),
+        retained_bytes: r.get(4),
+        unconfirmed_bytes: r.get(5),
+        wal_status: r.get(6),
+        safe_wal_size: r.get(7),
+    }))
+}
+
 /// Creates a logical slot with pgoutput; returns its consistent point (the LSN from which it
 /// streams every committed transaction).
 pub async fn create(sql: &tokio_postgres::Client, slot: &str) -> Result<Lsn, Error> {

@@ -115,6 +115,7 @@ impl Snapshot<'_> {
             record.snapshot.resume_after = Some(key);
             record.snapshot.rows_published += rows.len() as u64;
             self.state.save(record).await?;
+            crate::metrics::progressed();
         }
         Ok(rows.len())
     }

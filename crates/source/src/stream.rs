@@ -20,6 +20,7 @@ use crate::config::PostgresConfig;
 use crate::connect::ConnectParams;
 use crate::decode::{decode, pg_time_to_unix};
 use crate::error::Error;
+use crate::metrics;
 use crate::progress::{Progress, TxId};
 use crate::publish::Publisher;
 use crate::slot;
@@ -82,7 +83,10 @@ impl Stream<'_> {
                     progress.acked(id);
                 }
                 // 3. Status timer: record, then confirm, what Kafka has.
-                _ = tick.tick() => self.confirm(&client, &progress, record).await?,
+                _ = tick.tick() => {
+                    metrics::in_flight(acks.len());
+                    self.confirm(&client, &progress, record).await?;
+                }
                 // 4. New input, while the in-flight window has room.
                 event = client.recv(), if acks.len() < self.max_in_flight => {
                     let event = event.map_err(wire)?.ok_or(Error::StreamEnded { slot: slot.into() })?;
@@ -131,14 +135,23 @@ impl Stream<'_> {
                             source: crate::change::MapError::NoTransaction("row"),
                         });
                     };
+                    let (table, commit_us) = (out.event.table.clone(), out.event.commit_time_us);
                     for delivery in self.publisher.send(out)? {
                         progress.sent(id);
-                        acks.push(Box::pin(async move { (id, delivery.await) }));
+                        let table = table.clone();
+                        acks.push(Box::pin(async move {
+                            let result = delivery.await;
+                            if result.is_ok() {
+                                metrics::acknowledged(&table, commit_us);
+                            }
+                            (id, result)
+                        }));
                     }
                 }
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 mapper.commit();
+                metrics::transaction();
                 if let Some(id) = tx.take() {
                     progress.commit(id, Lsn(end_lsn.as_u64()));
                 }
@@ -169,6 +182,7 @@ impl Stream<'_> {
         self.state.save(&next).await?;
         *record = next;
         client.update_applied_lsn(WireLsn::from(confirmable.0));
+        metrics::confirmed(confirmable.0);
         Ok(())
     }
 

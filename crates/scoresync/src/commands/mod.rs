@@ -1,9 +1,10 @@
-//! One module per CLI command, and what several share (`progress`, `filter`).
+//! One module per CLI command, and what several share (`progress`, `filter`, [`serve_metrics`]).
 
 pub mod backfill;
 pub mod dlq;
 pub mod filter;
 pub mod loadgen;
+pub mod monitor;
 pub mod progress;
 pub mod replay;
 pub mod run;
@@ -15,6 +16,7 @@ pub mod validate;
 pub mod verify;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -22,14 +24,24 @@ use scoresync_sink::SinkStats;
 
 use crate::config::Config;
 
-/// Starts the `/metrics` and `/status` endpoint when `[metrics] listen` is set.
+/// For a long-running role: installs the metrics recorder, starts the out-of-band lag samplers
+/// ([`crate::lag`]) and, when `[metrics] listen` is set, the `/metrics`, `/status` and
+/// `/healthz` endpoint. `sink` is the sink's state when this process runs the sink.
 pub async fn serve_metrics(
     config: &Config,
-    stats: &Arc<SinkStats>,
+    source: bool,
+    sink: Option<&Arc<SinkStats>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let handle = crate::metrics::install()?;
+    crate::lag::spawn(config, shutdown.child_token());
     if config.metrics.listen.is_empty() {
         return Ok(());
     }
-    crate::metrics::serve(config.metrics.listen.clone(), Arc::clone(stats), shutdown.clone()).await
+    let roles = crate::metrics::Roles {
+        sink: sink.cloned(),
+        source,
+        stall: Duration::from_secs(config.metrics.stall_seconds),
+    };
+    crate::metrics::serve(&config.metrics.listen, handle, roles, shutdown.clone()).await
 }

@@ -13,6 +13,7 @@ use crate::config::Config;
 
 /// The sink of this configuration, counting into `stats`.
 pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
+    SinkStats::register_shards(config.clickhouse.shards.len());
     Sink {
         kafka: config.kafka.clone(),
         clickhouse: config.clickhouse.clone(),
@@ -26,7 +27,7 @@ pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
 /// Consumes until SIGTERM/SIGINT (exit 0) or a permanent error (exit 1).
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let stats = Arc::new(SinkStats::default());
-    crate::commands::serve_metrics(config, &stats, &shutdown).await?;
+    crate::commands::serve_metrics(config, false, Some(&stats), &shutdown).await?;
     match sink(config, stats).run(shutdown.clone()).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => {

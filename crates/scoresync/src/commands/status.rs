@@ -1,16 +1,17 @@
-//! `scoresync status [--json]`: where the pipeline stands. The replication slot (active,
-//! confirmed position, bytes of WAL behind), the source's pipeline record (snapshot done, and why
-//! the source last halted, if it did), the sink group's lag per partition, the dead-letter
-//! count, and, from the running daemon's `/status`, what is parked and why, inserts a shard
-//! refuses, and conversations found on several shards.
+//! `scoresync status [--json] [--watch SECONDS]`: where the pipeline stands, hop by hop, each
+//! with its lag and a verdict (in sync, behind, stalled, halted, and why). The replication slot
+//! (active, WAL retained and unconfirmed, `wal_status`), the source's pipeline record (snapshot
+//! done, and why the source last halted, if it did), the sink group's lag per partition in
+//! messages and seconds, the dead-letter count, and, from the running daemon's `/status`, the
+//! end-to-end lag (p50/p99 per table over the last minute or two), what is parked and why,
+//! inserts a shard refuses, and conversations found on several shards.
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use scoresync_bus::offsets::OffsetReader;
 use scoresync_source::connect::ConnectParams;
@@ -18,9 +19,29 @@ use scoresync_source::connect::ConnectParams;
 use crate::config::Config;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Unconfirmed WAL below this is "in sync" (a busy primary writes this much between two
+/// confirmations).
+const IN_SYNC_BYTES: i64 = 16 << 20;
 
-/// Prints the status; exits 0 when every part could be read.
-pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
+/// Prints the status once, or every `watch` until interrupted; exits 0 when every part could be
+/// read.
+pub async fn run(
+    config: &Config,
+    as_json: bool,
+    watch: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
+    let Some(every) = watch else { return once(config, as_json).await };
+    loop {
+        print!("\x1b[2J\x1b[H");
+        once(config, as_json).await?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+async fn once(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let slot = slot_status(config).await.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     let source =
         source_status(config).await.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
@@ -33,7 +54,8 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
     let sink = sink_status(&config.metrics.listen).await.unwrap_or_else(
         |e| json!({ "error": format!("no sink answering at {}: {e:#}", config.metrics.listen) }),
     );
-    let doc = json!({ "slot": slot, "source": source, "kafka": kafka, "sink": sink });
+    let mut doc = json!({ "slot": slot, "source": source, "kafka": kafka, "sink": sink });
+    doc["verdict"] = json!(verdict(&doc));
     if as_json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
@@ -44,26 +66,23 @@ pub async fn run(config: &Config, as_json: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn slot_status(config: &Config) -> anyhow::Result<Value> {
+    let name = &config.postgres.slot;
     let params = ConnectParams::parse(config.postgres.url.expose_secret())?;
     let sql = tokio::time::timeout(TIMEOUT, params.connect_sql()).await.context("timed out")??;
-    let row = sql
-        .query_opt(
-            "SELECT active, confirmed_flush_lsn::text, restart_lsn::text, wal_status, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&config.postgres.slot],
-        )
-        .await?;
-    Ok(match row {
-        None => json!({ "slot": config.postgres.slot, "exists": false }),
-        Some(r) => json!({
-            "slot": config.postgres.slot,
+    let lag = scoresync_source::slot::lag(&sql, name).await?;
+    let lsn = |l: Option<u64>| l.map(|l| scoresync_event::Lsn(l).to_string());
+    Ok(match lag {
+        None => json!({ "slot": name, "exists": false }),
+        Some(l) => json!({
+            "slot": name,
             "exists": true,
-            "active": r.get::<_, bool>(0),
-            "confirmed_flush_lsn": r.get::<_, Option<String>>(1),
-            "restart_lsn": r.get::<_, Option<String>>(2),
-            "wal_status": r.get::<_, Option<String>>(3),
-            "lag_bytes": r.get::<_, Option<i64>>(4),
+            "active": l.active,
+            "confirmed_flush_lsn": lsn(l.confirmed_flush_lsn),
+            "restart_lsn": lsn(l.restart_lsn),
+            "wal_status": l.wal_status,
+            "lag_bytes": l.unconfirmed_bytes,
+            "retained_bytes": l.retained_bytes,
+            "safe_wal_size": l.safe_wal_size,
         }),
     })
 }
@@ -90,15 +109,10 @@ fn kafka_status(config: &Config) -> anyhow::Result<Value> {
     let kafka = &config.kafka;
     let topic = kafka.change_topic.as_str();
     let reader = OffsetReader::open(kafka, &kafka.consumer_group, topic)?;
-    let committed = reader.committed()?;
-    let mut rows = Vec::new();
-    let mut total_lag = 0;
-    for (p, (low, high)) in reader.watermarks()? {
-        let at = committed.get(&p).copied().flatten();
-        let lag = high - at.unwrap_or(low).max(low);
-        total_lag += lag;
-        rows.push(json!({ "partition": p, "committed": at, "high_watermark": high, "lag": lag }));
-    }
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let partitions = reader.lag(now_ms)?;
+    let total_lag: i64 = partitions.iter().map(|p| p.lag).sum();
+    let oldest = partitions.iter().map(|p| p.lag_seconds).fold(0.0, f64::max);
     let dlq = kafka.dlq_topic.as_str();
     let dead_letters = match OffsetReader::open(kafka, &kafka.consumer_group, dlq) {
         Ok(reader) => reader.messages()?,
@@ -109,7 +123,8 @@ fn kafka_status(config: &Config) -> anyhow::Result<Value> {
         "group": kafka.consumer_group,
         "topic": topic,
         "lag": total_lag,
-        "partitions": rows,
+        "lag_seconds": oldest,
+        "partitions": partitions,
         "dead_letter_topic": dlq,
         "dead_letters": dead_letters,
     }))
@@ -118,111 +133,188 @@ fn kafka_status(config: &Config) -> anyhow::Result<Value> {
 /// GET /status from the running daemon.
 async fn sink_status(listen: &str) -> anyhow::Result<Value> {
     anyhow::ensure!(!listen.is_empty(), "metrics.listen is empty");
-    let mut stream = tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(listen))
-        .await
-        .context("timed out")??;
-    stream
-        .write_all(
-            format!("GET /status HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut response))
-        .await
-        .context("timed out")??;
-    let text = String::from_utf8_lossy(&response);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).context("no HTTP body")?;
-    Ok(serde_json::from_str(body)?)
+    let client = reqwest::Client::builder().timeout(TIMEOUT).build()?;
+    let response = client.get(format!("http://{listen}/status")).send().await?;
+    Ok(response.error_for_status()?.json().await?)
+}
+
+/// One verdict per hop, in pipeline order: `in sync`, or what is wrong.
+fn verdicts(doc: &Value) -> Vec<(&'static str, String)> {
+    let unknown = |e: &Value| format!("unknown: {}", e.as_str().unwrap_or_default());
+    let slot = &doc["slot"];
+    let slot_verdict = if let Some(e) = slot.get("error") {
+        unknown(e)
+    } else if slot["exists"] == false {
+        "HALTED: the slot is missing (`scoresync setup --recreate-slot`, then backfill)".into()
+    } else if slot["wal_status"] == "lost" {
+        "HALTED: the slot lost WAL it needed (`scoresync setup --recreate-slot`)".into()
+    } else if slot["active"] == false {
+        format!("STALLED: no source streams from it; {} bytes unconfirmed", slot["lag_bytes"])
+    } else if slot["lag_bytes"].as_i64().unwrap_or(0) > IN_SYNC_BYTES {
+        format!("behind by {} bytes of WAL", slot["lag_bytes"])
+    } else {
+        "in sync".into()
+    };
+    let source = &doc["source"];
+    let source_verdict = match (source.get("error"), source["halted"].as_str()) {
+        (Some(e), _) => unknown(e),
+        (None, Some(why)) => format!("HALTED: {why}"),
+        (None, None) if source["record"] == false => {
+            "no pipeline record (`scoresync setup`)".into()
+        }
+        (None, None) if source["snapshot_done"] == false => "snapshot running".into(),
+        _ => "in sync".into(),
+    };
+    let kafka = &doc["kafka"];
+    let kafka_verdict = match kafka.get("error") {
+        Some(e) => unknown(e),
+        None if kafka["lag"].as_i64().unwrap_or(0) == 0 => "in sync".into(),
+        None => format!(
+            "behind by {} message(s), the oldest {:.0} s old",
+            kafka["lag"],
+            kafka["lag_seconds"].as_f64().unwrap_or(0.0)
+        ),
+    };
+    let sink = &doc["sink"];
+    let stalled: Vec<&str> =
+        sink["health"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let parked = sink["parked"]["events"].as_array().map_or(0, Vec::len);
+    let refused = sink["rejected_inserts"].as_array().map_or(0, Vec::len);
+    let sink_verdict = if let Some(e) = sink.get("error") {
+        unknown(e)
+    } else if !stalled.is_empty() {
+        format!("STALLED: {}", stalled.join("; "))
+    } else if refused > 0 {
+        format!("HALTED: {refused} table(s) refuse inserts (REFUSED below)")
+    } else if parked > 0 {
+        format!("{parked} event(s) parked (listed below)")
+    } else if sink["buffered_rows"].as_u64().unwrap_or(0) > 0 {
+        format!("writing {} buffered row(s)", sink["buffered_rows"])
+    } else {
+        "in sync".into()
+    };
+    vec![
+        ("slot", slot_verdict),
+        ("source", source_verdict),
+        ("kafka", kafka_verdict),
+        ("sink", sink_verdict),
+    ]
+}
+
+/// The whole pipeline's verdict: `in sync`, or the first hop that is not.
+fn verdict(doc: &Value) -> String {
+    verdicts(doc)
+        .into_iter()
+        .find(|(_, v)| v != "in sync")
+        .map_or_else(|| "in sync".to_owned(), |(hop, v)| format!("{hop}: {v}"))
 }
 
 fn print_human(doc: &Value) {
+    println!("pipeline:    {}", doc["verdict"].as_str().unwrap_or_default());
+    let verdicts = verdicts(doc);
+    let said = |hop: &str| verdicts.iter().find(|(h, _)| *h == hop).map_or("", |(_, v)| v.as_str());
     let slot = &doc["slot"];
-    match slot.get("error") {
-        Some(e) => println!("slot:        error: {}", e.as_str().unwrap_or_default()),
-        None if slot["exists"] == false => {
-            println!("slot:        {} MISSING", slot["slot"].as_str().unwrap_or_default())
-        }
-        None => println!(
-            "slot:        {} active={} confirmed={} wal_status={} lag={} bytes",
+    println!("slot:        {}", said("slot"));
+    if slot.get("error").is_none() && slot["exists"] == true {
+        println!(
+            "             {} active={} confirmed={} wal_status={} unconfirmed={} retained={} bytes",
             slot["slot"].as_str().unwrap_or_default(),
             slot["active"],
             slot["confirmed_flush_lsn"].as_str().unwrap_or("-"),
             slot["wal_status"].as_str().unwrap_or("-"),
-            slot["lag_bytes"]
-        ),
+            slot["lag_bytes"],
+            slot["retained_bytes"]
+        );
     }
     let source = &doc["source"];
-    match (source.get("error"), source["halted"].as_str()) {
-        (Some(e), _) => println!("source:      error: {}", e.as_str().unwrap_or_default()),
-        (None, Some(why)) => println!("source:      HALTED: {why}"),
-        (None, None) if source["record"] == false => {
-            println!("source:      no pipeline record (run `scoresync setup`)")
-        }
-        (None, None) => println!(
-            "source:      recorded up to {}; snapshot {}",
+    println!("source:      {}", said("source"));
+    if source.get("error").is_none() && source["record"] == true {
+        println!(
+            "             recorded up to {}; snapshot {}",
             source["confirmed_lsn"].as_str().unwrap_or("-"),
             if source["snapshot_done"] == true { "done" } else { "pending" }
-        ),
+        );
     }
     let kafka = &doc["kafka"];
-    match kafka.get("error") {
-        Some(e) => println!("kafka:       error: {}", e.as_str().unwrap_or_default()),
-        None => {
+    println!("kafka:       {}", said("kafka"));
+    if kafka.get("error").is_none() {
+        println!(
+            "             group {} on {}: lag {} message(s); dead letters: {}",
+            kafka["group"].as_str().unwrap_or_default(),
+            kafka["topic"].as_str().unwrap_or_default(),
+            kafka["lag"],
+            kafka["dead_letters"]
+        );
+        for p in kafka["partitions"].as_array().into_iter().flatten() {
             println!(
-                "kafka:       group {} on {}: lag {} message(s); dead letters: {}",
-                kafka["group"].as_str().unwrap_or_default(),
-                kafka["topic"].as_str().unwrap_or_default(),
-                kafka["lag"],
-                kafka["dead_letters"]
+                "             partition {} committed {} of {} (lag {}, {:.0} s)",
+                p["partition"],
+                p["committed"],
+                p["high_watermark"],
+                p["lag"],
+                p["lag_seconds"].as_f64().unwrap_or(0.0)
             );
-            for p in kafka["partitions"].as_array().into_iter().flatten() {
-                println!(
-                    "             partition {} committed {} of {} (lag {})",
-                    p["partition"], p["committed"], p["high_watermark"], p["lag"]
-                );
-            }
         }
     }
     let sink = &doc["sink"];
-    match sink.get("error") {
-        Some(e) => println!("sink:        {}", e.as_str().unwrap_or_default()),
-        None => {
-            let parked = sink["parked"]["events"].as_array().cloned().unwrap_or_default();
-            println!(
-                "sink:        buffered {} row(s), paused={}, parked {} event(s), dead-lettered {}",
-                sink["buffered_rows"],
-                sink["paused"],
-                parked.len(),
-                sink["dead_lettered_total"]
-            );
-            for r in sink["rejected_inserts"].as_array().into_iter().flatten() {
-                println!(
-                    "  REFUSED    shard {} table {} for {}s ({} attempts): {}",
-                    r["shard"],
-                    r["table"].as_str().unwrap_or_default(),
-                    r["seconds"],
-                    r["attempts"],
-                    r["error"].as_str().unwrap_or_default()
-                );
-            }
-            for line in split_lines(&sink["conversations_on_several_shards"]) {
-                println!("{line}");
-            }
-            for p in parked {
-                println!(
-                    "  parked     {} {} ({}s, {} retries): {} [partition {} offset {}]",
-                    p["table"].as_str().unwrap_or_default(),
-                    p["key"],
-                    p["parked_seconds"],
-                    p["attempts"],
-                    p["reason"].as_str().unwrap_or_default(),
-                    p["partition"],
-                    p["offset"]
-                );
-            }
-        }
+    println!("sink:        {}", said("sink"));
+    if sink.get("error").is_some() {
+        return;
     }
+    let parked = sink["parked"]["events"].as_array().cloned().unwrap_or_default();
+    println!(
+        "             buffered {} row(s), paused={}, parked {} event(s), dead-lettered {}",
+        sink["buffered_rows"],
+        sink["paused"],
+        parked.len(),
+        sink["dead_lettered_total"]
+    );
+    for line in lag_lines(&sink["commit_to_ack_seconds"]) {
+        println!("{line}");
+    }
+    for r in sink["rejected_inserts"].as_array().into_iter().flatten() {
+        println!(
+            "  REFUSED    shard {} table {} for {}s ({} attempts): {}",
+            r["shard"],
+            r["table"].as_str().unwrap_or_default(),
+            r["seconds"],
+            r["attempts"],
+            r["error"].as_str().unwrap_or_default()
+        );
+    }
+    for line in split_lines(&sink["conversations_on_several_shards"]) {
+        println!("{line}");
+    }
+    for p in parked {
+        println!(
+            "  parked     {} {} ({}s, {} retries): {} [partition {} offset {}]",
+            p["table"].as_str().unwrap_or_default(),
+            p["key"],
+            p["parked_seconds"],
+            p["attempts"],
+            p["reason"].as_str().unwrap_or_default(),
+            p["partition"],
+            p["offset"]
+        );
+    }
+}
+
+/// End-to-end lag per table: PostgreSQL commit to ClickHouse acknowledgement.
+fn lag_lines(lag: &Value) -> Vec<String> {
+    let Some(tables) = lag.as_object() else { return Vec::new() };
+    let mut lines = vec!["  end to end (commit to ClickHouse, last 1-2 min):".to_owned()];
+    for (table, q) in tables {
+        lines.push(format!(
+            "             {table:<28} p50 {:>8.3} s   p99 {:>8.3} s   ({} rows)",
+            q["p50"].as_f64().unwrap_or(0.0),
+            q["p99"].as_f64().unwrap_or(0.0),
+            q["rows"]
+        ));
+    }
+    if lines.len() == 1 {
+        lines.push("             no rows written in the last minutes".into());
+    }
+    lines
 }
 
 /// The `SPLIT` lines: how many conversations the sink found on several shards, and the latest.

@@ -1,0 +1,134 @@
+//! Every source metric, recorded through the `metrics` facade under the names in [`METRICS`] (the
+//! binary installs the Prometheus exporter; METRICS.md says how to read each). Labels are bounded:
+//! `table` (the three source tables), `op` (an operation's label), `reason` (an error kind).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use metrics::{counter, gauge, histogram};
+
+use scoresync_event::ChangeEvent;
+
+/// `scoresync_source_commit_to_ack_seconds`.
+pub const COMMIT_TO_ACK: &str = "scoresync_source_commit_to_ack_seconds";
+
+/// Name, type and help of every source metric.
+pub const METRICS: &[(&str, &str, &str)] = &[
+    (
+        "scoresync_source_events_published_total",
+        "counter",
+        "Change events enqueued on the change topic, by table and op (snapshot and backfill copies are op=\"snapshot\").",
+    ),
+    (
+        "scoresync_source_bytes_published_total",
+        "counter",
+        "Encoded bytes of the change events enqueued, by table and op.",
+    ),
+    ("scoresync_source_transactions_total", "counter", "Committed transactions streamed."),
+    (
+        COMMIT_TO_ACK,
+        "histogram",
+        "Seconds from PostgreSQL commit to Kafka acknowledgement, per streamed event, by table.",
+    ),
+    ("scoresync_source_in_flight_events", "gauge", "Events awaiting Kafka acknowledgement."),
+    (
+        "scoresync_source_restarts_total",
+        "counter",
+        "Restarts of the source from its slot after a transient error, by reason.",
+    ),
+    ("scoresync_source_heartbeats_total", "counter", "Heartbeat messages written to the WAL."),
+    (
+        "scoresync_source_snapshot_done",
+        "gauge",
+        "1 once the initial snapshot is published (0 while it runs).",
+    ),
+    (
+        "scoresync_source_confirmed_lsn_bytes",
+        "gauge",
+        "The LSN the source last recorded and confirmed to PostgreSQL, as a byte position.",
+    ),
+    (
+        "scoresync_source_last_progress_timestamp_seconds",
+        "gauge",
+        "When the source last confirmed a position or had nothing awaiting acknowledgement (Unix seconds).",
+    ),
+];
+
+/// Registers the unlabelled counters at zero, so that rates and alerts have a series at once.
+pub fn register() {
+    for name in ["scoresync_source_transactions_total", "scoresync_source_heartbeats_total"] {
+        counter!(name).absolute(0);
+    }
+    for reason in crate::Error::RESTART_REASONS {
+        counter!("scoresync_source_restarts_total", "reason" => reason).absolute(0);
+    }
+}
+
+/// An event enqueued, `bytes` long.
+pub fn published(event: &ChangeEvent, bytes: usize) {
+    let labels = [("table", event.table.clone()), ("op", event.op().label().to_owned())];
+    counter!("scoresync_source_events_published_total", &labels).increment(1);
+    counter!("scoresync_source_bytes_published_total", &labels).increment(bytes as u64);
+}
+
+/// A streamed event of `table`, committed at `commit_time_us`, was acknowledged by Kafka.
+pub fn acknowledged(table: &str, commit_time_us: i64) {
+    if commit_time_us > 0 {
+        let seconds = (unix_micros() - commit_time_us).max(0) as f64 / 1e6;
+        histogram!(COMMIT_TO_ACK, "table" => table.to_owned()).record(seconds);
+    }
+}
+
+/// A transaction's commit streamed.
+pub fn transaction() {
+    counter!("scoresync_source_transactions_total").increment(1);
+}
+
+/// Events awaiting acknowledgement; none counts as progress.
+pub fn in_flight(events: usize) {
+    gauge!("scoresync_source_in_flight_events").set(events as f64);
+    if events == 0 {
+        progressed();
+    }
+}
+
+/// The position recorded and confirmed to PostgreSQL.
+pub fn confirmed(lsn: u64) {
+    gauge!("scoresync_source_confirmed_lsn_bytes").set(lsn as f64);
+    progressed();
+}
+
+/// The source restarts from its slot after an error of kind `reason`.
+pub fn restarted(reason: &'static str) {
+    counter!("scoresync_source_restarts_total", "reason" => reason).increment(1);
+}
+
+/// A heartbeat written.
+pub fn heartbeat() {
+    counter!("scoresync_source_heartbeats_total").increment(1);
+}
+
+/// Whether the initial snapshot is published.
+pub fn snapshot_done(done: bool) {
+    gauge!("scoresync_source_snapshot_done").set(f64::from(u8::from(done)));
+}
+
+/// Unix seconds of the source's last progress in this process (one source per process).
+static LAST_PROGRESS: AtomicU64 = AtomicU64::new(0);
+
+/// When the source last made progress (Unix seconds; 0: not yet).
+pub fn last_progress() -> u64 {
+    LAST_PROGRESS.load(Ordering::Relaxed)
+}
+
+/// The source made progress: a position confirmed, a snapshot chunk recorded, or nothing
+/// waiting for Kafka.
+pub fn progressed() {
+    let now = (unix_micros() / 1_000_000).max(0) as u64;
+    LAST_PROGRESS.store(now, Ordering::Relaxed);
+    gauge!("scoresync_source_last_progress_timestamp_seconds").set(now as f64);
+}
+
+fn unix_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
