@@ -49,10 +49,17 @@ impl Daemon {
         let log = env.dir().join(format!("{label}-{}.log", unique_suffix()));
         let file =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        // `env.metrics_listen` belongs to the sink (`status` reads its /status there): a source
+        // run on its own gets a port of its own, as each process of a deployment does.
+        let own_port = (args.first() == Some(&"source")
+            && !vars.iter().any(|(k, _)| *k == "SCORESYNC__METRICS__LISTEN"))
+        .then(|| crate::stack::free_port().map(|p| format!("127.0.0.1:{p}")))
+        .transpose()?;
         let child = Command::new(binary())
             .args(args)
             .env("SCORESYNC_CONFIG", env.config_path()?)
             .env("SCORESYNC_LOG", "info,scoresync=debug")
+            .envs(own_port.iter().map(|l| ("SCORESYNC__METRICS__LISTEN", l.as_str())))
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)

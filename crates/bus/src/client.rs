@@ -24,7 +24,7 @@
 use rdkafka::ClientConfig;
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, StreamConsumer};
 use rdkafka::producer::FutureProducer;
 
 use crate::config::KafkaConfig;
@@ -137,6 +137,16 @@ pub fn consumer<C: ConsumerContext + 'static>(
     consumer_config(cfg, group, reset)
         .create_with_context(context)
         .map_err(|source| Error::Client { role: "consumer", brokers: cfg.brokers.clone(), source })
+}
+
+/// Creates a consumer that reads by assignment: it never joins `group` (no subscription) and
+/// commits nothing on its own; `group` only names whose committed offsets it may read or write.
+/// `role` names it in errors.
+pub fn reader(cfg: &KafkaConfig, group: &str, role: &'static str) -> Result<BaseConsumer, Error> {
+    consumer_config(cfg, group, OffsetReset::Error)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|source| Error::Client { role, brokers: cfg.brokers.clone(), source })
 }
 
 /// Creates an admin client.

@@ -10,7 +10,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::client::{OffsetReset, consumer_config};
 use crate::config::KafkaConfig;
 use crate::error::Error;
 
@@ -44,14 +43,7 @@ pub struct OffsetReader {
 impl OffsetReader {
     /// A reader for `group` on `topic`, which must exist.
     pub fn open(kafka: &KafkaConfig, group: &str, topic: &str) -> Result<Self, Error> {
-        let consumer: BaseConsumer = consumer_config(kafka, group, OffsetReset::Error)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|source| Error::Client {
-                role: "offset reader",
-                brokers: kafka.brokers.clone(),
-                source,
-            })?;
+        let consumer = crate::client::reader(kafka, group, "offset reader")?;
         let partitions = crate::topics::partition_count(consumer.client(), topic)?
             .ok_or_else(|| Error::MissingTopic { topic: topic.into() })?;
         Ok(OffsetReader { consumer, topic: topic.into(), group: group.into(), partitions })
@@ -187,12 +179,15 @@ impl OffsetReader {
         }
         let list = self.list([(partition, Offset::Offset(offset))])?;
         self.consumer.assign(&list).map_err(self.fail("assign"))?;
-        let message = self
+        let read = self
             .consumer
             .poll(TIMEOUT)
             .ok_or(KafkaError::NoMessageReceived)
             .and_then(|m| m)
-            .map_err(self.fail("read a message's timestamp"))?;
-        Ok((message.offset() < before).then(|| message.timestamp().to_millis()).flatten())
+            .map(|m| (m.offset() < before).then(|| m.timestamp().to_millis()).flatten());
+        // Unassigned at once: librdkafka would otherwise keep prefetching the partition between
+        // two reads (a reader that samples lag runs for the life of the process).
+        let _ = self.consumer.unassign();
+        read.map_err(self.fail("read a message's timestamp"))
     }
 }

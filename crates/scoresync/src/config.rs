@@ -49,6 +49,11 @@ pub struct Config {
 /// Default address of the metrics and status endpoint.
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
+/// Default of `metrics.sample_interval_ms`.
+pub const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 10_000;
+/// Default of `metrics.stall_seconds`.
+pub const DEFAULT_STALL_SECONDS: u64 = 120;
+
 /// The `[metrics]` section.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -65,8 +70,8 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: DEFAULT_METRICS_LISTEN.into(),
-            sample_interval_ms: 10_000,
-            stall_seconds: 120,
+            sample_interval_ms: DEFAULT_SAMPLE_INTERVAL_MS,
+            stall_seconds: DEFAULT_STALL_SECONDS,
         }
     }
 }
@@ -79,10 +84,11 @@ impl MetricsConfig {
                 self.listen
             ));
         }
-        if self.sample_interval_ms == 0 || self.stall_seconds == 0 {
-            return Err(
-                "metrics.sample_interval_ms and metrics.stall_seconds must be above 0".into()
-            );
+        if self.sample_interval_ms == 0 {
+            return Err("metrics.sample_interval_ms must be above 0".into());
+        }
+        if self.stall_seconds == 0 {
+            return Err("metrics.stall_seconds must be above 0".into());
         }
         Ok(())
     }

@@ -2,8 +2,8 @@
 //! through Kafka. See the README for the crate map and `scoresync --help` for the commands.
 
 mod commands;
-mod lag;
 mod metrics;
+mod sampler;
 
 // The configuration is the package's library (see lib.rs); `crate::config` names it here.
 use scoresync::config;
@@ -160,7 +160,11 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Blocking work left behind (a metrics sample waiting on a broker that is down) must not
+    // hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("scoresync: error: {err:#}");

@@ -1,9 +1,12 @@
-//! Every metric scoresync exports, described in one place, and the HTTP endpoint serving them.
+//! The exporter behind every metric scoresync exports, and the HTTP endpoint serving them.
 //!
 //! The crates record through the `metrics` facade under the names their own lists declare
 //! ([`scoresync_sink::stats::METRICS`], [`scoresync_source::metrics::METRICS`],
-//! [`crate::lag::METRICS`]); [`install`] puts `metrics-exporter-prometheus` behind the facade
-//! and describes them all, and [`serve`] answers on `[metrics] listen` (axum):
+//! [`crate::sampler::METRICS`]; call sites use the same name constants); [`install`] puts
+//! `metrics-exporter-prometheus` behind the facade and describes them all, and [`serve`] answers
+//! on `[metrics] listen` (axum). To add a metric: a constant and a line in its crate's list, a
+//! row in METRICS.md (the unit test below holds the three equal), and, when it has no labels or
+//! a fixed set, a zero registration in its role's `register`.
 //!
 //! - `GET /metrics`: Prometheus text format. Histograms (`*_seconds`, `scoresync_sink_batch_rows`)
 //!   have fixed buckets, so PromQL's `histogram_quantile` works across processes.
@@ -24,6 +27,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKind;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_sink::SinkStats;
@@ -40,11 +44,11 @@ const ROWS_BUCKETS: &[f64] =
 /// How often histogram samples are folded into their buckets.
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// Name, type and help of every metric, in the order of METRICS.md.
-pub fn all() -> impl Iterator<Item = &'static (&'static str, &'static str, &'static str)> {
+/// Name, type and help of every metric.
+pub fn all() -> impl Iterator<Item = &'static (&'static str, MetricKind, &'static str)> {
     scoresync_source::metrics::METRICS
         .iter()
-        .chain(crate::lag::METRICS)
+        .chain(crate::sampler::METRICS)
         .chain(scoresync_sink::stats::METRICS)
 }
 
@@ -60,8 +64,9 @@ fn builder() -> PrometheusBuilder {
         .expect("bucket lists are not empty")
 }
 
-/// Installs the Prometheus recorder behind the `metrics` facade (once per process), describes
-/// every metric and registers the unlabelled ones at zero.
+/// Installs the Prometheus recorder behind the `metrics` facade (once per process) and describes
+/// every metric. Each role registers its own series at zero when it starts (so `scoresync
+/// monitor` exports only what it samples).
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = builder().install_recorder()?;
     describe();
@@ -70,14 +75,12 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 
 fn describe() {
     for (name, kind, help) in all() {
-        match *kind {
-            "counter" => metrics::describe_counter!(*name, *help),
-            "gauge" => metrics::describe_gauge!(*name, *help),
-            _ => metrics::describe_histogram!(*name, *help),
+        match kind {
+            MetricKind::Counter => metrics::describe_counter!(*name, *help),
+            MetricKind::Gauge => metrics::describe_gauge!(*name, *help),
+            MetricKind::Histogram => metrics::describe_histogram!(*name, *help),
         }
     }
-    SinkStats::register();
-    scoresync_source::metrics::register();
 }
 
 /// What one process runs, for `/status` and `/healthz`.
@@ -98,26 +101,34 @@ struct Endpoint {
     started: u64,
 }
 
-/// Serves `/metrics`, `/status` and `/healthz` on `listen` until `shutdown`, and folds histogram
-/// samples every few seconds whether or not anyone scrapes.
+/// Folds histogram samples into their buckets every few seconds until `shutdown`, whether or not
+/// anyone scrapes (the exporter keeps every sample until then: without this, memory grows).
+pub fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP);
+        while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
+            handle.run_upkeep();
+        }
+    });
+}
+
+/// Serves `/metrics`, `/status` and `/healthz` on `listen` until `shutdown`.
 pub async fn serve(
     listen: &str,
     handle: PrometheusHandle,
     roles: Roles,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("metrics.listen {listen}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another scoresync process on this host? give each process its own [metrics] \
+             listen, e.g. SCORESYNC__METRICS__LISTEN=127.0.0.1:9465)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("metrics.listen {listen}: {e}{hint}")
+    })?;
     tracing::info!(%listen, "serving /metrics, /status and /healthz");
-    let upkeep = handle.clone();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(UPKEEP);
-        while tokio::select! { _ = stop.cancelled() => false, _ = tick.tick() => true } {
-            upkeep.run_upkeep();
-        }
-    });
     let endpoint = Endpoint { handle, roles, started: unix_seconds() };
     let app = Router::new()
         .route("/metrics", get(metrics_text))
@@ -165,7 +176,7 @@ impl Endpoint {
             let last = scoresync_source::metrics::last_progress().max(self.started);
             let idle = unix_seconds().saturating_sub(last);
             if idle > limit.as_secs() {
-                stalled.push(format!("source: nothing confirmed for {idle} s while events wait"));
+                stalled.push(format!("source: no progress for {idle} s (nothing confirmed)"));
             }
         }
         if let Some(sink) = &self.roles.sink {
@@ -233,28 +244,53 @@ mod tests {
     fn every_exported_metric_is_declared_and_documented() {
         let stats = SinkStats::default();
         let text = rendered(|| {
+            SinkStats::register(2);
+            scoresync_source::metrics::register();
             stats.inserted(1, "scores", 0.5, [1_i64, 2].into_iter());
             stats.insert_failed(0, "scores", Some("refused"));
             stats.levels(3, 300, 0, false);
             scoresync_source::metrics::acknowledged("scores", 1);
-            crate::lag::record_slot("slot", None);
+            crate::sampler::record_slot("slot", None);
+            let recorded = crate::commands::verify::report::Recorded {
+                finished_unix: 1,
+                filter: String::new(),
+                exit: 1,
+                drift: vec![crate::commands::verify::report::DriftCount {
+                    table: "scores".into(),
+                    shard: 1,
+                    kind: "missing".into(),
+                    rows: 3,
+                }],
+            };
+            crate::sampler::record_verify(&recorded, 2);
         });
-        let documented = include_str!("../../../METRICS.md");
-        for (name, _, _) in all() {
-            assert!(documented.contains(&format!("`{name}`")), "{name} missing from METRICS.md");
+        // METRICS.md's tables: first column the name, second the type; the same set as declared.
+        let documented: std::collections::BTreeMap<&str, &str> =
+            include_str!("../../../METRICS.md")
+                .lines()
+                .filter(|l| l.starts_with("| `scoresync_"))
+                .map(|row| {
+                    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                    (cells[1].trim_matches('`'), cells[2])
+                })
+                .collect();
+        let kind_name = |kind: &MetricKind| match kind {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        };
+        for (name, kind, _) in all() {
+            assert_eq!(documented.get(name), Some(&kind_name(kind)), "{name} in METRICS.md");
         }
+        assert_eq!(documented.len(), all().count(), "METRICS.md documents undeclared metrics");
         for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
             let name = line.split(['{', ' ']).next().unwrap_or_default();
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
                 .find_map(|s| name.strip_suffix(s))
-                .filter(|b| all().any(|(n, k, _)| n == b && *k == "histogram"))
+                .filter(|b| all().any(|(n, k, _)| n == b && *k == MetricKind::Histogram))
                 .unwrap_or(name);
             assert!(all().any(|(n, _, _)| *n == base), "{name} exported but not declared");
-        }
-        for row in documented.lines().filter(|l| l.starts_with("| `scoresync_")) {
-            let name = row.trim_start_matches("| `").split('`').next().unwrap_or_default();
-            assert!(all().any(|(n, _, _)| *n == name), "METRICS.md documents {name}, not declared");
         }
         assert!(
             text.contains("scoresync_sink_rows_written_total{shard=\"1\",table=\"scores\"} 2"),
@@ -267,6 +303,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("scoresync_sink_insert_rejected{shard=\"0\",table=\"scores\"} 1"));
+        assert!(
+            text.contains(
+                "scoresync_verify_drift_rows{table=\"scores\",shard=\"1\",kind=\"missing\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "scoresync_verify_drift_rows{table=\"scores\",shard=\"0\",kind=\"missing\"} 0"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -9,81 +9,111 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics::{counter, gauge, histogram};
+use metrics_util::MetricKind;
 
 use crate::park::ParkedSummary;
 
 /// Every reason label of `scoresync_sink_parked_events`.
 pub const PARK_REASONS: [&str; 7] = crate::park::ParkReason::LABELS;
 
-/// `scoresync_sink_commit_to_ack_seconds`: the end-to-end lag histogram.
-pub const COMMIT_TO_ACK: &str = "scoresync_sink_commit_to_ack_seconds";
+// Every metric name, used at the call sites and in [`METRICS`].
+/// `scoresync_sink_messages_consumed_total`.
+pub const MESSAGES_CONSUMED_TOTAL: &str = "scoresync_sink_messages_consumed_total";
+/// `scoresync_sink_events_applied_total`.
+pub const EVENTS_APPLIED_TOTAL: &str = "scoresync_sink_events_applied_total";
+/// `scoresync_sink_dead_lettered_total`.
+pub const DEAD_LETTERED_TOTAL: &str = "scoresync_sink_dead_lettered_total";
+/// `scoresync_sink_parked_events`.
+pub const PARKED_EVENTS: &str = "scoresync_sink_parked_events";
+/// `scoresync_sink_buffered_rows`.
+pub const BUFFERED_ROWS: &str = "scoresync_sink_buffered_rows";
+/// `scoresync_sink_buffered_bytes`.
+pub const BUFFERED_BYTES: &str = "scoresync_sink_buffered_bytes";
+/// `scoresync_sink_parked_bytes`.
+pub const PARKED_BYTES: &str = "scoresync_sink_parked_bytes";
+/// `scoresync_sink_paused`.
+pub const PAUSED: &str = "scoresync_sink_paused";
+/// `scoresync_sink_rows_written_total`.
+pub const ROWS_WRITTEN_TOTAL: &str = "scoresync_sink_rows_written_total";
+/// `scoresync_sink_inserts_total`.
+pub const INSERTS_TOTAL: &str = "scoresync_sink_inserts_total";
+/// `scoresync_sink_insert_failures_total`.
+pub const INSERT_FAILURES_TOTAL: &str = "scoresync_sink_insert_failures_total";
 /// `scoresync_sink_insert_duration_seconds`.
 pub const INSERT_DURATION: &str = "scoresync_sink_insert_duration_seconds";
 /// `scoresync_sink_batch_rows`.
 pub const BATCH_ROWS: &str = "scoresync_sink_batch_rows";
+/// `scoresync_sink_insert_rejected`.
+pub const INSERT_REJECTED: &str = "scoresync_sink_insert_rejected";
+/// `scoresync_sink_conversations_on_several_shards_total`.
+pub const CONVERSATIONS_ON_SEVERAL_SHARDS_TOTAL: &str =
+    "scoresync_sink_conversations_on_several_shards_total";
+/// `scoresync_sink_commit_to_ack_seconds`.
+pub const COMMIT_TO_ACK: &str = "scoresync_sink_commit_to_ack_seconds";
+/// `scoresync_sink_applied_commit_timestamp_seconds`.
+pub const APPLIED_COMMIT_TIMESTAMP_SECONDS: &str =
+    "scoresync_sink_applied_commit_timestamp_seconds";
+/// `scoresync_sink_last_progress_timestamp_seconds`.
+pub const LAST_PROGRESS_TIMESTAMP_SECONDS: &str = "scoresync_sink_last_progress_timestamp_seconds";
 
 /// Name, type and help of every sink metric (METRICS.md says how to read each).
-pub const METRICS: &[(&str, &str, &str)] = &[
-    ("scoresync_sink_messages_consumed_total", "counter", "Kafka messages the sink consumed."),
+pub const METRICS: &[(&str, MetricKind, &str)] = &[
+    (MESSAGES_CONSUMED_TOTAL, MetricKind::Counter, "Kafka messages the sink consumed."),
     (
-        "scoresync_sink_events_applied_total",
-        "counter",
+        EVENTS_APPLIED_TOTAL,
+        MetricKind::Counter,
         "Change events applied (rows batched, or superseded).",
     ),
+    (DEAD_LETTERED_TOTAL, MetricKind::Counter, "Poison events written to the dead-letter topic."),
+    (PARKED_EVENTS, MetricKind::Gauge, "Events waiting to be applied, by reason."),
     (
-        "scoresync_sink_dead_lettered_total",
-        "counter",
-        "Poison events written to the dead-letter topic.",
-    ),
-    ("scoresync_sink_parked_events", "gauge", "Events waiting to be applied, by reason."),
-    (
-        "scoresync_sink_buffered_rows",
-        "gauge",
+        BUFFERED_ROWS,
+        MetricKind::Gauge,
         "Rows not yet in ClickHouse: buffered, with the writers, move markers waiting, dead letters unacknowledged.",
     ),
     (
-        "scoresync_sink_buffered_bytes",
-        "gauge",
+        BUFFERED_BYTES,
+        MetricKind::Gauge,
         "Estimated bytes of the rows buffered or with the writers, not yet in ClickHouse.",
     ),
-    ("scoresync_sink_parked_bytes", "gauge", "Encoded bytes of the parked events."),
+    (PARKED_BYTES, MetricKind::Gauge, "Encoded bytes of the parked events."),
     (
-        "scoresync_sink_paused",
-        "gauge",
+        PAUSED,
+        MetricKind::Gauge,
         "1 while consumption is paused because buffers or the park are full.",
     ),
-    ("scoresync_sink_rows_written_total", "counter", "Rows inserted, by shard and table."),
-    ("scoresync_sink_inserts_total", "counter", "Successful inserts, by shard and table."),
+    (ROWS_WRITTEN_TOTAL, MetricKind::Counter, "Rows inserted, by shard and table."),
+    (INSERTS_TOTAL, MetricKind::Counter, "Successful inserts, by shard and table."),
     (
-        "scoresync_sink_insert_failures_total",
-        "counter",
+        INSERT_FAILURES_TOTAL,
+        MetricKind::Counter,
         "Failed insert attempts (retried), by shard and table.",
     ),
-    (INSERT_DURATION, "histogram", "Seconds per successful insert, by shard and table."),
-    (BATCH_ROWS, "histogram", "Rows per successful insert, by table."),
+    (INSERT_DURATION, MetricKind::Histogram, "Seconds per successful insert, by shard and table."),
+    (BATCH_ROWS, MetricKind::Histogram, "Rows per successful insert, by table."),
     (
-        "scoresync_sink_insert_rejected",
-        "gauge",
+        INSERT_REJECTED,
+        MetricKind::Gauge,
         "1 while the shard refuses inserts into the table (the server answers with an error), by shard and table.",
     ),
     (
-        "scoresync_sink_conversations_on_several_shards_total",
-        "counter",
+        CONVERSATIONS_ON_SEVERAL_SHARDS_TOTAL,
+        MetricKind::Counter,
         "Distinct conversations found in more than one shard's conversations table (their scorecards route to the lowest shard).",
     ),
     (
         COMMIT_TO_ACK,
-        "histogram",
+        MetricKind::Histogram,
         "Seconds from PostgreSQL commit to ClickHouse acknowledgement, per row written, by table.",
     ),
     (
-        "scoresync_sink_applied_commit_timestamp_seconds",
-        "gauge",
+        APPLIED_COMMIT_TIMESTAMP_SECONDS,
+        MetricKind::Gauge,
         "PostgreSQL commit time (Unix seconds) of the newest change a shard acknowledged, by shard.",
     ),
     (
-        "scoresync_sink_last_progress_timestamp_seconds",
-        "gauge",
+        LAST_PROGRESS_TIMESTAMP_SECONDS,
+        MetricKind::Gauge,
         "When the sink last wrote a row or found nothing left to write (Unix seconds).",
     ),
 ];
@@ -224,54 +254,46 @@ pub struct ParkedSnapshot {
 }
 
 impl SinkStats {
-    /// Registers every unlabelled sink metric at zero, so that rates and alerts have a series
-    /// before the first event.
-    pub fn register() {
+    /// Registers the sink's series at zero for `shards` shards (unlabelled ones, each park
+    /// reason, each shard and table), so that rates, failure panels and alerts have a series
+    /// before the first event. Called by the process that runs the sink.
+    pub fn register(shards: usize) {
         for name in [
-            "scoresync_sink_messages_consumed_total",
-            "scoresync_sink_events_applied_total",
-            "scoresync_sink_dead_lettered_total",
-            "scoresync_sink_conversations_on_several_shards_total",
+            MESSAGES_CONSUMED_TOTAL,
+            EVENTS_APPLIED_TOTAL,
+            DEAD_LETTERED_TOTAL,
+            CONVERSATIONS_ON_SEVERAL_SHARDS_TOTAL,
         ] {
             counter!(name).absolute(0);
         }
         for reason in PARK_REASONS {
-            gauge!("scoresync_sink_parked_events", "reason" => reason).set(0.0);
+            gauge!(PARKED_EVENTS, "reason" => reason).set(0.0);
         }
-    }
-
-    /// Registers the per-shard, per-table series at zero for `shards` shards, so that failure
-    /// rates have a series before the first failure.
-    pub fn register_shards(shards: usize) {
         for shard in 0..shards {
             for table in scoresync_event::SourceTable::ALL {
                 let labels = [("shard", shard.to_string()), ("table", table.name().to_owned())];
-                for name in [
-                    "scoresync_sink_rows_written_total",
-                    "scoresync_sink_inserts_total",
-                    "scoresync_sink_insert_failures_total",
-                ] {
+                for name in [ROWS_WRITTEN_TOTAL, INSERTS_TOTAL, INSERT_FAILURES_TOTAL] {
                     counter!(name, &labels).absolute(0);
                 }
-                gauge!("scoresync_sink_insert_rejected", &labels).set(0.0);
+                gauge!(INSERT_REJECTED, &labels).set(0.0);
             }
         }
     }
 
     /// `n` Kafka messages consumed.
     pub fn consumed(&self, n: usize) {
-        counter!("scoresync_sink_messages_consumed_total").increment(n as u64);
+        counter!(MESSAGES_CONSUMED_TOTAL).increment(n as u64);
     }
 
     /// One change event applied.
     pub fn applied(&self) {
-        counter!("scoresync_sink_events_applied_total").increment(1);
+        counter!(EVENTS_APPLIED_TOTAL).increment(1);
     }
 
     /// One event dead-lettered.
     pub fn dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        counter!("scoresync_sink_dead_lettered_total").increment(1);
+        counter!(DEAD_LETTERED_TOTAL).increment(1);
     }
 
     /// The sink loop's levels: rows and bytes not yet in ClickHouse, parked bytes, paused, and
@@ -281,10 +303,10 @@ impl SinkStats {
         self.buffered_bytes.store(bytes as u64, Ordering::Relaxed);
         self.parked_bytes.store(parked_bytes as u64, Ordering::Relaxed);
         self.paused.store(u64::from(paused), Ordering::Relaxed);
-        gauge!("scoresync_sink_buffered_rows").set(rows as f64);
-        gauge!("scoresync_sink_buffered_bytes").set(bytes as f64);
-        gauge!("scoresync_sink_parked_bytes").set(parked_bytes as f64);
-        gauge!("scoresync_sink_paused").set(f64::from(u8::from(paused)));
+        gauge!(BUFFERED_ROWS).set(rows as f64);
+        gauge!(BUFFERED_BYTES).set(bytes as f64);
+        gauge!(PARKED_BYTES).set(parked_bytes as f64);
+        gauge!(PAUSED).set(f64::from(u8::from(paused)));
         if rows == 0 {
             self.progressed();
         }
@@ -294,7 +316,7 @@ impl SinkStats {
     pub fn parked(&self, snapshot: ParkedSnapshot) {
         for reason in PARK_REASONS {
             let n = snapshot.by_reason.get(reason).copied().unwrap_or(0);
-            gauge!("scoresync_sink_parked_events", "reason" => reason).set(n as f64);
+            gauge!(PARKED_EVENTS, "reason" => reason).set(n as f64);
         }
         if let Ok(mut parked) = self.parked.lock() {
             *parked = snapshot;
@@ -331,13 +353,13 @@ impl SinkStats {
             }
         }
         drop(windows);
-        counter!("scoresync_sink_rows_written_total", &labels).increment(rows);
-        counter!("scoresync_sink_inserts_total", &labels).increment(1);
+        counter!(ROWS_WRITTEN_TOTAL, &labels).increment(rows);
+        counter!(INSERTS_TOTAL, &labels).increment(1);
         histogram!(INSERT_DURATION, &labels).record(seconds);
         histogram!(BATCH_ROWS, "table" => table).record(rows as f64);
-        gauge!("scoresync_sink_insert_rejected", &labels).set(0.0);
+        gauge!(INSERT_REJECTED, &labels).set(0.0);
         if newest > 0 {
-            let applied = gauge!("scoresync_sink_applied_commit_timestamp_seconds", "shard" => shard.to_string());
+            let applied = gauge!(APPLIED_COMMIT_TIMESTAMP_SECONDS, "shard" => shard.to_string());
             applied.set(newest as f64 / 1e6);
         }
         if let Ok(mut map) = self.rejected.lock() {
@@ -353,12 +375,12 @@ impl SinkStats {
     /// answered with one (as opposed to not answering).
     pub fn insert_failed(&self, shard: usize, table: &str, refused: Option<&str>) {
         let labels = [("shard", shard.to_string()), ("table", table.to_owned())];
-        counter!("scoresync_sink_insert_failures_total", &labels).increment(1);
+        counter!(INSERT_FAILURES_TOTAL, &labels).increment(1);
         if let Ok(mut failing) = self.failing_since.lock() {
             failing.entry(shard).or_insert_with(std::time::Instant::now);
         }
         let Some(error) = refused else { return };
-        gauge!("scoresync_sink_insert_rejected", &labels).set(1.0);
+        gauge!(INSERT_REJECTED, &labels).set(1.0);
         if let Ok(mut map) = self.rejected.lock() {
             let entry = map.entry((shard, table.to_owned())).or_insert_with(|| Rejected {
                 error: String::new(),
@@ -372,7 +394,7 @@ impl SinkStats {
 
     /// A conversation not met before was found on `split.shards`.
     pub fn conversation_split(&self, split: SplitConversation) {
-        counter!("scoresync_sink_conversations_on_several_shards_total").increment(1);
+        counter!(CONVERSATIONS_ON_SEVERAL_SHARDS_TOTAL).increment(1);
         if let Ok(mut seen) = self.split_conversations.lock() {
             seen.total += 1;
             if seen.latest.len() == SPLIT_EXAMPLES {
@@ -410,7 +432,7 @@ impl SinkStats {
     fn progressed(&self) {
         let now = unix_micros() / 1_000_000;
         self.last_progress.store(now.max(0) as u64, Ordering::Relaxed);
-        gauge!("scoresync_sink_last_progress_timestamp_seconds").set(now as f64);
+        gauge!(LAST_PROGRESS_TIMESTAMP_SECONDS).set(now as f64);
     }
 }
 

@@ -117,6 +117,7 @@ impl Source {
 
     /// Runs until `shutdown` (returns `Ok`) or a permanent error.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        metrics::register();
         let params = ConnectParams::parse(self.postgres.url.expose_secret())
             .map_err(Error::sql("parsing postgres.url"))?;
         let heartbeat = (self.postgres.heartbeat_interval_ms > 0).then(|| {

@@ -6,69 +6,91 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics::{counter, gauge, histogram};
+use metrics_util::MetricKind;
 
 use scoresync_event::ChangeEvent;
 
+// Every metric name, used at the call sites and in [`METRICS`].
+/// `scoresync_source_events_published_total`.
+pub const EVENTS_PUBLISHED_TOTAL: &str = "scoresync_source_events_published_total";
+/// `scoresync_source_bytes_published_total`.
+pub const BYTES_PUBLISHED_TOTAL: &str = "scoresync_source_bytes_published_total";
+/// `scoresync_source_transactions_total`.
+pub const TRANSACTIONS_TOTAL: &str = "scoresync_source_transactions_total";
 /// `scoresync_source_commit_to_ack_seconds`.
 pub const COMMIT_TO_ACK: &str = "scoresync_source_commit_to_ack_seconds";
+/// `scoresync_source_in_flight_events`.
+pub const IN_FLIGHT_EVENTS: &str = "scoresync_source_in_flight_events";
+/// `scoresync_source_restarts_total`.
+pub const RESTARTS_TOTAL: &str = "scoresync_source_restarts_total";
+/// `scoresync_source_heartbeats_total`.
+pub const HEARTBEATS_TOTAL: &str = "scoresync_source_heartbeats_total";
+/// `scoresync_source_snapshot_done`.
+pub const SNAPSHOT_DONE: &str = "scoresync_source_snapshot_done";
+/// `scoresync_source_confirmed_lsn_bytes`.
+pub const CONFIRMED_LSN_BYTES: &str = "scoresync_source_confirmed_lsn_bytes";
+/// `scoresync_source_last_progress_timestamp_seconds`.
+pub const LAST_PROGRESS_TIMESTAMP_SECONDS: &str =
+    "scoresync_source_last_progress_timestamp_seconds";
 
 /// Name, type and help of every source metric.
-pub const METRICS: &[(&str, &str, &str)] = &[
+pub const METRICS: &[(&str, MetricKind, &str)] = &[
     (
-        "scoresync_source_events_published_total",
-        "counter",
+        EVENTS_PUBLISHED_TOTAL,
+        MetricKind::Counter,
         "Change events enqueued on the change topic, by table and op (snapshot and backfill copies are op=\"snapshot\").",
     ),
     (
-        "scoresync_source_bytes_published_total",
-        "counter",
+        BYTES_PUBLISHED_TOTAL,
+        MetricKind::Counter,
         "Encoded bytes of the change events enqueued, by table and op.",
     ),
-    ("scoresync_source_transactions_total", "counter", "Committed transactions streamed."),
+    (TRANSACTIONS_TOTAL, MetricKind::Counter, "Committed transactions streamed."),
     (
         COMMIT_TO_ACK,
-        "histogram",
+        MetricKind::Histogram,
         "Seconds from PostgreSQL commit to Kafka acknowledgement, per streamed event, by table.",
     ),
-    ("scoresync_source_in_flight_events", "gauge", "Events awaiting Kafka acknowledgement."),
+    (IN_FLIGHT_EVENTS, MetricKind::Gauge, "Events awaiting Kafka acknowledgement."),
     (
-        "scoresync_source_restarts_total",
-        "counter",
+        RESTARTS_TOTAL,
+        MetricKind::Counter,
         "Restarts of the source from its slot after a transient error, by reason.",
     ),
-    ("scoresync_source_heartbeats_total", "counter", "Heartbeat messages written to the WAL."),
+    (HEARTBEATS_TOTAL, MetricKind::Counter, "Heartbeat messages written to the WAL."),
     (
-        "scoresync_source_snapshot_done",
-        "gauge",
+        SNAPSHOT_DONE,
+        MetricKind::Gauge,
         "1 once the initial snapshot is published (0 while it runs).",
     ),
     (
-        "scoresync_source_confirmed_lsn_bytes",
-        "gauge",
+        CONFIRMED_LSN_BYTES,
+        MetricKind::Gauge,
         "The LSN the source last recorded and confirmed to PostgreSQL, as a byte position.",
     ),
     (
-        "scoresync_source_last_progress_timestamp_seconds",
-        "gauge",
+        LAST_PROGRESS_TIMESTAMP_SECONDS,
+        MetricKind::Gauge,
         "When the source last confirmed a position or had nothing awaiting acknowledgement (Unix seconds).",
     ),
 ];
 
-/// Registers the unlabelled counters at zero, so that rates and alerts have a series at once.
+/// Registers the source's counters at zero, so that rates and alerts have a series at once.
+/// Called by [`crate::Source::run`].
 pub fn register() {
-    for name in ["scoresync_source_transactions_total", "scoresync_source_heartbeats_total"] {
+    for name in [TRANSACTIONS_TOTAL, HEARTBEATS_TOTAL] {
         counter!(name).absolute(0);
     }
     for reason in crate::Error::RESTART_REASONS {
-        counter!("scoresync_source_restarts_total", "reason" => reason).absolute(0);
+        counter!(RESTARTS_TOTAL, "reason" => reason).absolute(0);
     }
 }
 
 /// An event enqueued, `bytes` long.
 pub fn published(event: &ChangeEvent, bytes: usize) {
     let labels = [("table", event.table.clone()), ("op", event.op().label().to_owned())];
-    counter!("scoresync_source_events_published_total", &labels).increment(1);
-    counter!("scoresync_source_bytes_published_total", &labels).increment(bytes as u64);
+    counter!(EVENTS_PUBLISHED_TOTAL, &labels).increment(1);
+    counter!(BYTES_PUBLISHED_TOTAL, &labels).increment(bytes as u64);
 }
 
 /// A streamed event of `table`, committed at `commit_time_us`, was acknowledged by Kafka.
@@ -81,36 +103,38 @@ pub fn acknowledged(table: &str, commit_time_us: i64) {
 
 /// A transaction's commit streamed.
 pub fn transaction() {
-    counter!("scoresync_source_transactions_total").increment(1);
+    counter!(TRANSACTIONS_TOTAL).increment(1);
 }
 
-/// Events awaiting acknowledgement; none counts as progress.
-pub fn in_flight(events: usize) {
-    gauge!("scoresync_source_in_flight_events").set(events as f64);
-    if events == 0 {
+/// Events awaiting acknowledgement, and whether Kafka acknowledged any since the last call:
+/// either, or none waiting, counts as progress (a long transaction is acknowledged event by
+/// event before its commit can be confirmed).
+pub fn in_flight(events: usize, acknowledged: bool) {
+    gauge!(IN_FLIGHT_EVENTS).set(events as f64);
+    if events == 0 || acknowledged {
         progressed();
     }
 }
 
 /// The position recorded and confirmed to PostgreSQL.
 pub fn confirmed(lsn: u64) {
-    gauge!("scoresync_source_confirmed_lsn_bytes").set(lsn as f64);
+    gauge!(CONFIRMED_LSN_BYTES).set(lsn as f64);
     progressed();
 }
 
 /// The source restarts from its slot after an error of kind `reason`.
 pub fn restarted(reason: &'static str) {
-    counter!("scoresync_source_restarts_total", "reason" => reason).increment(1);
+    counter!(RESTARTS_TOTAL, "reason" => reason).increment(1);
 }
 
 /// A heartbeat written.
 pub fn heartbeat() {
-    counter!("scoresync_source_heartbeats_total").increment(1);
+    counter!(HEARTBEATS_TOTAL).increment(1);
 }
 
 /// Whether the initial snapshot is published.
 pub fn snapshot_done(done: bool) {
-    gauge!("scoresync_source_snapshot_done").set(f64::from(u8::from(done)));
+    gauge!(SNAPSHOT_DONE).set(f64::from(u8::from(done)));
 }
 
 /// Unix seconds of the source's last progress in this process (one source per process).
@@ -126,7 +150,7 @@ pub fn last_progress() -> u64 {
 pub fn progressed() {
     let now = (unix_micros() / 1_000_000).max(0) as u64;
     LAST_PROGRESS.store(now, Ordering::Relaxed);
-    gauge!("scoresync_source_last_progress_timestamp_seconds").set(now as f64);
+    gauge!(LAST_PROGRESS_TIMESTAMP_SECONDS).set(now as f64);
 }
 
 fn unix_micros() -> i64 {

@@ -120,7 +120,6 @@ impl Publisher {
     /// after it the tombstone it asks for, if any ([`Outgoing::tombstone`]).
     pub fn send(&self, out: &Outgoing) -> Result<Vec<Delivery>, Error> {
         let payload = encode(&out.event);
-        crate::metrics::published(&out.event, payload.len());
         let timestamp_ms = out.event.commit_time_us.div_euclid(1_000);
         let enqueue = |record: FutureRecord<'_, [u8], Vec<u8>>| {
             self.producer
@@ -154,6 +153,7 @@ impl Publisher {
                 FutureRecord::to(&self.topic).partition(partition).key(key).headers(headers),
             )?);
         }
+        crate::metrics::published(&out.event, payload.len());
         Ok(deliveries)
     }
 

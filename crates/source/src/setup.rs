@@ -158,23 +158,14 @@ pub async fn max_published_version(kafka: &KafkaConfig) -> Result<u64, Error> {
 }
 
 fn last_versions(kafka: &KafkaConfig) -> Result<u64, Error> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-    use scoresync_bus::client::{OffsetReset, consumer_config};
 
     let topic = kafka.change_topic.as_str();
     let fail = |action: &'static str| {
         move |source| scoresync_bus::Error::Topic { topic: topic.into(), action, source }
     };
-    let consumer: BaseConsumer =
-        consumer_config(kafka, "scoresync-setup-reader", OffsetReset::Error)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|source| scoresync_bus::Error::Client {
-                role: "consumer",
-                brokers: kafka.brokers.clone(),
-                source,
-            })?;
+    let consumer = scoresync_bus::client::reader(kafka, "scoresync-setup-reader", "setup reader")?;
     let partitions = scoresync_bus::topics::partition_count(consumer.client(), topic)?.unwrap_or(0);
     let mut assignment = TopicPartitionList::new();
     for partition in 0..partitions {

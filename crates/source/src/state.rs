@@ -21,7 +21,6 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use scoresync_bus::KafkaConfig;
-use scoresync_bus::client::{OffsetReset, consumer_config};
 use scoresync_event::{Lsn, SourceTable, VersionScheme};
 
 use crate::error::Error;
@@ -178,18 +177,60 @@ impl StateStore {
     }
 }
 
+/// A consumer of the state topic that joins no group and commits nothing.
+fn reader(kafka: &KafkaConfig) -> Result<BaseConsumer, Error> {
+    Ok(scoresync_bus::client::reader(kafka, "scoresync-state-reader", "state reader")?)
+}
+
+/// Reads the state topic forward, once from its start and then only what arrives, keeping the
+/// newest value under one key: for a long-lived reader (the daemon's verify metrics) that must not
+/// scan the topic again at every look. Blocking: call it off the async workers.
+pub struct Follower {
+    consumer: BaseConsumer,
+    topic: String,
+    key: Vec<u8>,
+    latest: Option<Vec<u8>>,
+}
+
+impl Follower {
+    /// A follower of `key` on the configured state topic, from its first message.
+    pub fn new(kafka: &KafkaConfig, key: &str) -> Result<Self, Error> {
+        let consumer = reader(kafka)?;
+        let topic = kafka.state_topic.clone();
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(&topic, 0, Offset::Beginning)
+            .and_then(|()| consumer.assign(&assignment))
+            .map_err(|source| scoresync_bus::Error::Topic {
+                topic: topic.clone(),
+                action: "assign",
+                source,
+            })?;
+        Ok(Follower { consumer, topic, key: key.as_bytes().to_vec(), latest: None })
+    }
+
+    /// Reads what arrived since the last call (at most `max` messages, each poll waiting at most
+    /// `wait`) and returns the newest value under the key so far.
+    pub fn poll(&mut self, max: usize, wait: Duration) -> Result<Option<&[u8]>, Error> {
+        for _ in 0..max {
+            let Some(message) = self.consumer.poll(wait) else { break };
+            let message = message.map_err(|source| scoresync_bus::Error::Topic {
+                topic: self.topic.clone(),
+                action: "read",
+                source,
+            })?;
+            if message.key() == Some(self.key.as_slice()) {
+                self.latest = message.payload().map(<[u8]>::to_vec);
+            }
+        }
+        Ok(self.latest.as_deref())
+    }
+}
+
 /// Scans the state topic backwards from its end for the newest message keyed `key`.
 fn latest_payload(kafka: &KafkaConfig, key: &str) -> Result<Option<Vec<u8>>, Error> {
     let topic = kafka.state_topic.as_str();
-    let consumer: BaseConsumer =
-        consumer_config(kafka, "scoresync-state-reader", OffsetReset::Error)
-            .set("enable.auto.commit", "false")
-            .create()
-            .map_err(|source| scoresync_bus::Error::Client {
-                role: "consumer",
-                brokers: kafka.brokers.clone(),
-                source,
-            })?;
+    let consumer = reader(kafka)?;
     let kafka_err = |action: &'static str| {
         move |source| scoresync_bus::Error::Topic { topic: topic.into(), action, source }
     };

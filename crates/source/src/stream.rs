@@ -69,6 +69,7 @@ impl Stream<'_> {
         let mut progress = Progress::new(record.confirmed_lsn);
         let mut acks: Acks = FuturesUnordered::new();
         let mut tx: Option<TxId> = None;
+        let mut acked_since_tick = false;
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.status_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -81,10 +82,11 @@ impl Stream<'_> {
                 Some((id, result)) = acks.next(), if !acks.is_empty() => {
                     result?;
                     progress.acked(id);
+                    acked_since_tick = true;
                 }
                 // 3. Status timer: record, then confirm, what Kafka has.
                 _ = tick.tick() => {
-                    metrics::in_flight(acks.len());
+                    metrics::in_flight(acks.len(), std::mem::take(&mut acked_since_tick));
                     self.confirm(&client, &progress, record).await?;
                 }
                 // 4. New input, while the in-flight window has room.
@@ -136,12 +138,14 @@ impl Stream<'_> {
                         });
                     };
                     let (table, commit_us) = (out.event.table.clone(), out.event.commit_time_us);
-                    for delivery in self.publisher.send(out)? {
+                    for (i, delivery) in self.publisher.send(out)?.into_iter().enumerate() {
                         progress.sent(id);
-                        let table = table.clone();
+                        // The event's lag, once: not again for its tombstone or its copies on
+                        // other partitions.
+                        let table = (i == 0).then(|| table.clone());
                         acks.push(Box::pin(async move {
                             let result = delivery.await;
-                            if result.is_ok() {
+                            if let (Ok(()), Some(table)) = (&result, table) {
                                 metrics::acknowledged(&table, commit_us);
                             }
                             (id, result)

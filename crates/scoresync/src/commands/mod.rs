@@ -25,7 +25,7 @@ use scoresync_sink::SinkStats;
 use crate::config::Config;
 
 /// For a long-running role: installs the metrics recorder, starts the out-of-band lag samplers
-/// ([`crate::lag`]) and, when `[metrics] listen` is set, the `/metrics`, `/status` and
+/// ([`crate::sampler`]) and, when `[metrics] listen` is set, the `/metrics`, `/status` and
 /// `/healthz` endpoint. `sink` is the sink's state when this process runs the sink.
 pub async fn serve_metrics(
     config: &Config,
@@ -34,7 +34,8 @@ pub async fn serve_metrics(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let handle = crate::metrics::install()?;
-    crate::lag::spawn(config, shutdown.child_token());
+    crate::metrics::upkeep(handle.clone(), shutdown.child_token());
+    crate::sampler::spawn(config, shutdown.child_token());
     if config.metrics.listen.is_empty() {
         return Ok(());
     }

@@ -13,7 +13,7 @@ use crate::config::Config;
 
 /// The sink of this configuration, counting into `stats`.
 pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
-    SinkStats::register_shards(config.clickhouse.shards.len());
+    SinkStats::register(config.clickhouse.shards.len());
     Sink {
         kafka: config.kafka.clone(),
         clickhouse: config.clickhouse.clone(),

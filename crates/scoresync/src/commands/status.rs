@@ -22,6 +22,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// Unconfirmed WAL below this is "in sync" (a busy primary writes this much between two
 /// confirmations).
 const IN_SYNC_BYTES: i64 = 16 << 20;
+/// The oldest change the sink group has not committed is "in sync" up to this age.
+const IN_SYNC_SECONDS: f64 = 10.0;
 
 /// Prints the status once, or every `watch` until interrupted; exits 0 when every part could be
 /// read.
@@ -32,7 +34,9 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     let Some(every) = watch else { return once(config, as_json).await };
     loop {
-        print!("\x1b[2J\x1b[H");
+        if !as_json {
+            print!("\x1b[2J\x1b[H");
+        }
         once(config, as_json).await?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
@@ -80,7 +84,7 @@ async fn slot_status(config: &Config) -> anyhow::Result<Value> {
             "confirmed_flush_lsn": lsn(l.confirmed_flush_lsn),
             "restart_lsn": lsn(l.restart_lsn),
             "wal_status": l.wal_status,
-            "lag_bytes": l.unconfirmed_bytes,
+            "unconfirmed_bytes": l.unconfirmed_bytes,
             "retained_bytes": l.retained_bytes,
             "safe_wal_size": l.safe_wal_size,
         }),
@@ -148,10 +152,18 @@ fn verdicts(doc: &Value) -> Vec<(&'static str, String)> {
         "HALTED: the slot is missing (`scoresync setup --recreate-slot`, then backfill)".into()
     } else if slot["wal_status"] == "lost" {
         "HALTED: the slot lost WAL it needed (`scoresync setup --recreate-slot`)".into()
+    } else if slot["wal_status"] != "reserved" {
+        format!(
+            "AT RISK: wal_status {} (the slot holds more WAL than the server keeps; it may be lost)",
+            slot["wal_status"]
+        )
     } else if slot["active"] == false {
-        format!("STALLED: no source streams from it; {} bytes unconfirmed", slot["lag_bytes"])
-    } else if slot["lag_bytes"].as_i64().unwrap_or(0) > IN_SYNC_BYTES {
-        format!("behind by {} bytes of WAL", slot["lag_bytes"])
+        format!(
+            "STALLED: no source streams from it; {} bytes unconfirmed",
+            slot["unconfirmed_bytes"]
+        )
+    } else if slot["unconfirmed_bytes"].as_i64().unwrap_or(0) > IN_SYNC_BYTES {
+        format!("behind by {} bytes of WAL", slot["unconfirmed_bytes"])
     } else {
         "in sync".into()
     };
@@ -168,7 +180,8 @@ fn verdicts(doc: &Value) -> Vec<(&'static str, String)> {
     let kafka = &doc["kafka"];
     let kafka_verdict = match kafka.get("error") {
         Some(e) => unknown(e),
-        None if kafka["lag"].as_i64().unwrap_or(0) == 0 => "in sync".into(),
+        // Offsets are committed every second or so: a few seconds behind is in step.
+        None if kafka["lag_seconds"].as_f64().unwrap_or(0.0) <= IN_SYNC_SECONDS => "in sync".into(),
         None => format!(
             "behind by {} message(s), the oldest {:.0} s old",
             kafka["lag"],
@@ -182,6 +195,8 @@ fn verdicts(doc: &Value) -> Vec<(&'static str, String)> {
     let refused = sink["rejected_inserts"].as_array().map_or(0, Vec::len);
     let sink_verdict = if let Some(e) = sink.get("error") {
         unknown(e)
+    } else if sink.get("buffered_rows").is_none() {
+        "unknown: the process answering at [metrics] listen runs no sink".into()
     } else if !stalled.is_empty() {
         format!("STALLED: {}", stalled.join("; "))
     } else if refused > 0 {
@@ -222,7 +237,7 @@ fn print_human(doc: &Value) {
             slot["active"],
             slot["confirmed_flush_lsn"].as_str().unwrap_or("-"),
             slot["wal_status"].as_str().unwrap_or("-"),
-            slot["lag_bytes"],
+            slot["unconfirmed_bytes"],
             slot["retained_bytes"]
         );
     }
@@ -344,6 +359,94 @@ fn split_lines(split: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A status document where every hop is in sync; `change` spoils one part.
+    fn doc(change: fn(&mut Value)) -> Value {
+        let mut doc = json!({
+            "slot": { "exists": true, "active": true, "wal_status": "reserved", "unconfirmed_bytes": 0 },
+            "source": { "record": true, "snapshot_done": true },
+            "kafka": { "lag": 0, "lag_seconds": 0.0 },
+            "sink": { "health": [], "parked": { "events": [] }, "rejected_inserts": [], "buffered_rows": 0 },
+        });
+        change(&mut doc);
+        doc
+    }
+
+    #[test]
+    fn the_verdict_names_the_first_hop_that_is_not_in_sync() {
+        type Case = (&'static str, fn(&mut Value), &'static str);
+        let cases: [Case; 14] = [
+            ("all in sync", |_| {}, "in sync"),
+            (
+                "slot missing",
+                |d| d["slot"] = json!({ "exists": false }),
+                "slot: HALTED: the slot is missing",
+            ),
+            (
+                "slot lost",
+                |d| d["slot"]["wal_status"] = json!("lost"),
+                "slot: HALTED: the slot lost WAL",
+            ),
+            (
+                "slot inactive",
+                |d| d["slot"]["active"] = json!(false),
+                "slot: STALLED: no source streams",
+            ),
+            (
+                "slot behind",
+                |d| d["slot"]["unconfirmed_bytes"] = json!(1_i64 << 30),
+                "slot: behind by 1073741824 bytes",
+            ),
+            (
+                "source halted",
+                |d| d["source"]["halted"] = json!("event too large"),
+                "source: HALTED: event too large",
+            ),
+            (
+                "snapshot",
+                |d| d["source"]["snapshot_done"] = json!(false),
+                "source: snapshot running",
+            ),
+            (
+                "kafka behind",
+                |d| d["kafka"] = json!({ "lag": 7, "lag_seconds": 42.0 }),
+                "kafka: behind by 7 message(s), the oldest 42 s old",
+            ),
+            (
+                "sink stalled",
+                |d| {
+                    d["sink"]["health"] =
+                        json!(["sink: every insert into shard 1 failed for 200 s"])
+                },
+                "sink: STALLED: sink: every insert into shard 1",
+            ),
+            (
+                "sink parked",
+                |d| d["sink"]["parked"]["events"] = json!([{}, {}]),
+                "sink: 2 event(s) parked",
+            ),
+            (
+                "no daemon",
+                |d| d["sink"] = json!({ "error": "no sink answering" }),
+                "sink: unknown: no sink answering",
+            ),
+            (
+                "slot at risk",
+                |d| d["slot"]["wal_status"] = json!("unreserved"),
+                "slot: AT RISK: wal_status \"unreserved\"",
+            ),
+            ("kafka in step", |d| d["kafka"] = json!({ "lag": 40, "lag_seconds": 1.5 }), "in sync"),
+            (
+                "no sink there",
+                |d| d["sink"] = json!({ "health": [] }),
+                "sink: unknown: the process answering",
+            ),
+        ];
+        for (case, change, expected) in cases {
+            let said = verdict(&doc(change));
+            assert!(said.starts_with(expected), "{case}: {said}");
+        }
+    }
 
     #[test]
     fn split_conversations_are_listed_only_when_there_are_some() {

@@ -27,14 +27,17 @@
 //! ([`Checker::retire`], only over the copy judged); then the same re-check. Nothing is
 //! repaired unless the first check was confirmed.
 //!
+//! Each run leaves its counts on the state topic ([`report::Recorded`]), where the daemon reads
+//! them for `scoresync_verify_drift_rows` (`crate::sampler`).
+//!
 //! Exit status: 0 no drift, 1 drift, 2 could not verify (the pipeline did not catch up, or a
 //! server failed: `main` maps every error of verify to 2).
 
-mod report;
+pub mod report;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
@@ -45,6 +48,7 @@ use scoresync_event::{ScorecardKey, SourceTable};
 use scoresync_sink::verify::{Checker, DriftKind, Expected, Finding, LiveScope};
 use scoresync_source::backfill::Filter;
 use scoresync_source::connect::ConnectParams;
+use scoresync_source::state::StateStore;
 use scoresync_source::verify::{PgRow, TableReader};
 
 use crate::commands::filter::FilterArgs;
@@ -130,7 +134,27 @@ pub async fn run(
     } else {
         print!("{}", report.text(args.samples, repaired, started.elapsed()));
     }
+    record(config, &report, filter.describe()).await;
     Ok(ExitCode::from(report.exit_status()))
+}
+
+/// Leaves the result on the state topic for the daemon's drift metrics; a failure is a warning
+/// (the report above is the result).
+async fn record(config: &Config, report: &Report, filter: String) {
+    let slot = &config.postgres.slot;
+    let finished = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let saved = async {
+        let state = StateStore::new(&config.kafka)?;
+        let recorded = report.recorded(filter, finished);
+        state.save_keyed(slot, &report::record_key(slot), &recorded).await
+    };
+    if let Err(error) = saved.await {
+        eprintln!(
+            "verify: could not record the result on {} for the drift metrics: {}",
+            config.kafka.state_topic,
+            error_reporter::Report::new(error)
+        );
+    }
 }
 
 /// What the re-checks left.

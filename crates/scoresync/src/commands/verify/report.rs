@@ -8,6 +8,39 @@ use std::time::Duration;
 use scoresync_event::SourceTable;
 use scoresync_sink::verify::{DriftKind, Finding};
 
+/// The state-topic key of the latest verify result of the pipeline on `slot`.
+pub fn record_key(slot: &str) -> String {
+    format!("verify\0{slot}")
+}
+
+/// What a verify run leaves on the state topic (under [`record_key`]), so that the daemon can
+/// export it as metrics (`crate::sampler`) long after the run: the latest run wins, whatever its
+/// filter.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Recorded {
+    /// When the run ended (Unix seconds).
+    pub finished_unix: u64,
+    /// The filter it ran with (`Filter::describe`).
+    pub filter: String,
+    /// Its exit status: 0 in sync, 1 drift, 2 could not verify.
+    pub exit: u8,
+    /// Confirmed drift left after the run (and its repair), per table, shard and kind.
+    pub drift: Vec<DriftCount>,
+}
+
+/// Rows of one kind of drift in one table on one shard.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DriftCount {
+    /// The table's name.
+    pub table: String,
+    /// The shard.
+    pub shard: usize,
+    /// `missing`, `extra`, `stale` or `misplaced`.
+    pub kind: String,
+    /// How many rows.
+    pub rows: u64,
+}
+
 /// What `--repair` did.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct Repaired {
@@ -63,6 +96,22 @@ impl Report {
             groups.entry((f.table, f.shard, f.kind)).or_default().push(f);
         }
         groups
+    }
+
+    /// The run as the state topic keeps it.
+    pub fn recorded(&self, filter: String, finished_unix: u64) -> Recorded {
+        let drift = Self::groups(&self.drift)
+            .into_iter()
+            .filter_map(|((table, shard, kind), found)| {
+                Some(DriftCount {
+                    table: table.name().to_owned(),
+                    shard: shard?,
+                    kind: kind.name().to_owned(),
+                    rows: found.len() as u64,
+                })
+            })
+            .collect();
+        Recorded { finished_unix, filter, exit: self.exit_status(), drift }
     }
 
     /// The human report.

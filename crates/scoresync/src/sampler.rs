@@ -1,0 +1,298 @@
+//! What is sampled out of band: the replication slot's lag (from `pg_replication_slots`, on an
+//! ordinary SQL connection), the sink group's lag per partition (committed offsets against the
+//! end, and the age of the oldest message not committed), and the latest `scoresync verify`
+//! result (from the state topic, where verify leaves it). None of them goes through the source's
+//! stream or the sink's consumer, so a stuck stream or a stopped sink still shows its lag;
+//! `scoresync monitor` runs only this, beside the daemon, so the lag alerts fire while the daemon
+//! is down.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use metrics::{counter, gauge};
+use metrics_util::MetricKind;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use scoresync_bus::offsets::{OffsetReader, PartitionLag};
+use scoresync_source::connect::ConnectParams;
+use scoresync_source::slot::{self, SlotLag};
+use scoresync_source::state::Follower;
+
+use crate::commands::verify::report::Recorded;
+
+use crate::config::Config;
+
+/// Every `wal_status` PostgreSQL reports; `scoresync_slot_wal_status` has one series each.
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
+
+// Every metric name, used at the call sites and in [`METRICS`].
+/// `scoresync_slot_exists`.
+pub const SLOT_EXISTS: &str = "scoresync_slot_exists";
+/// `scoresync_slot_active`.
+pub const SLOT_ACTIVE: &str = "scoresync_slot_active";
+/// `scoresync_slot_wal_retained_bytes`.
+pub const SLOT_WAL_RETAINED_BYTES: &str = "scoresync_slot_wal_retained_bytes";
+/// `scoresync_slot_unconfirmed_bytes`.
+pub const SLOT_UNCONFIRMED_BYTES: &str = "scoresync_slot_unconfirmed_bytes";
+/// `scoresync_slot_safe_wal_size_bytes`.
+pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "scoresync_slot_safe_wal_size_bytes";
+/// `scoresync_slot_wal_status`.
+pub const SLOT_WAL_STATUS: &str = "scoresync_slot_wal_status";
+/// `scoresync_slot_confirmed_lsn_bytes`.
+pub const SLOT_CONFIRMED_LSN_BYTES: &str = "scoresync_slot_confirmed_lsn_bytes";
+/// `scoresync_postgres_wal_lsn_bytes`.
+pub const POSTGRES_WAL_LSN_BYTES: &str = "scoresync_postgres_wal_lsn_bytes";
+/// `scoresync_kafka_consumer_lag_messages`.
+pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "scoresync_kafka_consumer_lag_messages";
+/// `scoresync_kafka_consumer_lag_seconds`.
+pub const KAFKA_CONSUMER_LAG_SECONDS: &str = "scoresync_kafka_consumer_lag_seconds";
+/// `scoresync_verify_drift_rows`.
+pub const VERIFY_DRIFT_ROWS: &str = "scoresync_verify_drift_rows";
+/// `scoresync_verify_last_run_timestamp_seconds`.
+pub const VERIFY_LAST_RUN_TIMESTAMP_SECONDS: &str = "scoresync_verify_last_run_timestamp_seconds";
+/// `scoresync_verify_unverified`.
+pub const VERIFY_UNVERIFIED: &str = "scoresync_verify_unverified";
+/// `scoresync_lag_sample_failures_total`.
+pub const LAG_SAMPLE_FAILURES_TOTAL: &str = "scoresync_lag_sample_failures_total";
+
+/// Name, type and help of every lag metric.
+pub const METRICS: &[(&str, MetricKind, &str)] = &[
+    (SLOT_EXISTS, MetricKind::Gauge, "1 while the replication slot exists, by slot."),
+    (SLOT_ACTIVE, MetricKind::Gauge, "1 while a walsender streams from the slot, by slot."),
+    (
+        SLOT_WAL_RETAINED_BYTES,
+        MetricKind::Gauge,
+        "WAL the slot holds back on the server (current position minus restart_lsn), by slot.",
+    ),
+    (
+        SLOT_UNCONFIRMED_BYTES,
+        MetricKind::Gauge,
+        "WAL written since the position the source last confirmed, by slot.",
+    ),
+    (
+        SLOT_SAFE_WAL_SIZE_BYTES,
+        MetricKind::Gauge,
+        "WAL that can still be written before the slot risks being lost (only with max_slot_wal_keep_size set), by slot.",
+    ),
+    (SLOT_WAL_STATUS, MetricKind::Gauge, "1 on the slot's current wal_status, by slot and status."),
+    (
+        SLOT_CONFIRMED_LSN_BYTES,
+        MetricKind::Gauge,
+        "The slot's confirmed_flush_lsn as a byte position, by slot.",
+    ),
+    (POSTGRES_WAL_LSN_BYTES, MetricKind::Gauge, "The server's current WAL position in bytes."),
+    (
+        KAFKA_CONSUMER_LAG_MESSAGES,
+        MetricKind::Gauge,
+        "Messages of the change topic the sink group has not committed, by partition.",
+    ),
+    (
+        KAFKA_CONSUMER_LAG_SECONDS,
+        MetricKind::Gauge,
+        "Age of the oldest change the sink group has not committed (0 when caught up), by partition.",
+    ),
+    (
+        VERIFY_DRIFT_ROWS,
+        MetricKind::Gauge,
+        "Rows the latest scoresync verify found drifted (after its repair), by table, shard and kind.",
+    ),
+    (
+        VERIFY_LAST_RUN_TIMESTAMP_SECONDS,
+        MetricKind::Gauge,
+        "When the latest scoresync verify ended (Unix seconds).",
+    ),
+    (
+        VERIFY_UNVERIFIED,
+        MetricKind::Gauge,
+        "1 when the latest scoresync verify could not judge every row (it exited 2).",
+    ),
+    (
+        LAG_SAMPLE_FAILURES_TOTAL,
+        MetricKind::Counter,
+        "Samples that failed, by what was sampled (slot, kafka, verify).",
+    ),
+];
+
+/// What is sampled: the `what` label of `scoresync_lag_sample_failures_total`.
+const SLOT: &str = "slot";
+const KAFKA: &str = "kafka";
+const VERIFY: &str = "verify";
+const SAMPLED: [&str; 3] = [SLOT, KAFKA, VERIFY];
+
+/// The drift kinds `scoresync_verify_drift_rows` has a series for.
+const DRIFT_KINDS: [&str; 4] = ["missing", "extra", "stale", "misplaced"];
+
+/// Samples both lags every `[metrics] sample_interval_ms` until `shutdown`.
+pub fn spawn(config: &Config, shutdown: CancellationToken) {
+    for what in SAMPLED {
+        counter!(LAG_SAMPLE_FAILURES_TOTAL, "what" => what).absolute(0);
+    }
+    let every = Duration::from_millis(config.metrics.sample_interval_ms);
+    tokio::spawn(sample_slot(config.clone(), every, shutdown.clone()));
+    tokio::spawn(sample_group(config.clone(), every, shutdown.clone()));
+    tokio::spawn(sample_verify(config.clone(), every, shutdown));
+}
+
+async fn sample_slot(config: Config, every: Duration, shutdown: CancellationToken) {
+    let name = config.postgres.slot.clone();
+    let mut sql = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
+        let sampled = async {
+            if sql.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
+                let params = ConnectParams::parse(config.postgres.url.expose_secret())?;
+                sql = Some(params.connect_sql().await?);
+            }
+            let client = sql.as_ref().ok_or_else(|| anyhow::anyhow!("no connection"))?;
+            anyhow::Ok(slot::lag(client, &name).await?)
+        };
+        match tokio::time::timeout(every.max(Duration::from_secs(5)), sampled).await {
+            Ok(Ok(lag)) => record_slot(&name, lag.as_ref()),
+            Ok(Err(error)) => {
+                sql = None;
+                failed(SLOT, &format!("slot {name}: {error:#}"));
+            }
+            Err(_) => {
+                sql = None;
+                failed(SLOT, &format!("slot {name}: PostgreSQL did not answer"));
+            }
+        }
+    }
+}
+
+/// Sets the slot gauges from one sample (`None`: the slot does not exist). A slot that is gone
+/// or lost holds no WAL: its sizes go to 0 rather than keep their last values.
+pub fn record_slot(name: &str, lag: Option<&SlotLag>) {
+    let slot = || [("slot", name.to_owned())];
+    let flag = |on: bool| f64::from(u8::from(on));
+    gauge!(SLOT_EXISTS, &slot()).set(flag(lag.is_some()));
+    gauge!(SLOT_ACTIVE, &slot()).set(flag(lag.is_some_and(|l| l.active)));
+    let bytes = |value: Option<i64>| value.unwrap_or(0) as f64;
+    gauge!(SLOT_WAL_RETAINED_BYTES, &slot()).set(bytes(lag.and_then(|l| l.retained_bytes)));
+    gauge!(SLOT_UNCONFIRMED_BYTES, &slot()).set(bytes(lag.and_then(|l| l.unconfirmed_bytes)));
+    for status in WAL_STATUSES {
+        let on = lag.and_then(|l| l.wal_status.as_deref()) == Some(status);
+        let labels = [("slot", name.to_owned()), ("status", status.to_owned())];
+        gauge!(SLOT_WAL_STATUS, &labels).set(flag(on));
+    }
+    let Some(lag) = lag else { return };
+    gauge!(POSTGRES_WAL_LSN_BYTES).set(lag.current_lsn as f64);
+    if let Some(lsn) = lag.confirmed_flush_lsn {
+        gauge!(SLOT_CONFIRMED_LSN_BYTES, &slot()).set(lsn as f64);
+    }
+    // NULL while max_slot_wal_keep_size is unlimited (no series then), and for a lost slot.
+    let lost = lag.wal_status.as_deref() == Some("lost");
+    if let Some(safe) = lag.safe_wal_size.or(lost.then_some(0)) {
+        gauge!(SLOT_SAFE_WAL_SIZE_BYTES, &slot()).set(safe as f64);
+    }
+}
+
+async fn sample_group(config: Config, every: Duration, shutdown: CancellationToken) {
+    let (kafka, topic) = (config.kafka.clone(), config.kafka.change_topic.clone());
+    let mut reader: Option<Arc<OffsetReader>> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
+        let (kafka, topic, open) = (kafka.clone(), topic.clone(), reader.clone());
+        let sampled = tokio::task::spawn_blocking(move || {
+            let reader = match open {
+                Some(reader) => reader,
+                None => Arc::new(OffsetReader::open(&kafka, &kafka.consumer_group, &topic)?),
+            };
+            let lag = reader.lag(unix_ms())?;
+            anyhow::Ok((reader, lag))
+        })
+        .await;
+        match sampled {
+            Ok(Ok((open, lag))) => {
+                reader = Some(open);
+                record_group(&lag);
+            }
+            Ok(Err(error)) => {
+                reader = None;
+                let group = &config.kafka.consumer_group;
+                failed(KAFKA, &format!("group {group}: {error:#}"));
+            }
+            Err(join) => failed(KAFKA, &join.to_string()),
+        }
+    }
+}
+
+/// Sets the consumer-lag gauges from one sample.
+pub fn record_group(lag: &[PartitionLag]) {
+    for p in lag {
+        let partition = [("partition", p.partition.to_string())];
+        gauge!(KAFKA_CONSUMER_LAG_MESSAGES, &partition).set(p.lag as f64);
+        gauge!(KAFKA_CONSUMER_LAG_SECONDS, &partition).set(p.lag_seconds);
+    }
+}
+
+async fn sample_verify(config: Config, every: Duration, shutdown: CancellationToken) {
+    let key = crate::commands::verify::report::record_key(&config.postgres.slot);
+    let shards = config.clickhouse.shards.len();
+    let mut follower: Option<Follower> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
+        let (kafka, key) = (config.kafka.clone(), key.clone());
+        let open = follower.take();
+        let sampled = tokio::task::spawn_blocking(move || {
+            let mut follower = match open {
+                Some(follower) => follower,
+                None => Follower::new(&kafka, &key)?,
+            };
+            let latest = follower.poll(100_000, Duration::from_millis(200))?.map(<[u8]>::to_vec);
+            anyhow::Ok((follower, latest))
+        })
+        .await;
+        match sampled {
+            Ok(Ok((open, latest))) => {
+                follower = Some(open);
+                let recorded = latest.map(|bytes| serde_json::from_slice::<Recorded>(&bytes));
+                match recorded {
+                    Some(Ok(recorded)) => record_verify(&recorded, shards),
+                    Some(Err(error)) => failed(VERIFY, &format!("verify result: {error}")),
+                    None => {}
+                }
+            }
+            Ok(Err(error)) => failed(VERIFY, &format!("state topic: {error:#}")),
+            Err(join) => failed(VERIFY, &join.to_string()),
+        }
+    }
+}
+
+/// Sets the verify gauges from the latest result: every (table, shard, kind) gets a series, 0
+/// where the run found nothing.
+pub fn record_verify(recorded: &Recorded, shards: usize) {
+    for table in scoresync_event::SourceTable::ALL {
+        for shard in 0..shards {
+            for kind in DRIFT_KINDS {
+                let rows = recorded
+                    .drift
+                    .iter()
+                    .filter(|d| d.table == table.name() && d.shard == shard && d.kind == kind)
+                    .map(|d| d.rows)
+                    .sum::<u64>();
+                let labels = [
+                    ("table", table.name().to_owned()),
+                    ("shard", shard.to_string()),
+                    ("kind", kind.to_owned()),
+                ];
+                gauge!(VERIFY_DRIFT_ROWS, &labels).set(rows as f64);
+            }
+        }
+    }
+    gauge!(VERIFY_LAST_RUN_TIMESTAMP_SECONDS).set(recorded.finished_unix as f64);
+    gauge!(VERIFY_UNVERIFIED).set(f64::from(u8::from(recorded.exit == 2)));
+}
+
+fn failed(what: &'static str, error: &str) {
+    counter!(LAG_SAMPLE_FAILURES_TOTAL, "what" => what).increment(1);
+    tracing::warn!(what, %error, "lag sample failed");
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
