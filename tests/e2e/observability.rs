@@ -56,9 +56,16 @@ async fn dashboards_and_alerts_hold_on_a_real_prometheus() -> anyhow::Result<()>
 
     loadgen(&env, &["--scorecards", "150", "--prefix", "observe"]).await?;
     oracle::wait_until_consistent(&env, &pg, DEADLINE).await?;
-    // A verify run leaves its counts for the drift panel and alert.
-    let verified = Daemon::run_to_end(&env, &["verify"], DEADLINE).await?;
-    ensure!(verified.status.success(), "verify: {}", String::from_utf8_lossy(&verified.stdout));
+    // A verify run leaves its counts for the drift panel and alert, a replay its progress.
+    for command in [&["verify"][..], &["replay", "--from", "earliest"]] {
+        let run = Daemon::run_to_end(&env, command, DEADLINE).await?;
+        ensure!(run.status.success(), "{command:?}: {}", String::from_utf8_lossy(&run.stderr));
+    }
+    wait::until("the replay's progress to show", DEADLINE, || async {
+        let done = prometheus.query("scoresync_replay_messages_done > 0").await?;
+        Ok((!done.is_empty()).then_some(()))
+    })
+    .await?;
 
     // Every dashboard panel's expression returns a series.
     for (dashboard, expr) in dashboard_exprs()? {

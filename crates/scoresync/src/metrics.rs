@@ -263,6 +263,14 @@ mod tests {
                 }],
             };
             crate::sampler::record_verify(&recorded, 2);
+            crate::sampler::record_replay(&crate::commands::replay::record::Recorded {
+                group: "g".into(),
+                started_unix: 1,
+                updated_unix: 2,
+                messages_total: 10,
+                messages_done: 4,
+                phase: crate::commands::replay::record::Phase::Stopped,
+            });
         });
         // METRICS.md's tables: first column the name, second the type; the same set as declared.
         let documented: std::collections::BTreeMap<&str, &str> =
@@ -303,6 +311,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("scoresync_sink_insert_rejected{shard=\"0\",table=\"scores\"} 1"));
+        assert!(text.contains("\nscoresync_replay_messages_done 4\n"), "{text}");
+        assert!(text.contains("\nscoresync_replay_running 0\n"), "{text}");
         assert!(
             text.contains(
                 "scoresync_verify_drift_rows{table=\"scores\",shard=\"1\",kind=\"missing\"} 3"

@@ -1,7 +1,8 @@
 //! What is sampled out of band: the replication slot's lag (from `pg_replication_slots`, on an
 //! ordinary SQL connection), the sink group's lag per partition (committed offsets against the
 //! end, and the age of the oldest message not committed), and the latest `scoresync verify`
-//! result (from the state topic, where verify leaves it). None of them goes through the source's
+//! result and `scoresync replay` progress (from the state topic, where those commands leave
+//! them). None of them goes through the source's
 //! stream or the sink's consumer, so a stuck stream or a stopped sink still shows its lag;
 //! `scoresync monitor` runs only this, beside the daemon, so the lag alerts fire while the daemon
 //! is down.
@@ -19,7 +20,7 @@ use scoresync_source::connect::ConnectParams;
 use scoresync_source::slot::{self, SlotLag};
 use scoresync_source::state::Follower;
 
-use crate::commands::verify::report::Recorded;
+use crate::commands::{replay, verify};
 
 use crate::config::Config;
 
@@ -53,6 +54,12 @@ pub const VERIFY_DRIFT_ROWS: &str = "scoresync_verify_drift_rows";
 pub const VERIFY_LAST_RUN_TIMESTAMP_SECONDS: &str = "scoresync_verify_last_run_timestamp_seconds";
 /// `scoresync_verify_unverified`.
 pub const VERIFY_UNVERIFIED: &str = "scoresync_verify_unverified";
+/// `scoresync_replay_messages_total`.
+pub const REPLAY_MESSAGES_TOTAL: &str = "scoresync_replay_messages_total";
+/// `scoresync_replay_messages_done`.
+pub const REPLAY_MESSAGES_DONE: &str = "scoresync_replay_messages_done";
+/// `scoresync_replay_running`.
+pub const REPLAY_RUNNING: &str = "scoresync_replay_running";
 /// `scoresync_lag_sample_failures_total`.
 pub const LAG_SAMPLE_FAILURES_TOTAL: &str = "scoresync_lag_sample_failures_total";
 
@@ -107,18 +114,25 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
         MetricKind::Gauge,
         "1 when the latest scoresync verify could not judge every row (it exited 2).",
     ),
+    (REPLAY_MESSAGES_TOTAL, MetricKind::Gauge, "Messages the latest scoresync replay reads."),
+    (REPLAY_MESSAGES_DONE, MetricKind::Gauge, "Messages the latest scoresync replay has applied."),
+    (
+        REPLAY_RUNNING,
+        MetricKind::Gauge,
+        "1 while a scoresync replay runs (it reported within the last minute and has not ended).",
+    ),
     (
         LAG_SAMPLE_FAILURES_TOTAL,
         MetricKind::Counter,
-        "Samples that failed, by what was sampled (slot, kafka, verify).",
+        "Samples that failed, by what was sampled (slot, kafka, state).",
     ),
 ];
 
 /// What is sampled: the `what` label of `scoresync_lag_sample_failures_total`.
 const SLOT: &str = "slot";
 const KAFKA: &str = "kafka";
-const VERIFY: &str = "verify";
-const SAMPLED: [&str; 3] = [SLOT, KAFKA, VERIFY];
+const STATE: &str = "state";
+const SAMPLED: [&str; 3] = [SLOT, KAFKA, STATE];
 
 /// The drift kinds `scoresync_verify_drift_rows` has a series for.
 const DRIFT_KINDS: [&str; 4] = ["missing", "extra", "stale", "misplaced"];
@@ -131,7 +145,7 @@ pub fn spawn(config: &Config, shutdown: CancellationToken) {
     let every = Duration::from_millis(config.metrics.sample_interval_ms);
     tokio::spawn(sample_slot(config.clone(), every, shutdown.clone()));
     tokio::spawn(sample_group(config.clone(), every, shutdown.clone()));
-    tokio::spawn(sample_verify(config.clone(), every, shutdown));
+    tokio::spawn(sample_state(config.clone(), every, shutdown));
 }
 
 async fn sample_slot(config: Config, every: Duration, shutdown: CancellationToken) {
@@ -229,43 +243,65 @@ pub fn record_group(lag: &[PartitionLag]) {
     }
 }
 
-async fn sample_verify(config: Config, every: Duration, shutdown: CancellationToken) {
-    let key = crate::commands::verify::report::record_key(&config.postgres.slot);
+/// Follows the state topic for the latest verify result and replay progress.
+async fn sample_state(config: Config, every: Duration, shutdown: CancellationToken) {
+    let slot = &config.postgres.slot;
+    let keys = [verify::report::record_key(slot), replay::record::record_key(slot)];
     let shards = config.clickhouse.shards.len();
     let mut follower: Option<Follower> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
-        let (kafka, key) = (config.kafka.clone(), key.clone());
-        let open = follower.take();
+        let (kafka, keys_now, open) = (config.kafka.clone(), keys.clone(), follower.take());
         let sampled = tokio::task::spawn_blocking(move || {
             let mut follower = match open {
                 Some(follower) => follower,
-                None => Follower::new(&kafka, &key)?,
+                None => Follower::new(&kafka, &[&keys_now[0], &keys_now[1]])?,
             };
-            let latest = follower.poll(100_000, Duration::from_millis(200))?.map(<[u8]>::to_vec);
-            anyhow::Ok((follower, latest))
+            follower.poll(100_000, Duration::from_millis(200))?;
+            anyhow::Ok(follower)
         })
         .await;
-        match sampled {
-            Ok(Ok((open, latest))) => {
-                follower = Some(open);
-                let recorded = latest.map(|bytes| serde_json::from_slice::<Recorded>(&bytes));
-                match recorded {
-                    Some(Ok(recorded)) => record_verify(&recorded, shards),
-                    Some(Err(error)) => failed(VERIFY, &format!("verify result: {error}")),
-                    None => {}
-                }
+        let open = match sampled {
+            Ok(Ok(open)) => open,
+            Ok(Err(error)) => {
+                failed(STATE, &format!("state topic: {error:#}"));
+                continue;
             }
-            Ok(Err(error)) => failed(VERIFY, &format!("state topic: {error:#}")),
-            Err(join) => failed(VERIFY, &join.to_string()),
+            Err(join) => {
+                failed(STATE, &join.to_string());
+                continue;
+            }
+        };
+        if let Some(bytes) = open.latest(&keys[0]) {
+            match serde_json::from_slice(bytes) {
+                Ok(recorded) => record_verify(&recorded, shards),
+                Err(error) => failed(STATE, &format!("verify result: {error}")),
+            }
         }
+        if let Some(bytes) = open.latest(&keys[1]) {
+            match serde_json::from_slice(bytes) {
+                Ok(recorded) => record_replay(&recorded),
+                Err(error) => failed(STATE, &format!("replay progress: {error}")),
+            }
+        }
+        follower = Some(open);
     }
+}
+
+/// Sets the replay gauges from its latest progress record.
+pub fn record_replay(recorded: &replay::record::Recorded) {
+    gauge!(REPLAY_MESSAGES_TOTAL).set(recorded.messages_total as f64);
+    gauge!(REPLAY_MESSAGES_DONE).set(recorded.messages_done as f64);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let fresh = now.saturating_sub(recorded.updated_unix) <= 60;
+    let running = recorded.phase == replay::record::Phase::Running && fresh;
+    gauge!(REPLAY_RUNNING).set(f64::from(u8::from(running)));
 }
 
 /// Sets the verify gauges from the latest result: every (table, shard, kind) gets a series, 0
 /// where the run found nothing.
-pub fn record_verify(recorded: &Recorded, shards: usize) {
+pub fn record_verify(recorded: &verify::report::Recorded, shards: usize) {
     for table in scoresync_event::SourceTable::ALL {
         for shard in 0..shards {
             for kind in DRIFT_KINDS {

@@ -12,6 +12,7 @@
 //! Kafka's acknowledgement *before* it confirms that LSN to PostgreSQL, so the slot's confirmed
 //! position can never be ahead of the record unless someone else moved it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -183,18 +184,18 @@ fn reader(kafka: &KafkaConfig) -> Result<BaseConsumer, Error> {
 }
 
 /// Reads the state topic forward, once from its start and then only what arrives, keeping the
-/// newest value under one key: for a long-lived reader (the daemon's verify metrics) that must not
-/// scan the topic again at every look. Blocking: call it off the async workers.
+/// newest value under each of some keys: for a long-lived reader (the daemon's verify and replay
+/// metrics) that must not scan the topic again at every look. Blocking: call it off the async
+/// workers.
 pub struct Follower {
     consumer: BaseConsumer,
     topic: String,
-    key: Vec<u8>,
-    latest: Option<Vec<u8>>,
+    latest: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl Follower {
-    /// A follower of `key` on the configured state topic, from its first message.
-    pub fn new(kafka: &KafkaConfig, key: &str) -> Result<Self, Error> {
+    /// A follower of `keys` on the configured state topic, from its first message.
+    pub fn new(kafka: &KafkaConfig, keys: &[&str]) -> Result<Self, Error> {
         let consumer = reader(kafka)?;
         let topic = kafka.state_topic.clone();
         let mut assignment = TopicPartitionList::new();
@@ -206,12 +207,13 @@ impl Follower {
                 action: "assign",
                 source,
             })?;
-        Ok(Follower { consumer, topic, key: key.as_bytes().to_vec(), latest: None })
+        let latest = keys.iter().map(|k| (k.as_bytes().to_vec(), None)).collect();
+        Ok(Follower { consumer, topic, latest })
     }
 
-    /// Reads what arrived since the last call (at most `max` messages, each poll waiting at most
-    /// `wait`) and returns the newest value under the key so far.
-    pub fn poll(&mut self, max: usize, wait: Duration) -> Result<Option<&[u8]>, Error> {
+    /// Reads what arrived since the last call: at most `max` messages, each poll waiting at most
+    /// `wait`.
+    pub fn poll(&mut self, max: usize, wait: Duration) -> Result<(), Error> {
         for _ in 0..max {
             let Some(message) = self.consumer.poll(wait) else { break };
             let message = message.map_err(|source| scoresync_bus::Error::Topic {
@@ -219,11 +221,16 @@ impl Follower {
                 action: "read",
                 source,
             })?;
-            if message.key() == Some(self.key.as_slice()) {
-                self.latest = message.payload().map(<[u8]>::to_vec);
+            if let Some(slot) = message.key().and_then(|k| self.latest.get_mut(k)) {
+                *slot = message.payload().map(<[u8]>::to_vec);
             }
         }
-        Ok(self.latest.as_deref())
+        Ok(())
+    }
+
+    /// The newest value read under `key` (one of the keys followed), if any.
+    pub fn latest(&self, key: &str) -> Option<&[u8]> {
+        self.latest.get(key.as_bytes()).and_then(Option::as_deref)
     }
 }
 

@@ -10,10 +10,14 @@
 //! applied too while the others finish (harmless, the daemon writes the same rows): a change
 //! there may be what supersedes a parked one before the end.
 //!
+//! Its progress goes to stderr and, for the daemon's `scoresync_replay_*` metrics, to the state
+//! topic ([`record`]).
+//!
 //! Replaying is harmless to do twice or beside the daemon: every row carries its source version
 //! and ClickHouse keeps the greatest, so an old change never replaces a newer one.
 
 mod range;
+pub mod record;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +36,7 @@ use scoresync_sink::{Scope, SinkStats};
 use crate::commands::progress::Progress;
 use crate::config::Config;
 use range::{Ranges, Start, rfc3339, unix_ms};
+use record::{Phase, Reporter};
 
 /// How much earlier than `--from-timestamp` a replay starts (DESIGN.md rule 9): message times
 /// are PostgreSQL commit times, which concurrent transactions may record slightly out of commit
@@ -170,9 +175,12 @@ async fn execute(
     sink.scope = Scope { shard: args.shard, tables };
     let stop = shutdown.child_token();
     let mut sink_task = tokio::spawn(sink.run(stop.clone()));
-    let outcome = watch(reader, ranges, &stats, &mut sink_task, &shutdown).await;
+    let mut reporter = Reporter::new(config, group, total as u64);
+    reporter.report(0, Phase::Running).await;
+    let outcome = watch(reader, ranges, &stats, &mut sink_task, &mut reporter, &shutdown).await;
     stop.cancel();
-    Ok(match outcome {
+    let finished = matches!(outcome, Watch::Done { .. });
+    let result = match outcome {
         Watch::Done { elapsed } => match sink_task.await {
             Ok(Ok(())) => {
                 eprintln!("replay: done: {total} messages in {:.1} s", elapsed.as_secs_f64());
@@ -203,7 +211,10 @@ async fn execute(
             eprintln!("replay: interrupted; running it again is harmless (rows carry versions)");
             false
         }
-    })
+    };
+    let done = if finished { total as u64 } else { reporter.done() };
+    reporter.report(done, if result { Phase::Done } else { Phase::Stopped }).await;
+    Ok(result)
 }
 
 /// A table `--table` names.
@@ -285,6 +296,7 @@ async fn watch(
     ranges: &Ranges,
     stats: &SinkStats,
     sink: &mut tokio::task::JoinHandle<Result<(), scoresync_sink::Error>>,
+    reporter: &mut Reporter,
     shutdown: &CancellationToken,
 ) -> Watch {
     let reader = Arc::new(reader);
@@ -339,6 +351,9 @@ async fn watch(
             format!("; parked: {} (see the sink's log)", reasons.join(", "))
         };
         progress.set(done.max(0) as u64, &note);
+        if !finished {
+            reporter.report(done.max(0) as u64, Phase::Running).await;
+        }
         if finished {
             progress.finish();
             return Watch::Done { elapsed: started.elapsed() };
