@@ -243,7 +243,11 @@ pub fn record_group(lag: &[PartitionLag]) {
     }
 }
 
-/// Follows the state topic for the latest verify result and replay progress.
+/// How long one look at the state topic may read (a first read of a long topic takes several).
+const STATE_READ_BUDGET: Duration = Duration::from_secs(5);
+
+/// Follows the state topic for the latest verify result and replay progress; exports them only
+/// once it has read the topic to its end (older records would show old values).
 async fn sample_state(config: Config, every: Duration, shutdown: CancellationToken) {
     let slot = &config.postgres.slot;
     let keys = [verify::report::record_key(slot), replay::record::record_key(slot)];
@@ -258,12 +262,17 @@ async fn sample_state(config: Config, every: Duration, shutdown: CancellationTok
                 Some(follower) => follower,
                 None => Follower::new(&kafka, &[&keys_now[0], &keys_now[1]])?,
             };
-            follower.poll(100_000, Duration::from_millis(200))?;
-            anyhow::Ok(follower)
+            let current = follower.poll(STATE_READ_BUDGET)?;
+            anyhow::Ok((follower, current))
         })
         .await;
         let open = match sampled {
-            Ok(Ok(open)) => open,
+            // Until it has read the whole topic once, what it holds may be old: export nothing.
+            Ok(Ok((open, false))) => {
+                follower = Some(open);
+                continue;
+            }
+            Ok(Ok((open, true))) => open,
             Ok(Err(error)) => {
                 failed(STATE, &format!("state topic: {error:#}"));
                 continue;

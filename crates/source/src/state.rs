@@ -191,6 +191,8 @@ pub struct Follower {
     consumer: BaseConsumer,
     topic: String,
     latest: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The next offset to read.
+    next: i64,
 }
 
 impl Follower {
@@ -208,24 +210,34 @@ impl Follower {
                 source,
             })?;
         let latest = keys.iter().map(|k| (k.as_bytes().to_vec(), None)).collect();
-        Ok(Follower { consumer, topic, latest })
+        Ok(Follower { consumer, topic, latest, next: 0 })
     }
 
-    /// Reads what arrived since the last call: at most `max` messages, each poll waiting at most
-    /// `wait`.
-    pub fn poll(&mut self, max: usize, wait: Duration) -> Result<(), Error> {
-        for _ in 0..max {
-            let Some(message) = self.consumer.poll(wait) else { break };
-            let message = message.map_err(|source| scoresync_bus::Error::Topic {
-                topic: self.topic.clone(),
-                action: "read",
-                source,
-            })?;
+    /// Reads what arrived since the last call, up to the topic's end as it is when the call
+    /// starts, for at most `budget`. True when it got there: the values are current (false: a
+    /// first read of a long topic that needs more calls, and whose values may be old).
+    pub fn poll(&mut self, budget: Duration) -> Result<bool, Error> {
+        let fail = |action| {
+            let topic = self.topic.clone();
+            move |source| scoresync_bus::Error::Topic { topic, action, source }
+        };
+        let (_, end) = self
+            .consumer
+            .fetch_watermarks(&self.topic, 0, TIMEOUT)
+            .map_err(fail("read watermarks"))?;
+        let started = std::time::Instant::now();
+        while self.next < end && started.elapsed() < budget {
+            // Nothing more to read although the end is further: compaction removed the rest.
+            let Some(message) = self.consumer.poll(Duration::from_millis(200)) else {
+                return Ok(true);
+            };
+            let message = message.map_err(fail("read"))?;
+            self.next = message.offset() + 1;
             if let Some(slot) = message.key().and_then(|k| self.latest.get_mut(k)) {
                 *slot = message.payload().map(<[u8]>::to_vec);
             }
         }
-        Ok(())
+        Ok(self.next >= end)
     }
 
     /// The newest value read under `key` (one of the keys followed), if any.

@@ -88,7 +88,9 @@ pub struct VerifyArgs {
     samples: usize,
 }
 
-/// Runs verify (and repair); see the module doc for the exit status.
+/// Runs verify (and repair); see the module doc for the exit status. Every run that ends,
+/// well or with an error, leaves its result for the daemon's drift metrics (an error as
+/// "unverified"); an interrupted one leaves nothing.
 pub async fn run(
     config: &Config,
     args: &VerifyArgs,
@@ -96,23 +98,46 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.chunk_rows > 0, "--chunk-rows must be at least 1");
     let filter = args.filter.filter()?;
-    let scope = args.filter.live_scope(&filter);
+    let finished = || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    match check(config, args, &filter, &shutdown).await {
+        Ok(Some(report)) => {
+            record(config, &report.recorded(filter.describe(), finished())).await;
+            Ok(ExitCode::from(report.exit_status()))
+        }
+        Ok(None) => {
+            eprintln!("verify: interrupted");
+            Ok(ExitCode::from(2))
+        }
+        Err(error) => {
+            record(config, &report::Recorded::unverified(filter.describe(), finished())).await;
+            Err(error)
+        }
+    }
+}
+
+/// Checks (and repairs) `filter`'s rows and prints the report; `None` when interrupted.
+async fn check(
+    config: &Config,
+    args: &VerifyArgs,
+    filter: &Filter,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Report>> {
+    let scope = args.filter.live_scope(filter);
     let params = ConnectParams::parse(config.postgres.url.expose_secret())?;
     let sql = params.connect_sql().await.context("connecting to PostgreSQL")?;
     let checker = Checker::new(&config.clickhouse).await.context("reading the shards' tables")?;
     let started = Instant::now();
-    let verify = Verify { config, args, sql: &sql, checker: &checker, shutdown: &shutdown };
+    let verify = Verify { config, args, sql: &sql, checker: &checker, shutdown };
 
     let mut found = Vec::new();
     let mut checked = BTreeMap::new();
     for table in &filter.tables {
         let reader = TableReader::new(&sql, *table).await?;
-        let (rows, findings) = verify.walk(&reader, &filter, &scope).await?;
+        let (rows, findings) = verify.walk(&reader, filter, &scope).await?;
         checked.insert(*table, rows);
         found.extend(findings);
         if shutdown.is_cancelled() {
-            eprintln!("verify: interrupted");
-            return Ok(ExitCode::from(2));
+            return Ok(None);
         }
     }
     let mut outcome = verify.settle(found).await?;
@@ -134,27 +159,27 @@ pub async fn run(
     } else {
         print!("{}", report.text(args.samples, repaired, started.elapsed()));
     }
-    record(config, &report, filter.describe()).await;
-    Ok(ExitCode::from(report.exit_status()))
+    Ok(Some(report))
 }
 
-/// Leaves the result on the state topic for the daemon's drift metrics; a failure is a warning
-/// (the report above is the result).
-async fn record(config: &Config, report: &Report, filter: String) {
+/// Leaves `recorded` on the state topic for the daemon's drift metrics; a failure is a warning
+/// (the report printed is the result).
+async fn record(config: &Config, recorded: &report::Recorded) {
     let slot = &config.postgres.slot;
-    let finished = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let saved = async {
         let state = StateStore::new(&config.kafka)?;
-        let recorded = report.recorded(filter, finished);
-        state.save_keyed(slot, &report::record_key(slot), &recorded).await
+        state.save_keyed(slot, &report::record_key(slot), recorded).await
     };
-    if let Err(error) = saved.await {
-        eprintln!(
-            "verify: could not record the result on {} for the drift metrics: {}",
-            config.kafka.state_topic,
-            error_reporter::Report::new(error)
-        );
-    }
+    let patience = super::replay::record::RECORD_PATIENCE;
+    let why = match tokio::time::timeout(patience, saved).await {
+        Ok(Ok(())) => return,
+        Ok(Err(error)) => error_reporter::Report::new(error).to_string(),
+        Err(_) => format!("no acknowledgement within {patience:?}"),
+    };
+    eprintln!(
+        "verify: could not record the result on {} for the drift metrics: {why}",
+        config.kafka.state_topic
+    );
 }
 
 /// What the re-checks left.

@@ -28,6 +28,13 @@ pub struct Recorded {
     pub drift: Vec<DriftCount>,
 }
 
+impl Recorded {
+    /// A run that failed before it could judge every row: no drift counted, exit 2.
+    pub fn unverified(filter: String, finished_unix: u64) -> Recorded {
+        Recorded { finished_unix, filter, exit: 2, drift: Vec::new() }
+    }
+}
+
 /// Rows of one kind of drift in one table on one shard.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DriftCount {
