@@ -36,11 +36,13 @@ async fn dashboards_and_alerts_hold_on_a_real_prometheus() -> anyhow::Result<()>
     setup(&env).await?;
     let pg = env.pg_admin().await?;
     let monitor_listen = format!("127.0.0.1:{}", free_port()?);
-    let daemon = Daemon::start(&env, &["run"])?;
+    // Sampled every 2 s (10 s by default), so that the slot alerts see the outage quickly.
+    let sampled = ("SCORESYNC__METRICS__SAMPLE_INTERVAL_MS", "2000");
+    let daemon = Daemon::start_with(&env, &["run"], &[sampled])?;
     let _monitor = Daemon::start_with(
         &env,
         &["monitor"],
-        &[("SCORESYNC__METRICS__LISTEN", monitor_listen.as_str())],
+        &[("SCORESYNC__METRICS__LISTEN", monitor_listen.as_str()), sampled],
     )?;
     let names: BTreeSet<String> = rules()?.into_iter().map(|r| r.alert).collect();
     let unknown: Vec<&&str> = OUTAGE_ALERTS.iter().filter(|a| !names.contains(**a)).collect();
@@ -56,14 +58,18 @@ async fn dashboards_and_alerts_hold_on_a_real_prometheus() -> anyhow::Result<()>
 
     loadgen(&env, &["--scorecards", "150", "--prefix", "observe"]).await?;
     oracle::wait_until_consistent(&env, &pg, DEADLINE).await?;
-    // A verify run leaves its counts for the drift panel and alert, a replay its progress.
-    for command in [&["verify"][..], &["replay", "--from", "earliest"]] {
+    // A verify run leaves its counts for the drift panel and alert, a replay and a backfill
+    // their progress.
+    for command in
+        [&["verify"][..], &["replay", "--from", "earliest"], &["backfill", "--kind", "process"]]
+    {
         let run = Daemon::run_to_end(&env, command, DEADLINE).await?;
         ensure!(run.status.success(), "{command:?}: {}", String::from_utf8_lossy(&run.stderr));
     }
     wait::until("the replay's progress to show", DEADLINE, || async {
-        let done = prometheus.query("scoresync_replay_messages_done > 0").await?;
-        Ok((!done.is_empty()).then_some(()))
+        let replayed = prometheus.query("scoresync_replay_messages_done > 0").await?;
+        let backfilled = prometheus.query("scoresync_backfill_done == 1").await?;
+        Ok((!replayed.is_empty() && !backfilled.is_empty()).then_some(()))
     })
     .await?;
 
@@ -81,6 +87,23 @@ async fn dashboards_and_alerts_hold_on_a_real_prometheus() -> anyhow::Result<()>
             Ok((!prometheus.query(&selector).await?.is_empty()).then_some(()))
         })
         .await?;
+    }
+    // Everything the daemon and the monitor export is documented in METRICS.md.
+    let documented = include_str!("../../METRICS.md");
+    for listen in [&env.metrics_listen, &monitor_listen] {
+        let text = http_get(&format!("http://{listen}/metrics")).await?;
+        for line in text.lines().filter(|l| l.starts_with("scoresync_")) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| documented.contains(&format!("| `{b}` | histogram |")))
+                .unwrap_or(name);
+            ensure!(
+                documented.contains(&format!("| `{base}` |")),
+                "{listen} exports {name}, which METRICS.md does not document"
+            );
+        }
     }
     let health = reqwest::get(format!("http://{}/healthz", env.metrics_listen)).await?;
     ensure!(health.status().is_success(), "/healthz: {}", health.text().await?);
@@ -124,7 +147,7 @@ async fn dashboards_and_alerts_hold_on_a_real_prometheus() -> anyhow::Result<()>
     .await?;
 
     // Started again, it catches up and the alerts resolve.
-    let _daemon = Daemon::start(&env, &["run"])?;
+    let _daemon = Daemon::start_with(&env, &["run"], &[sampled])?;
     wait::until("the outage alerts to resolve", DEADLINE, || async {
         let firing = prometheus.firing().await?;
         Ok(OUTAGE_ALERTS.iter().all(|a| !firing.iter().any(|f| f == a)).then_some(()))
@@ -140,19 +163,28 @@ fn promtool_accepts_the_rules_and_the_config_and_the_rules_pass_their_unit_tests
     let dir = repo_root().join("deploy/prometheus");
     promtool(&["check", "rules"], &[&dir.join("alerts.yml")])?;
     promtool(&["check", "config"], &[&dir.join("prometheus.docker.yml")])?;
-    // Every alert has a unit test case.
+    // Every alert has a unit test case where it is quiet and one where it fires.
     let tests: Value =
         serde_norway::from_str(&std::fs::read_to_string(dir.join("alerts.test.yml"))?)?;
-    let tested: BTreeSet<&str> = tests["tests"]
+    let cases: BTreeSet<(&str, bool)> = tests["tests"]
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
-        .filter_map(|c| c["alertname"].as_str())
+        .filter_map(|c| {
+            let fires = c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty());
+            Some((c["alertname"].as_str()?, fires))
+        })
         .collect();
-    let untested: Vec<String> =
-        rules()?.into_iter().map(|r| r.alert).filter(|a| !tested.contains(a.as_str())).collect();
-    ensure!(untested.is_empty(), "alerts without a case in alerts.test.yml: {untested:?}");
+    let untested: Vec<String> = rules()?
+        .into_iter()
+        .map(|r| r.alert)
+        .filter(|a| !cases.contains(&(a.as_str(), false)) || !cases.contains(&(a.as_str(), true)))
+        .collect();
+    ensure!(
+        untested.is_empty(),
+        "alerts without a quiet and a firing case in alerts.test.yml: {untested:?}"
+    );
     // promtool compares annotations exactly; the unit tests run against a copy without them.
     let copy = tempfile::tempdir()?;
     let stripped = rewrite_rules(|rule| {

@@ -150,7 +150,6 @@ impl TestEnv {
             sink: Default::default(),
             metrics: MetricsConfig {
                 listen: self.metrics_listen.clone(),
-                sample_interval_ms: 2_000,
                 ..MetricsConfig::default()
             },
         };

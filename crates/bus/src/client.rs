@@ -143,10 +143,18 @@ pub fn consumer<C: ConsumerContext + 'static>(
 /// commits nothing on its own; `group` only names whose committed offsets it may read or write.
 /// `role` names it in errors.
 pub fn reader(cfg: &KafkaConfig, group: &str, role: &'static str) -> Result<BaseConsumer, Error> {
-    consumer_config(cfg, group, OffsetReset::Error)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|source| Error::Client { role, brokers: cfg.brokers.clone(), source })
+    reader_config(cfg, group).create().map_err(|source| Error::Client {
+        role,
+        brokers: cfg.brokers.clone(),
+        source,
+    })
+}
+
+/// The settings of a [`reader`], for a caller that changes some.
+pub fn reader_config(cfg: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut config = consumer_config(cfg, group, OffsetReset::Error);
+    config.set("enable.auto.commit", "false");
+    config
 }
 
 /// Creates an admin client.

@@ -13,6 +13,9 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::config::KafkaConfig;
 use crate::error::Error;
 
+/// Most bytes a timestamp read fetches from a partition.
+const TIMESTAMP_FETCH_BYTES: usize = 64 * 1024;
+
 /// How long one broker request may take.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -43,7 +46,17 @@ pub struct OffsetReader {
 impl OffsetReader {
     /// A reader for `group` on `topic`, which must exist.
     pub fn open(kafka: &KafkaConfig, group: &str, topic: &str) -> Result<Self, Error> {
-        let consumer = crate::client::reader(kafka, group, "offset reader")?;
+        // It fetches only to read one message's timestamp (a lag sample, every few seconds, on
+        // every partition behind): a small fetch, not a batch of up to the message limit. The
+        // broker still returns a whole first message however large.
+        let consumer: BaseConsumer = crate::client::reader_config(kafka, group)
+            .set("max.partition.fetch.bytes", TIMESTAMP_FETCH_BYTES.to_string())
+            .create()
+            .map_err(|source| Error::Client {
+                role: "offset reader",
+                brokers: kafka.brokers.clone(),
+                source,
+            })?;
         let partitions = crate::topics::partition_count(consumer.client(), topic)?
             .ok_or_else(|| Error::MissingTopic { topic: topic.into() })?;
         Ok(OffsetReader { consumer, topic: topic.into(), group: group.into(), partitions })

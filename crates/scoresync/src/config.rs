@@ -58,9 +58,10 @@ pub const DEFAULT_STALL_SECONDS: u64 = 120;
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// `host:port` serving `/metrics` (Prometheus) and `/status` (JSON); empty turns it off.
+    /// `host:port` serving `/metrics` (Prometheus), `/status` (JSON) and `/healthz`; empty turns
+    /// it off.
     pub listen: String,
-    /// How often the slot's and the consumer group's lag are sampled, out of band.
+    /// How often the out-of-band samplers look (slot, consumer group, state topic).
     pub sample_interval_ms: u64,
     /// `/healthz` fails when a role has had work waiting and made no progress for this long.
     pub stall_seconds: u64,

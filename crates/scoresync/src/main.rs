@@ -51,9 +51,10 @@ enum Command {
     /// Run source and sink in one process (the default way to run scoresync). SIGTERM drains
     /// both; a permanent error in either stops both and exits 1.
     Run,
-    /// Serve only the lag metrics (the replication slot's WAL, the sink group's lag per
-    /// partition), sampled out of band, on [metrics] listen. Run it beside the daemon so that
-    /// lag stays visible, and its alerts fire, while the daemon is down.
+    /// Serve only the metrics sampled out of band (the replication slot's WAL, the sink group's
+    /// lag per partition, the latest verify's drift, replay and backfill progress) on [metrics]
+    /// listen, with /healthz. Run it beside the daemon so that lag stays visible, and its alerts
+    /// fire, while the daemon is down.
     Monitor,
     /// Show where the pipeline stands, hop by hop with a verdict each (in sync, behind, stalled,
     /// halted, and why): the replication slot and its WAL, the source's record, the sink group's

@@ -6,7 +6,7 @@
 //! `metrics-exporter-prometheus` behind the facade and describes them all, and [`serve`] answers
 //! on `[metrics] listen` (axum). To add a metric: a constant and a line in its crate's list, a
 //! row in METRICS.md (the unit test below holds the three equal), and, when it has no labels or
-//! a fixed set, a zero registration in its role's `register`.
+//! a fixed set, a zero registration in its role's `register` (the sampler's: `sampler::spawn`).
 //!
 //! - `GET /metrics`: Prometheus text format. Histograms (`*_seconds`, `scoresync_sink_batch_rows`)
 //!   have fixed buckets, so PromQL's `histogram_quantile` works across processes.
@@ -16,7 +16,9 @@
 //!   `[metrics] stall_seconds` or has nothing waiting; 503 naming the stalled role otherwise.
 //!
 //! Names follow `scoresync_<area>_<name>_<unit>`; labels are bounded (shard, table, op, reason,
-//! partition, slot, status). METRICS.md documents each metric; a test checks the two agree.
+//! partition, slot, status, what, kind). METRICS.md documents each metric; the unit test below
+//! holds it equal to the lists, and the end-to-end test `observability` checks that everything a
+//! running daemon and monitor export is documented.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -271,6 +273,13 @@ mod tests {
                 messages_done: 4,
                 phase: crate::commands::replay::record::Phase::Stopped,
             });
+            let backfilled = scoresync_source::backfill::BackfillProgress {
+                cards: 2,
+                rows: 20,
+                done: true,
+                ..Default::default()
+            };
+            crate::sampler::record_backfill(&backfilled, Some(1_000));
         });
         // METRICS.md's tables: first column the name, second the type; the same set as declared.
         let documented: std::collections::BTreeMap<&str, &str> =

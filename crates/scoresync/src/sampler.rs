@@ -1,11 +1,16 @@
 //! What is sampled out of band: the replication slot's lag (from `pg_replication_slots`, on an
 //! ordinary SQL connection), the sink group's lag per partition (committed offsets against the
 //! end, and the age of the oldest message not committed), and the latest `scoresync verify`
-//! result and `scoresync replay` progress (from the state topic, where those commands leave
-//! them). None of them goes through the source's
+//! result and `scoresync replay` and `scoresync backfill` progress (from the state topic, where
+//! those commands leave them). None of them goes through the source's
 //! stream or the sink's consumer, so a stuck stream or a stopped sink still shows its lag;
 //! `scoresync monitor` runs only this, beside the daemon, so the lag alerts fire while the daemon
 //! is down.
+//!
+//! To export another figure a command leaves on the state topic: a key function and a
+//! serializable record beside the command (as `commands::verify::report::record_key` and
+//! `Recorded`), a [`Watch`] for it in [`sample_state`], a `record_*` function here that sets its
+//! gauges, declared in [`METRICS`] (and called in the unit test of `crate::metrics`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,12 +21,15 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::offsets::{OffsetReader, PartitionLag};
+use scoresync_sink::verify::DriftKind;
+use scoresync_source::backfill::BackfillProgress;
 use scoresync_source::connect::ConnectParams;
 use scoresync_source::slot::{self, SlotLag};
-use scoresync_source::state::Follower;
+use scoresync_source::state::{Follower, Seen, Watch};
 
 use crate::commands::{replay, verify};
 
+use crate::commands::Role;
 use crate::config::Config;
 
 /// Every `wal_status` PostgreSQL reports; `scoresync_slot_wal_status` has one series each.
@@ -60,10 +68,19 @@ pub const REPLAY_MESSAGES_TOTAL: &str = "scoresync_replay_messages_total";
 pub const REPLAY_MESSAGES_DONE: &str = "scoresync_replay_messages_done";
 /// `scoresync_replay_running`.
 pub const REPLAY_RUNNING: &str = "scoresync_replay_running";
+/// `scoresync_backfill_cards_published`.
+pub const BACKFILL_CARDS_PUBLISHED: &str = "scoresync_backfill_cards_published";
+/// `scoresync_backfill_rows_published`.
+pub const BACKFILL_ROWS_PUBLISHED: &str = "scoresync_backfill_rows_published";
+/// `scoresync_backfill_done`.
+pub const BACKFILL_DONE: &str = "scoresync_backfill_done";
+/// `scoresync_backfill_last_update_timestamp_seconds`.
+pub const BACKFILL_LAST_UPDATE_TIMESTAMP_SECONDS: &str =
+    "scoresync_backfill_last_update_timestamp_seconds";
 /// `scoresync_lag_sample_failures_total`.
 pub const LAG_SAMPLE_FAILURES_TOTAL: &str = "scoresync_lag_sample_failures_total";
 
-/// Name, type and help of every lag metric.
+/// Name, type and help of every sampled metric.
 pub const METRICS: &[(&str, MetricKind, &str)] = &[
     (SLOT_EXISTS, MetricKind::Gauge, "1 while the replication slot exists, by slot."),
     (SLOT_ACTIVE, MetricKind::Gauge, "1 while a walsender streams from the slot, by slot."),
@@ -122,6 +139,22 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
         "1 while a scoresync replay runs (it reported within the last minute and has not ended).",
     ),
     (
+        BACKFILL_CARDS_PUBLISHED,
+        MetricKind::Gauge,
+        "Scorecards the latest scoresync backfill has re-published.",
+    ),
+    (
+        BACKFILL_ROWS_PUBLISHED,
+        MetricKind::Gauge,
+        "Rows the latest scoresync backfill has re-published.",
+    ),
+    (BACKFILL_DONE, MetricKind::Gauge, "1 once the latest scoresync backfill has finished."),
+    (
+        BACKFILL_LAST_UPDATE_TIMESTAMP_SECONDS,
+        MetricKind::Gauge,
+        "When the latest scoresync backfill last recorded its progress (Unix seconds).",
+    ),
+    (
         LAG_SAMPLE_FAILURES_TOTAL,
         MetricKind::Counter,
         "Samples that failed, by what was sampled (slot, kafka, state).",
@@ -132,20 +165,32 @@ pub const METRICS: &[(&str, MetricKind, &str)] = &[
 const SLOT: &str = "slot";
 const KAFKA: &str = "kafka";
 const STATE: &str = "state";
-const SAMPLED: [&str; 3] = [SLOT, KAFKA, STATE];
 
-/// The drift kinds `scoresync_verify_drift_rows` has a series for.
-const DRIFT_KINDS: [&str; 4] = ["missing", "extra", "stale", "misplaced"];
-
-/// Samples both lags every `[metrics] sample_interval_ms` until `shutdown`.
-pub fn spawn(config: &Config, shutdown: CancellationToken) {
-    for what in SAMPLED {
-        counter!(LAG_SAMPLE_FAILURES_TOTAL, "what" => what).absolute(0);
-    }
+/// Starts, every `[metrics] sample_interval_ms` until `shutdown`, what `role` samples, and
+/// registers their failure counters at zero:
+/// - `run` and `monitor`: the slot, the consumer group and the state topic;
+/// - `source`: the slot and the state topic (its hop, and the commands beside it);
+/// - `sink`: nothing. Several sink processes would each ask the group coordinator for the same
+///   figures (and tansu's answers slow down its rebalances); run `scoresync monitor` beside
+///   them.
+pub fn spawn(config: &Config, role: Role, shutdown: CancellationToken) {
     let every = Duration::from_millis(config.metrics.sample_interval_ms);
-    tokio::spawn(sample_slot(config.clone(), every, shutdown.clone()));
-    tokio::spawn(sample_group(config.clone(), every, shutdown.clone()));
-    tokio::spawn(sample_state(config.clone(), every, shutdown));
+    let (slot_and_state, group) = match role {
+        Role::Run | Role::Monitor => (true, true),
+        Role::Source => (true, false),
+        Role::Sink => (false, false),
+    };
+    if slot_and_state {
+        for what in [SLOT, STATE] {
+            counter!(LAG_SAMPLE_FAILURES_TOTAL, "what" => what).absolute(0);
+        }
+        tokio::spawn(sample_slot(config.clone(), every, shutdown.clone()));
+        tokio::spawn(sample_state(config.clone(), every, shutdown.clone()));
+    }
+    if group {
+        counter!(LAG_SAMPLE_FAILURES_TOTAL, "what" => KAFKA).absolute(0);
+        tokio::spawn(sample_group(config.clone(), every, shutdown));
+    }
 }
 
 async fn sample_slot(config: Config, every: Duration, shutdown: CancellationToken) {
@@ -246,21 +291,26 @@ pub fn record_group(lag: &[PartitionLag]) {
 /// How long one look at the state topic may read (a first read of a long topic takes several).
 const STATE_READ_BUDGET: Duration = Duration::from_secs(5);
 
-/// Follows the state topic for the latest verify result and replay progress; exports them only
-/// once it has read the topic to its end (older records would show old values).
+/// Follows the state topic for the latest verify result, replay progress and backfill progress;
+/// exports them only once it has read the topic to its end (older records would show old
+/// values).
 async fn sample_state(config: Config, every: Duration, shutdown: CancellationToken) {
     let slot = &config.postgres.slot;
-    let keys = [verify::report::record_key(slot), replay::record::record_key(slot)];
+    let verify = Watch::Key(verify::report::record_key(slot));
+    let replay = Watch::Key(replay::record::record_key(slot));
+    let backfill = Watch::Prefix(scoresync_source::backfill::progress_prefix(slot));
     let shards = config.clickhouse.shards.len();
     let mut follower: Option<Follower> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
-        let (kafka, keys_now, open) = (config.kafka.clone(), keys.clone(), follower.take());
+        let kafka = config.kafka.clone();
+        let watches = vec![verify.clone(), replay.clone(), backfill.clone()];
+        let open = follower.take();
         let sampled = tokio::task::spawn_blocking(move || {
             let mut follower = match open {
                 Some(follower) => follower,
-                None => Follower::new(&kafka, &[&keys_now[0], &keys_now[1]])?,
+                None => Follower::new(&kafka, watches)?,
             };
             let current = follower.poll(STATE_READ_BUDGET)?;
             anyhow::Ok((follower, current))
@@ -282,19 +332,39 @@ async fn sample_state(config: Config, every: Duration, shutdown: CancellationTok
                 continue;
             }
         };
-        if let Some(bytes) = open.latest(&keys[0]) {
-            match serde_json::from_slice(bytes) {
-                Ok(recorded) => record_verify(&recorded, shards),
-                Err(error) => failed(STATE, &format!("verify result: {error}")),
-            }
+        if let Some((recorded, _)) = parsed(&open, &verify, "verify result") {
+            record_verify(&recorded, shards);
         }
-        if let Some(bytes) = open.latest(&keys[1]) {
-            match serde_json::from_slice(bytes) {
-                Ok(recorded) => record_replay(&recorded),
-                Err(error) => failed(STATE, &format!("replay progress: {error}")),
-            }
+        if let Some((recorded, _)) = parsed(&open, &replay, "replay progress") {
+            record_replay(&recorded);
+        }
+        if let Some((progress, seen)) = parsed(&open, &backfill, "backfill progress") {
+            record_backfill(&progress, seen.timestamp_ms);
         }
         follower = Some(open);
+    }
+}
+
+/// The newest record `watch` matched, parsed (a record that does not parse counts as a failed
+/// sample).
+fn parsed<'a, T: serde::de::DeserializeOwned>(
+    follower: &'a Follower,
+    watch: &Watch,
+    what: &str,
+) -> Option<(T, &'a Seen)> {
+    let seen = follower.latest(watch)?;
+    let value = serde_json::from_slice(seen.payload.as_deref()?);
+    value.map_err(|e| failed(STATE, &format!("{what}: {e}"))).ok().map(|v| (v, seen))
+}
+
+/// Sets the backfill gauges from the latest progress record of any backfill (written at
+/// `written_ms`).
+pub fn record_backfill(progress: &BackfillProgress, written_ms: Option<i64>) {
+    gauge!(BACKFILL_CARDS_PUBLISHED).set(progress.cards as f64);
+    gauge!(BACKFILL_ROWS_PUBLISHED).set(progress.rows as f64);
+    gauge!(BACKFILL_DONE).set(f64::from(u8::from(progress.done)));
+    if let Some(ms) = written_ms {
+        gauge!(BACKFILL_LAST_UPDATE_TIMESTAMP_SECONDS).set(ms as f64 / 1e3);
     }
 }
 
@@ -313,7 +383,7 @@ pub fn record_replay(recorded: &replay::record::Recorded) {
 pub fn record_verify(recorded: &verify::report::Recorded, shards: usize) {
     for table in scoresync_event::SourceTable::ALL {
         for shard in 0..shards {
-            for kind in DRIFT_KINDS {
+            for kind in DriftKind::ALL.into_iter().filter(|k| k.is_drift()).map(DriftKind::name) {
                 let rows = recorded
                     .drift
                     .iter()

@@ -73,6 +73,11 @@ pub struct BackfillProgress {
     pub done: bool,
 }
 
+/// The start of every backfill progress key of the pipeline on `slot` (each filter has its own).
+pub fn progress_prefix(slot: &str) -> String {
+    format!("backfill\0{slot}\0")
+}
+
 impl BackfillProgress {
     fn after_key(&self) -> Option<ScorecardKey> {
         self.after.as_ref().map(|[customer_id, profile_id, scorecard_id]| ScorecardKey {
@@ -102,7 +107,7 @@ pub struct Backfill<'a> {
 impl Backfill<'_> {
     /// The state-topic key of this backfill's progress.
     pub fn progress_key(&self) -> String {
-        format!("backfill\0{}\0{}", self.record.slot, self.filter.describe())
+        format!("{}{}", progress_prefix(&self.record.slot), self.filter.describe())
     }
 
     /// Where to start: after the recorded progress of an unfinished run of the same backfill,

@@ -1,8 +1,10 @@
 //! The source's record of its pipeline, kept on the state topic.
 //!
 //! One JSON record per update, keyed by slot name, on the single-partition state topic; the latest
-//! record for a slot wins. A backfill keeps its progress beside it under a key of its own
-//! ([`StateStore::save_keyed`]). It holds what the start-up checks compare the slot with (system
+//! record for a slot wins. Other records live beside it under keys of their own
+//! ([`StateStore::save_keyed`]): a backfill's progress, and the latest verify result and replay
+//! progress (written by the binary's commands). [`Follower`] reads the topic forward for those,
+//! for the daemon's metrics. It holds what the start-up checks compare the slot with (system
 //! identifier, confirmed LSN), the progress of the initial snapshot, so a killed snapshot
 //! resumes where it stopped, the pipeline's row [`VersionScheme`] (fixed when the slot is
 //! created; see `scoresync_event::version`), and why the source last halted, if it did (for
@@ -12,7 +14,6 @@
 //! Kafka's acknowledgement *before* it confirms that LSN to PostgreSQL, so the slot's confirmed
 //! position can never be ahead of the record unless someone else moved it.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -183,21 +184,50 @@ fn reader(kafka: &KafkaConfig) -> Result<BaseConsumer, Error> {
     Ok(scoresync_bus::client::reader(kafka, "scoresync-state-reader", "state reader")?)
 }
 
+/// What a [`Follower`] keeps the newest message of.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Watch {
+    /// Messages under exactly this key.
+    Key(String),
+    /// Messages under any key that starts with this.
+    Prefix(String),
+}
+
+impl Watch {
+    fn matches(&self, key: &[u8]) -> bool {
+        match self {
+            Watch::Key(k) => key == k.as_bytes(),
+            Watch::Prefix(p) => key.starts_with(p.as_bytes()),
+        }
+    }
+}
+
+/// The newest message a [`Watch`] matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// Its key.
+    pub key: Vec<u8>,
+    /// Its value (`None`: a tombstone).
+    pub payload: Option<Vec<u8>>,
+    /// When it was written (Unix milliseconds), if the broker says.
+    pub timestamp_ms: Option<i64>,
+}
+
 /// Reads the state topic forward, once from its start and then only what arrives, keeping the
-/// newest value under each of some keys: for a long-lived reader (the daemon's verify and replay
-/// metrics) that must not scan the topic again at every look. Blocking: call it off the async
-/// workers.
+/// newest message of each of some [`Watch`]es: for a long-lived reader (the daemon's verify,
+/// replay and backfill metrics) that must not scan the topic again at every look. Blocking:
+/// call it off the async workers.
 pub struct Follower {
     consumer: BaseConsumer,
     topic: String,
-    latest: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    watches: Vec<(Watch, Option<Seen>)>,
     /// The next offset to read.
     next: i64,
 }
 
 impl Follower {
-    /// A follower of `keys` on the configured state topic, from its first message.
-    pub fn new(kafka: &KafkaConfig, keys: &[&str]) -> Result<Self, Error> {
+    /// A follower of `watches` on the configured state topic, from its first message.
+    pub fn new(kafka: &KafkaConfig, watches: Vec<Watch>) -> Result<Self, Error> {
         let consumer = reader(kafka)?;
         let topic = kafka.state_topic.clone();
         let mut assignment = TopicPartitionList::new();
@@ -209,13 +239,15 @@ impl Follower {
                 action: "assign",
                 source,
             })?;
-        let latest = keys.iter().map(|k| (k.as_bytes().to_vec(), None)).collect();
-        Ok(Follower { consumer, topic, latest, next: 0 })
+        let watches = watches.into_iter().map(|w| (w, None)).collect();
+        Ok(Follower { consumer, topic, watches, next: 0 })
     }
 
     /// Reads what arrived since the last call, up to the topic's end as it is when the call
-    /// starts, for at most `budget`. True when it got there: the values are current (false: a
-    /// first read of a long topic that needs more calls, and whose values may be old).
+    /// starts, for at most `budget`. True when it got there: what it holds is current (false: a
+    /// first read of a long topic that needs more calls, or a slow broker; what it holds may be
+    /// old). The message before the end is always there to read (compaction keeps a key's
+    /// newest message, and the last one is its key's newest).
     pub fn poll(&mut self, budget: Duration) -> Result<bool, Error> {
         let fail = |action| {
             let topic = self.topic.clone();
@@ -227,22 +259,26 @@ impl Follower {
             .map_err(fail("read watermarks"))?;
         let started = std::time::Instant::now();
         while self.next < end && started.elapsed() < budget {
-            // Nothing more to read although the end is further: compaction removed the rest.
-            let Some(message) = self.consumer.poll(Duration::from_millis(200)) else {
-                return Ok(true);
-            };
+            let Some(message) = self.consumer.poll(Duration::from_millis(500)) else { break };
             let message = message.map_err(fail("read"))?;
             self.next = message.offset() + 1;
-            if let Some(slot) = message.key().and_then(|k| self.latest.get_mut(k)) {
-                *slot = message.payload().map(<[u8]>::to_vec);
+            let Some(key) = message.key() else { continue };
+            for (watch, seen) in &mut self.watches {
+                if watch.matches(key) {
+                    *seen = Some(Seen {
+                        key: key.to_vec(),
+                        payload: message.payload().map(<[u8]>::to_vec),
+                        timestamp_ms: message.timestamp().to_millis(),
+                    });
+                }
             }
         }
         Ok(self.next >= end)
     }
 
-    /// The newest value read under `key` (one of the keys followed), if any.
-    pub fn latest(&self, key: &str) -> Option<&[u8]> {
-        self.latest.get(key.as_bytes()).and_then(Option::as_deref)
+    /// The newest message `watch` (one of those followed) matched, if any.
+    pub fn latest(&self, watch: &Watch) -> Option<&Seen> {
+        self.watches.iter().find(|(w, _)| w == watch).and_then(|(_, seen)| seen.as_ref())
     }
 }
 

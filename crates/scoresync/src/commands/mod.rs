@@ -24,24 +24,38 @@ use scoresync_sink::SinkStats;
 
 use crate::config::Config;
 
-/// For a long-running role: installs the metrics recorder, starts the out-of-band lag samplers
-/// ([`crate::sampler`]) and, when `[metrics] listen` is set, the `/metrics`, `/status` and
-/// `/healthz` endpoint. `sink` is the sink's state when this process runs the sink.
+/// Which long-running command a process runs: what its `/healthz` checks and what it samples
+/// out of band ([`crate::sampler::spawn`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `scoresync run`: source and sink.
+    Run,
+    /// `scoresync source`.
+    Source,
+    /// `scoresync sink` (one of several, perhaps).
+    Sink,
+    /// `scoresync monitor`: samples only.
+    Monitor,
+}
+
+/// For a long-running command: installs the metrics recorder, starts the out-of-band samplers
+/// its role runs and, when `[metrics] listen` is set, the `/metrics`, `/status` and `/healthz`
+/// endpoint. `sink` is the sink's state when this process runs the sink.
 pub async fn serve_metrics(
     config: &Config,
-    source: bool,
+    role: Role,
     sink: Option<&Arc<SinkStats>>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let handle = crate::metrics::install()?;
     crate::metrics::upkeep(handle.clone(), shutdown.child_token());
-    crate::sampler::spawn(config, shutdown.child_token());
+    crate::sampler::spawn(config, role, shutdown.child_token());
     if config.metrics.listen.is_empty() {
         return Ok(());
     }
     let roles = crate::metrics::Roles {
         sink: sink.cloned(),
-        source,
+        source: matches!(role, Role::Run | Role::Source),
         stall: Duration::from_secs(config.metrics.stall_seconds),
     };
     crate::metrics::serve(&config.metrics.listen, handle, roles, shutdown.clone()).await

@@ -1,11 +1,13 @@
-//! `scoresync monitor`: only the out-of-band lag samplers and `/metrics`, no replication. Run it
-//! beside the daemon (its own process or container) so that the slot's and the sink group's lag
-//! stay visible, and their alerts fire, while the daemon itself is down.
+//! `scoresync monitor`: only the out-of-band samplers ([`crate::sampler`]: slot and consumer-group
+//! lag, the latest verify, replay and backfill figures) and the endpoint (`/metrics`, `/healthz`
+//! always ok, `/status` with no sink), no replication. Run it beside the daemon (its own process
+//! or container) so that the lag stays visible, and its alerts fire, while the daemon is down.
 
 use std::process::ExitCode;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::commands::Role;
 use crate::config::Config;
 
 /// Samples and serves until SIGTERM/SIGINT.
@@ -14,7 +16,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         !config.metrics.listen.is_empty(),
         "scoresync monitor serves /metrics on [metrics] listen, which is empty"
     );
-    crate::commands::serve_metrics(config, false, None, &shutdown).await?;
+    crate::commands::serve_metrics(config, Role::Monitor, None, &shutdown).await?;
     shutdown.cancelled().await;
     Ok(ExitCode::SUCCESS)
 }

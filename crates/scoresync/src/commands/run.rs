@@ -10,12 +10,13 @@ use tokio_util::sync::CancellationToken;
 use scoresync_sink::SinkStats;
 use scoresync_source::Source;
 
+use crate::commands::Role;
 use crate::config::Config;
 
 /// Runs both roles until SIGTERM/SIGINT or a permanent error.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let stats = Arc::new(SinkStats::default());
-    crate::commands::serve_metrics(config, true, Some(&stats), &shutdown).await?;
+    crate::commands::serve_metrics(config, Role::Run, Some(&stats), &shutdown).await?;
     let mut source = Source::new(config.postgres.clone(), config.kafka.clone());
     source.max_in_flight = config.source.max_in_flight_events;
     source.snapshot_chunk_rows = config.source.snapshot_chunk_rows;

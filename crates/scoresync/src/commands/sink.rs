@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use scoresync_sink::{Sink, SinkStats};
 
+use crate::commands::Role;
 use crate::config::Config;
 
 /// The sink of this configuration, counting into `stats`.
@@ -27,7 +28,7 @@ pub fn sink(config: &Config, stats: Arc<SinkStats>) -> Sink {
 /// Consumes until SIGTERM/SIGINT (exit 0) or a permanent error (exit 1).
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     let stats = Arc::new(SinkStats::default());
-    crate::commands::serve_metrics(config, false, Some(&stats), &shutdown).await?;
+    crate::commands::serve_metrics(config, Role::Sink, Some(&stats), &shutdown).await?;
     match sink(config, stats).run(shutdown.clone()).await {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(err) => {

@@ -7,11 +7,12 @@ use tokio_util::sync::CancellationToken;
 
 use scoresync_source::Source;
 
+use crate::commands::Role;
 use crate::config::Config;
 
 /// Streams until SIGTERM/SIGINT (exit 0) or a permanent error (exit 1, message on stderr).
 pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
-    crate::commands::serve_metrics(config, true, None, &shutdown).await?;
+    crate::commands::serve_metrics(config, Role::Source, None, &shutdown).await?;
     let mut source = Source::new(config.postgres.clone(), config.kafka.clone());
     source.max_in_flight = config.source.max_in_flight_events;
     source.snapshot_chunk_rows = config.source.snapshot_chunk_rows;
