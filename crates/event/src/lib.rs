@@ -16,9 +16,11 @@
 //! - [`value`] and [`operation`] extend the generated [`Value`] and [`Operation`]: constructors,
 //!   readers, and text forms: [`Value::to_text`] (part of the contract: change-topic message keys
 //!   are made of it, and error messages show it) and [`Operation::describe`].
+//! - [`clock`] reads the wall clock in the contract's units (Unix microseconds).
 //! - [`u64_as_string`] is the serde `with` module for `u64` fields of JSON records (as strings,
 //!   since JSON numbers cannot hold every `u64`).
 
+pub mod clock;
 pub mod codec;
 pub mod layout;
 pub mod lsn;

@@ -21,7 +21,7 @@
 //! running daemon and monitor export is documented.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -32,6 +32,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKind;
 use tokio_util::sync::CancellationToken;
 
+use scoresync_event::clock::unix_seconds;
 use scoresync_sink::SinkStats;
 
 /// Bucket bounds of every `*_seconds` histogram: 5 ms to an hour, for lags that are milliseconds
@@ -107,8 +108,8 @@ struct Endpoint {
 /// anyone scrapes (the exporter keeps every sample until then: without this, memory grows).
 pub fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(UPKEEP);
-        while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
+        let mut ticks = crate::sampler::Ticks::new(UPKEEP, shutdown);
+        while ticks.next().await {
             handle.run_upkeep();
         }
     });
@@ -175,11 +176,7 @@ impl Endpoint {
         let limit = self.roles.stall;
         let mut stalled = Vec::new();
         if self.roles.source {
-            let last = scoresync_source::metrics::last_progress().max(self.started);
-            let idle = unix_seconds().saturating_sub(last);
-            if idle > limit.as_secs() {
-                stalled.push(format!("source: no progress for {idle} s (nothing confirmed)"));
-            }
+            stalled.extend(scoresync_source::metrics::stalled(limit, self.started));
         }
         if let Some(sink) = &self.roles.sink {
             stalled.extend(sink.stalled(limit, self.started));
@@ -220,10 +217,6 @@ pub fn sink_status(stats: &SinkStats) -> serde_json::Value {
         "dead_lettered_total": stats.dead_lettered.load(Ordering::Relaxed),
         "commit_to_ack_seconds": stats.lag_quantiles(),
     })
-}
-
-fn unix_seconds() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

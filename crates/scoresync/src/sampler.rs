@@ -13,7 +13,7 @@
 //! gauges, declared in [`METRICS`] (and called in the unit test of `crate::metrics`).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use metrics::{counter, gauge};
 use metrics_util::MetricKind;
@@ -21,6 +21,7 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::offsets::{OffsetReader, PartitionLag};
+use scoresync_event::clock::{unix_millis, unix_seconds};
 use scoresync_sink::verify::DriftKind;
 use scoresync_source::backfill::BackfillProgress;
 use scoresync_source::connect::ConnectParams;
@@ -196,9 +197,8 @@ pub fn spawn(config: &Config, role: Role, shutdown: CancellationToken) {
 async fn sample_slot(config: Config, every: Duration, shutdown: CancellationToken) {
     let name = config.postgres.slot.clone();
     let mut sql = None;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
+    let mut ticks = Ticks::new(every, shutdown);
+    while ticks.next().await {
         let sampled = async {
             if sql.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
                 let params = ConnectParams::parse(config.postgres.url.expose_secret())?;
@@ -251,16 +251,15 @@ pub fn record_slot(name: &str, lag: Option<&SlotLag>) {
 async fn sample_group(config: Config, every: Duration, shutdown: CancellationToken) {
     let (kafka, topic) = (config.kafka.clone(), config.kafka.change_topic.clone());
     let mut reader: Option<Arc<OffsetReader>> = None;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
+    let mut ticks = Ticks::new(every, shutdown);
+    while ticks.next().await {
         let (kafka, topic, open) = (kafka.clone(), topic.clone(), reader.clone());
         let sampled = tokio::task::spawn_blocking(move || {
             let reader = match open {
                 Some(reader) => reader,
                 None => Arc::new(OffsetReader::open(&kafka, &kafka.consumer_group, &topic)?),
             };
-            let lag = reader.lag(unix_ms())?;
+            let lag = reader.lag(unix_millis())?;
             anyhow::Ok((reader, lag))
         })
         .await;
@@ -301,9 +300,8 @@ async fn sample_state(config: Config, every: Duration, shutdown: CancellationTok
     let backfill = Watch::Prefix(scoresync_source::backfill::progress_prefix(slot));
     let shards = config.clickhouse.shards.len();
     let mut follower: Option<Follower> = None;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while tokio::select! { _ = shutdown.cancelled() => false, _ = tick.tick() => true } {
+    let mut ticks = Ticks::new(every, shutdown);
+    while ticks.next().await {
         let kafka = config.kafka.clone();
         let watches = vec![verify.clone(), replay.clone(), backfill.clone()];
         let open = follower.take();
@@ -372,8 +370,7 @@ pub fn record_backfill(progress: &BackfillProgress, written_ms: Option<i64>) {
 pub fn record_replay(recorded: &replay::record::Recorded) {
     gauge!(REPLAY_MESSAGES_TOTAL).set(recorded.messages_total as f64);
     gauge!(REPLAY_MESSAGES_DONE).set(recorded.messages_done as f64);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let fresh = now.saturating_sub(recorded.updated_unix) <= 60;
+    let fresh = unix_seconds().saturating_sub(recorded.updated_unix) <= 60;
     let running = recorded.phase == replay::record::Phase::Running && fresh;
     gauge!(REPLAY_RUNNING).set(f64::from(u8::from(running)));
 }
@@ -403,11 +400,32 @@ pub fn record_verify(recorded: &verify::report::Recorded, shards: usize) {
     gauge!(VERIFY_UNVERIFIED).set(f64::from(u8::from(recorded.exit == 2)));
 }
 
+/// The clock of a periodic task: a tick every `every` (the first at once; a late one is
+/// delayed, not bunched) until `shutdown`.
+pub struct Ticks {
+    interval: tokio::time::Interval,
+    shutdown: CancellationToken,
+}
+
+impl Ticks {
+    /// Ticks every `every` until `shutdown`.
+    pub fn new(every: Duration, shutdown: CancellationToken) -> Ticks {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticks { interval, shutdown }
+    }
+
+    /// Waits for the next tick: true, or false once shut down.
+    pub async fn next(&mut self) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => false,
+            _ = self.interval.tick() => true,
+        }
+    }
+}
+
 fn failed(what: &'static str, error: &str) {
     counter!(LAG_SAMPLE_FAILURES_TOTAL, "what" => what).increment(1);
     tracing::warn!(what, %error, "lag sample failed");
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

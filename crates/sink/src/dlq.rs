@@ -14,7 +14,7 @@
 //! be read again at its origin while the change topic retains it. A cut letter is listed, never
 //! redriven (its payload is no longer the event).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -85,8 +85,7 @@ impl DeadLetters {
 
     /// Enqueues a copy of `origin` with its error; the future resolves on acknowledgement.
     pub fn send(&self, origin: &Origin<'_>, error: &str) -> Result<DeliveryFuture, Error> {
-        let now_ms =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()).to_string();
+        let now_ms = scoresync_event::clock::unix_millis().to_string();
         let partition = origin.partition.to_string();
         let offset = origin.offset.to_string();
         let error = cut_at_char(error, MAX_ERROR_BYTES);

@@ -6,10 +6,10 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use metrics::{counter, gauge, histogram};
 use metrics_util::MetricKind;
+use scoresync_event::clock::{unix_micros, unix_seconds};
 
 use crate::park::ParkedSummary;
 
@@ -414,8 +414,8 @@ impl SinkStats {
     /// `limit` (nothing written while rows wait), or one shard's inserts have failed for longer.
     pub fn stalled(&self, limit: std::time::Duration, started: u64) -> Vec<String> {
         let mut why = Vec::new();
-        let now = (unix_micros() / 1_000_000).max(0) as u64;
-        let idle = now.saturating_sub(self.last_progress.load(Ordering::Relaxed).max(started));
+        let idle =
+            unix_seconds().saturating_sub(self.last_progress.load(Ordering::Relaxed).max(started));
         if idle > limit.as_secs() {
             why.push(format!("sink: nothing written for {idle} s while rows wait"));
         }
@@ -430,12 +430,8 @@ impl SinkStats {
 
     /// The sink made progress (wrote rows, or has nothing left to write).
     fn progressed(&self) {
-        let now = unix_micros() / 1_000_000;
-        self.last_progress.store(now.max(0) as u64, Ordering::Relaxed);
+        let now = unix_seconds();
+        self.last_progress.store(now, Ordering::Relaxed);
         gauge!(LAST_PROGRESS_TIMESTAMP_SECONDS).set(now as f64);
     }
-}
-
-fn unix_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }

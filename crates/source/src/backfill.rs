@@ -34,7 +34,7 @@
 
 pub mod filter;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
 use serde::{Deserialize, Serialize};
@@ -172,8 +172,7 @@ impl Backfill<'_> {
         let ended = self.sql.batch_execute(if read.is_ok() { "COMMIT" } else { "ROLLBACK" }).await;
         let (cards, rows) = read?;
         ended.map_err(Error::sql("ending a backfill chunk's snapshot"))?;
-        let now_us =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        let now_us = scoresync_event::clock::unix_micros();
         let mut deliveries = Vec::new();
         for (seq, (table, table_columns, row)) in rows.iter().enumerate() {
             let mut out = crate::snapshot::event::outgoing(

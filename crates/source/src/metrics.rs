@@ -3,12 +3,13 @@
 //! `table` (the three source tables), `op` (an operation's label), `reason` (an error kind).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_util::MetricKind;
 
-use scoresync_event::ChangeEvent;
+use scoresync_event::clock::{unix_micros, unix_seconds};
+use scoresync_event::{ChangeEvent, SourceTable};
 
 // Every metric name, used at the call sites and in [`METRICS`].
 /// `scoresync_source_events_published_total`.
@@ -88,16 +89,22 @@ pub fn register() {
 
 /// An event enqueued, `bytes` long.
 pub fn published(event: &ChangeEvent, bytes: usize) {
-    let labels = [("table", event.table.clone()), ("op", event.op().label().to_owned())];
-    counter!(EVENTS_PUBLISHED_TOTAL, &labels).increment(1);
-    counter!(BYTES_PUBLISHED_TOTAL, &labels).increment(bytes as u64);
+    let (table, op) = (table_label(event), event.op().label());
+    counter!(EVENTS_PUBLISHED_TOTAL, "table" => table, "op" => op).increment(1);
+    counter!(BYTES_PUBLISHED_TOTAL, "table" => table, "op" => op).increment(bytes as u64);
 }
 
-/// A streamed event of `table`, committed at `commit_time_us`, was acknowledged by Kafka.
-pub fn acknowledged(table: &str, commit_time_us: i64) {
+/// The `table` label of `event`: a static name, so that counting an event allocates nothing.
+pub fn table_label(event: &ChangeEvent) -> &'static str {
+    SourceTable::from_name(&event.schema, &event.table).map_or("unknown", SourceTable::name)
+}
+
+/// A streamed event of `table` (its [`table_label`]), committed at `commit_time_us`, was
+/// acknowledged by Kafka.
+pub fn acknowledged(table: &'static str, commit_time_us: i64) {
     if commit_time_us > 0 {
         let seconds = (unix_micros() - commit_time_us).max(0) as f64 / 1e6;
-        histogram!(COMMIT_TO_ACK, "table" => table.to_owned()).record(seconds);
+        histogram!(COMMIT_TO_ACK, "table" => table).record(seconds);
     }
 }
 
@@ -140,19 +147,18 @@ pub fn snapshot_done(done: bool) {
 /// Unix seconds of the source's last progress in this process (one source per process).
 static LAST_PROGRESS: AtomicU64 = AtomicU64::new(0);
 
-/// When the source last made progress (Unix seconds; 0: not yet).
-pub fn last_progress() -> u64 {
-    LAST_PROGRESS.load(Ordering::Relaxed)
+/// Why the source is stalled, if it is: no progress for longer than `limit` (counted from
+/// `started`, Unix seconds, at the latest).
+pub fn stalled(limit: Duration, started: u64) -> Option<String> {
+    let idle = unix_seconds().saturating_sub(LAST_PROGRESS.load(Ordering::Relaxed).max(started));
+    (idle > limit.as_secs())
+        .then(|| format!("source: no progress for {idle} s (nothing confirmed)"))
 }
 
 /// The source made progress: a position confirmed, a snapshot chunk recorded, or nothing
 /// waiting for Kafka.
 pub fn progressed() {
-    let now = (unix_micros() / 1_000_000).max(0) as u64;
+    let now = unix_seconds();
     LAST_PROGRESS.store(now, Ordering::Relaxed);
     gauge!(LAST_PROGRESS_TIMESTAMP_SECONDS).set(now as f64);
-}
-
-fn unix_micros() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }

@@ -21,8 +21,6 @@
 pub(crate) mod event;
 pub(crate) mod query;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use futures::future::try_join_all;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
@@ -101,8 +99,7 @@ impl Snapshot<'_> {
             .await
             .map_err(Error::sql(format!("reading a snapshot chunk of {table}")))?;
 
-        let now_us =
-            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        let now_us = scoresync_event::clock::unix_micros();
         let mut deliveries = Vec::new();
         for (i, pg_row) in rows.iter().enumerate() {
             let out =

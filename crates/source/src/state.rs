@@ -17,6 +17,7 @@
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -30,6 +31,9 @@ use crate::error::Error;
 /// Format version of the record (2 added `versions`; a format-1 record gets them from `setup`).
 pub const RECORD_FORMAT: u32 = 2;
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a command waits for a record it leaves for the daemon's metrics (a verify result,
+/// a replay's progress): their output on the terminal is the real one.
+pub const RECORD_PATIENCE: Duration = Duration::from_secs(5);
 /// Messages read per step when scanning the state topic backwards for a slot's latest record.
 const SCAN_WINDOW: i64 = 500;
 
@@ -156,6 +160,25 @@ impl StateStore {
             .await
             .map_err(|(source, _)| Error::Delivery { topic: topic.clone(), source })?;
         Ok(())
+    }
+
+    /// Like [`StateStore::save_keyed`], but gives up after `patience` (an [`Error::Delivery`]
+    /// saying the message timed out): for a record a command leaves for the daemon's metrics,
+    /// which must not hold the command up ([`RECORD_PATIENCE`]).
+    pub async fn save_keyed_within(
+        &self,
+        slot: &str,
+        key: &str,
+        value: &impl Serialize,
+        patience: Duration,
+    ) -> Result<(), Error> {
+        match tokio::time::timeout(patience, self.save_keyed(slot, key, value)).await {
+            Ok(saved) => saved,
+            Err(_) => Err(Error::Delivery {
+                topic: self.kafka.state_topic.clone(),
+                source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+            }),
+        }
     }
 
     /// The latest value under `key`, or `None` when the topic holds none.

@@ -137,16 +137,17 @@ impl Stream<'_> {
                             source: crate::change::MapError::NoTransaction("row"),
                         });
                     };
-                    let (table, commit_us) = (out.event.table.clone(), out.event.commit_time_us);
+                    let table = metrics::table_label(&out.event);
+                    let commit_us = out.event.commit_time_us;
                     for (i, delivery) in self.publisher.send(out)?.into_iter().enumerate() {
                         progress.sent(id);
                         // The event's lag, once: not again for its tombstone or its copies on
                         // other partitions.
-                        let table = (i == 0).then(|| table.clone());
+                        let table = (i == 0).then_some(table);
                         acks.push(Box::pin(async move {
                             let result = delivery.await;
                             if let (Ok(()), Some(table)) = (&result, table) {
-                                metrics::acknowledged(&table, commit_us);
+                                metrics::acknowledged(table, commit_us);
                             }
                             (id, result)
                         }));

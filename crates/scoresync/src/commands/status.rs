@@ -7,7 +7,7 @@
 //! inserts a shard refuses, and conversations found on several shards.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
@@ -113,8 +113,7 @@ fn kafka_status(config: &Config) -> anyhow::Result<Value> {
     let kafka = &config.kafka;
     let topic = kafka.change_topic.as_str();
     let reader = OffsetReader::open(kafka, &kafka.consumer_group, topic)?;
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    let partitions = reader.lag(now_ms)?;
+    let partitions = reader.lag(scoresync_event::clock::unix_millis())?;
     let total_lag: i64 = partitions.iter().map(|p| p.lag).sum();
     let oldest = partitions.iter().map(|p| p.lag_seconds).fold(0.0, f64::max);
     let dlq = kafka.dlq_topic.as_str();

@@ -37,18 +37,19 @@ pub mod report;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use scoresync_bus::offsets::OffsetReader;
+use scoresync_event::clock::unix_seconds;
 use scoresync_event::{ScorecardKey, SourceTable};
 use scoresync_sink::verify::{Checker, DriftKind, Expected, Finding, LiveScope};
 use scoresync_source::backfill::Filter;
 use scoresync_source::connect::ConnectParams;
-use scoresync_source::state::StateStore;
+use scoresync_source::state::{RECORD_PATIENCE, StateStore};
 use scoresync_source::verify::{PgRow, TableReader};
 
 use crate::commands::filter::FilterArgs;
@@ -98,10 +99,9 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.chunk_rows > 0, "--chunk-rows must be at least 1");
     let filter = args.filter.filter()?;
-    let finished = || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     match check(config, args, &filter, &shutdown).await {
         Ok(Some(report)) => {
-            record(config, &report.recorded(filter.describe(), finished())).await;
+            record(config, &report.recorded(filter.describe(), unix_seconds())).await;
             Ok(ExitCode::from(report.exit_status()))
         }
         Ok(None) => {
@@ -109,7 +109,7 @@ pub async fn run(
             Ok(ExitCode::from(2))
         }
         Err(error) => {
-            record(config, &report::Recorded::unverified(filter.describe(), finished())).await;
+            record(config, &report::Recorded::unverified(filter.describe(), unix_seconds())).await;
             Err(error)
         }
     }
@@ -166,20 +166,18 @@ async fn check(
 /// (the report printed is the result).
 async fn record(config: &Config, recorded: &report::Recorded) {
     let slot = &config.postgres.slot;
+    let key = report::record_key(slot);
     let saved = async {
         let state = StateStore::new(&config.kafka)?;
-        state.save_keyed(slot, &report::record_key(slot), recorded).await
+        state.save_keyed_within(slot, &key, recorded, RECORD_PATIENCE).await
     };
-    let patience = super::replay::record::RECORD_PATIENCE;
-    let why = match tokio::time::timeout(patience, saved).await {
-        Ok(Ok(())) => return,
-        Ok(Err(error)) => error_reporter::Report::new(error).to_string(),
-        Err(_) => format!("no acknowledgement within {patience:?}"),
-    };
-    eprintln!(
-        "verify: could not record the result on {} for the drift metrics: {why}",
-        config.kafka.state_topic
-    );
+    if let Err(error) = saved.await {
+        eprintln!(
+            "verify: could not record the result on {} for the drift metrics: {}",
+            config.kafka.state_topic,
+            error_reporter::Report::new(error)
+        );
+    }
 }
 
 /// What the re-checks left.

@@ -3,17 +3,12 @@
 //! of the pipeline wins. Best effort: a replay whose record cannot be written still replays, and
 //! says so once.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use error_reporter::Report;
 
-use scoresync_source::state::StateStore;
+use scoresync_event::clock::unix_seconds;
+use scoresync_source::state::{RECORD_PATIENCE, StateStore};
 
 use crate::config::Config;
-
-/// How long one progress record may take to be acknowledged: the replay does not wait on it
-/// longer (its stderr progress is the real one).
-pub const RECORD_PATIENCE: Duration = Duration::from_secs(5);
 
 /// The state-topic key of the latest replay of the pipeline on `slot`.
 pub fn record_key(slot: &str) -> String {
@@ -86,18 +81,10 @@ impl Reporter {
         self.record.phase = phase;
         self.record.updated_unix = unix_seconds();
         let key = record_key(&self.slot);
-        let saved =
-            tokio::time::timeout(RECORD_PATIENCE, state.save_keyed(&self.slot, &key, &self.record));
-        let why = match saved.await {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => Report::new(error).to_string(),
-            Err(_) => format!("the state topic did not acknowledge within {RECORD_PATIENCE:?}"),
-        };
-        eprintln!("replay: its progress will not be recorded any more: {why}");
-        self.state = None;
+        let saved = state.save_keyed_within(&self.slot, &key, &self.record, RECORD_PATIENCE);
+        if let Err(error) = saved.await {
+            eprintln!("replay: its progress will not be recorded any more: {}", Report::new(error));
+            self.state = None;
+        }
     }
-}
-
-fn unix_seconds() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
